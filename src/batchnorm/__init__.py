@@ -1,0 +1,40 @@
+"""batchnorm: Batch Normalization with PyTorch's exact semantics, fused kernels and tools.
+
+Quick start::
+
+    import batchnorm
+    bn = batchnorm.BatchNorm2d(64)            # drop-in for torch.nn.BatchNorm2d
+    y = batchnorm.batch_norm(x, rm, rv, training=True, backend="auto")
+"""
+
+from __future__ import annotations
+
+from . import reference
+from ._validation import BatchNormShapeError
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_default_backend,
+    registered_backends,
+    set_backend,
+)
+from .functional import batch_norm
+from .nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormShapeError",
+    "__version__",
+    "available_backends",
+    "batch_norm",
+    "get_default_backend",
+    "reference",
+    "registered_backends",
+    "set_backend",
+]

@@ -1,0 +1,277 @@
+"""The backend interface: BatchNorm built from a few primitives.
+
+Every backend implements four primitives on tensors of shape ``(N, C, *)``:
+
+* ``stats(x) -> (mean, m2)``: per-channel mean and ``M2 = sum((x - mean)^2)`` over the
+  ``count = numel / C`` values of each channel (mergeable with :func:`chan_combine`);
+* ``apply(x, mean, invstd, weight, bias) -> y``: ``y = (x - mean) * invstd * weight + bias``;
+* ``backward_reduce(dy, x, mean, invstd) -> (sum_dy, sum_dy_xmu)``;
+* ``backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count) -> dx``:
+  ``dx = weight * invstd * (dy - sum_dy / m - (x - mean) * invstd^2 * sum_dy_xmu / m)``.
+
+From those, :class:`Backend` composes the three entry points the op layer calls
+(``forward_train``, ``forward_eval``, ``backward``); a fused backend overrides the entry points
+with single-launch kernels and keeps the primitives for SyncBatchNorm, which inserts one
+collective between ``stats`` and ``apply`` (and between the two backward steps).
+
+Statistics, saved ``mean``/``invstd`` and reductions are float32 for float16/bfloat16/float32
+inputs and float64 for float64 inputs (:func:`acc_dtype`).
+
+The C-length helpers in this module (:func:`safe_invstd`, :func:`running_update`,
+:func:`chan_combine`) are shared by all backends so that the small per-channel math is written
+once.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "ForwardResult",
+    "acc_dtype",
+    "as_kernel_layout",
+    "bcast",
+    "chan_combine",
+    "empty_out_like",
+    "layout_of",
+    "match_layout",
+    "reduce_dims",
+    "running_update",
+    "safe_invstd",
+]
+
+# (y, save_mean, save_invstd, new_running_mean or None, new_running_var or None)
+ForwardResult = tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Accumulation dtype for an input: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """All dims but the channel dim 1."""
+    return [0, *range(2, x.dim())]
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """View a per-channel vector ``(C,)`` so that it broadcasts against ``x`` of shape (N, C, *)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def layout_of(x: Tensor) -> str:
+    """The memory layout of ``x`` as kernels see it.
+
+    Returns:
+        ``"cf"`` (channels first: contiguous ``(N, C, S)``), ``"cl"`` (channels last:
+        contiguous ``(N, S, C)``, e.g. NHWC) or ``"other"`` (anything else: strided, sliced).
+        A tensor that is both (for example ``(N, C)`` or ``C == 1``) counts as ``"cf"``.
+    """
+    if x.is_contiguous():
+        return "cf"
+    if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+        return "cl"
+    return "other"
+
+
+def empty_out_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialized output in the layout the kernels write for input ``x``.
+
+    Channels-last input gives channels-last output (any rank); everything else gives a
+    contiguous output. Real kernels and fake (meta) implementations both allocate through this
+    function so that their strides agree under ``torch.compile``.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    if layout_of(x) == "cl":
+        perm = (0, *range(2, x.dim()), 1)
+        shape = [x.shape[p] for p in perm]
+        inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return torch.empty(shape, dtype=dtype, device=x.device).permute(inverse)
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+def as_kernel_layout(x: Tensor) -> Tensor:
+    """``x`` itself when it is channels-first or channels-last contiguous, else one deliberate
+    contiguous copy (sliced or transposed inputs)."""
+    return x if layout_of(x) != "other" else x.contiguous()
+
+
+def match_layout(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (a gradient, say) in the same memory layout as ``like``; copies only if needed."""
+    if t.stride() == like.stride():
+        return t
+    if layout_of(like) == "cl":
+        out = empty_out_like(like, t.dtype)
+        out.copy_(t)
+        return out
+    return t.contiguous()
+
+
+def safe_invstd(var: Tensor, eps: float) -> Tensor:
+    """``1 / sqrt(var + eps)``, and 0 (not inf) where ``var + eps == 0``."""
+    denom = var + eps
+    return torch.where(denom > 0, torch.rsqrt(denom), torch.zeros_like(denom))
+
+
+def running_update(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    m2: Tensor,
+    count: int,
+    momentum: float,
+) -> tuple[Tensor | None, Tensor | None]:
+    """New running buffers: ``(1 - momentum) * running + momentum * batch`` (PyTorch's
+    convention: momentum weighs the NEW value); ``running_var`` gets the unbiased variance
+    ``m2 / (count - 1)``. An empty batch leaves the buffers unchanged. Returns fresh tensors in
+    the buffers' dtype (never aliases of the inputs)."""
+    if running_mean is None or running_var is None:
+        return None, None
+    if count == 0:
+        return running_mean.clone(), running_var.clone()
+    acc = mean.dtype
+    var_unbiased = m2 / max(count - 1, 1)
+    new_mean = torch.lerp(running_mean.to(acc), mean, momentum)
+    new_var = torch.lerp(running_var.to(acc), var_unbiased, momentum)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def chan_combine(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the statistics of ``P`` disjoint parts (Chan et al., many parts at once).
+
+    Args:
+        counts: ``(P,)`` values per part (the same for every channel); zero parts drop out.
+        means, m2s: ``(P, C)`` per-part means and M2.
+
+    Returns:
+        ``(count, mean, m2)`` of the union: ``mean = sum(n_p mean_p) / n``,
+        ``M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2)``. Deltas are taken against the combined
+        mean, so no large terms cancel.
+    """
+    counts = counts.to(means.dtype)
+    total = counts.sum()
+    w = (counts / total.clamp_min(1)).unsqueeze(1)
+    mean = (w * means).sum(0)
+    m2 = m2s.sum(0) + (counts.unsqueeze(1) * (means - mean) ** 2).sum(0)
+    return total, mean, m2
+
+
+class Backend:
+    """Base class of all backends; subclasses implement the four primitives.
+
+    Class attributes:
+        name: registry name.
+        device_types: device types the backend runs on (empty = any).
+    """
+
+    name: ClassVar[str] = "base"
+    device_types: ClassVar[tuple[str, ...]] = ()
+
+    # ---- capability -------------------------------------------------------------------------
+    def is_available(self) -> tuple[bool, str]:
+        """``(ok, reason)``: can this backend run in this process at all?"""
+        return True, ""
+
+    def supports(self, x: Tensor) -> str | None:
+        """``None`` if this backend can run on ``x``, else the reason it cannot."""
+        if self.device_types and x.device.type not in self.device_types:
+            return (
+                f"backend {self.name!r} runs on {', '.join(self.device_types)} tensors, "
+                f"got a {x.device.type} tensor"
+            )
+        return None
+
+    def preferred_for(self, x: Tensor, training: bool) -> bool:
+        """Should ``"auto"`` pick this backend for ``x``? (a speed heuristic, not capability)"""
+        return True
+
+    # ---- primitives (subclasses implement) --------------------------------------------------
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def apply(
+        self, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def backward_reduce(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward_apply(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xmu: Tensor,
+        count: int,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    # ---- entry points (fused backends override) ---------------------------------------------
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> ForwardResult:
+        """Batch statistics -> running update -> normalize. ``x`` is non-empty."""
+        count = x.numel() // x.shape[1]
+        mean, m2 = self.stats(x)
+        invstd = safe_invstd(m2 / count, eps)
+        new_rm, new_rv = running_update(running_mean, running_var, mean, m2, count, momentum)
+        return self.apply(x, mean, invstd, weight, bias), mean, invstd, new_rm, new_rv
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        """Normalize with the running statistics."""
+        acc = acc_dtype(x)
+        invstd = safe_invstd(running_var.to(acc), eps)
+        return self.apply(x, running_mean.to(acc), invstd, weight, bias)
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        training: bool,
+        output_mask: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dweight, dbias)`` (each None unless asked for in ``output_mask``).
+
+        ``dweight``/``dbias`` are returned in the accumulation dtype; the op layer casts them.
+        In eval mode (``training=False``) the statistics are constants: ``dx = dy*weight*invstd``.
+        """
+        count = x.numel() // x.shape[1]
+        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean, invstd)
+        dx = None
+        if output_mask[0]:
+            if training:
+                dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+            else:
+                zeros = torch.zeros_like(sum_dy)
+                dx = self.backward_apply(dy, x, mean, invstd, weight, zeros, zeros, count)
+        dw = sum_dy_xmu * invstd if output_mask[1] else None
+        db = sum_dy if output_mask[2] else None
+        return dx, dw, db

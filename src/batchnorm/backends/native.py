@@ -1,0 +1,112 @@
+"""The ``"native"`` backend: ATen's own kernels (``aten::native_batch_norm`` and its backward).
+
+This is what ``torch.nn.BatchNorm*`` runs (cuDNN or ATen's CUDA/CPU kernels), reached through
+our op layer. Primitives SyncBatchNorm needs come from the composite backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import ForwardResult, acc_dtype, empty_out_like, layout_of
+from .torch_backend import TorchBackend
+
+__all__ = ["NativeBackend"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _restride(y: Tensor, x: Tensor) -> Tensor:
+    """ATen picks its own output strides for some layouts; return ours (see empty_out_like)."""
+    want = empty_out_like(x, y.dtype)
+    if y.stride() == want.stride():
+        return y
+    want.copy_(y)
+    return want
+
+
+class NativeBackend(TorchBackend):
+    """ATen's BatchNorm kernels (forward, eval, backward); the fastest baseline PyTorch has."""
+
+    name = "native"
+
+    def _params(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        # ATen keeps saved mean/invstd in the *parameter* dtype on CPU; with half inputs we
+        # hand it float32 parameters ("mixed type") so that the statistics stay float32.
+        if x.dtype in _HALF:
+            c = x.shape[1]
+            weight = torch.ones(c, device=x.device) if weight is None else weight.float()
+            bias = torch.zeros(c, device=x.device) if bias is None else bias.float()
+        return weight, bias
+
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> ForwardResult:
+        w, b = self._params(x, weight, bias)
+        half = x.dtype in _HALF
+        rm = None if running_mean is None else running_mean.to(torch.float32 if half else
+                                                                running_mean.dtype, copy=True)
+        rv = None if running_var is None else running_var.to(rm.dtype if rm is not None else
+                                                              running_var.dtype, copy=True)
+        y, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, momentum, eps)
+        acc = acc_dtype(x)
+        if rm is not None and running_mean is not None and running_var is not None:
+            assert rv is not None
+            rm, rv = rm.to(running_mean.dtype), rv.to(running_var.dtype)
+        return _restride(y, x), mean.to(acc), invstd.to(acc), rm, rv
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        if eps == 0.0:
+            # ATen gives NaN for var == eps == 0 in eval; our contract says invstd = 0.
+            return super().forward_eval(x, weight, bias, running_mean, running_var, eps)
+        w, b = self._params(x, weight, bias)
+        if x.dtype in _HALF:
+            running_mean, running_var = running_mean.float(), running_var.float()
+        y = torch.ops.aten.native_batch_norm(
+            x, w, b, running_mean, running_var, False, 0.0, eps
+        )[0]
+        return _restride(y, x)
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        training: bool,
+        output_mask: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        if not training or layout_of(x) == "other":
+            # ATen's eval backward recomputes invstd from running_var; ours is exact as given.
+            return super().backward(dy, x, weight, mean, invstd, training, output_mask)
+        w = weight
+        if x.dtype in _HALF:
+            w = torch.ones(x.shape[1], device=x.device) if weight is None else weight.float()
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, None, None, mean, invstd, True, 0.0, list(output_mask)
+        )
+        acc = acc_dtype(x)
+        return (
+            _restride(dx, x) if dx is not None else None,
+            dw.to(acc) if dw is not None and output_mask[1] else None,
+            db.to(acc) if db is not None and output_mask[2] else None,
+        )

@@ -1,0 +1,141 @@
+"""Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d`` plus an any-rank ``BatchNorm``.
+
+All four share one implementation (:class:`_BatchNormBase`); they differ only in the input rank
+they accept. They subclass ``torch.nn.modules.batchnorm._BatchNorm``, so parameters, buffers,
+``state_dict`` keys, ``_version = 2`` checkpoint migration, ``reset_parameters`` and
+``extra_repr`` are torch's own, and tools that look for ``_BatchNorm`` (DDP's buffer handling,
+timm, fusion helpers, weight-decay filters) treat them as BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._validation import check_batch_norm_args
+from ..backends import AUTO, registered_backends, resolve_backend
+from ..functional import _batch_norm_unchecked
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNormBase(_BatchNorm):
+    """Shared implementation; subclasses only override :meth:`_check_input_dim`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        # torch < 2.13 has no ``bias`` keyword: build with it, then drop the parameter.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:
+            self.register_parameter("bias", None)
+        if backend is not None and backend != AUTO and backend not in registered_backends():
+            raise ValueError(
+                f"unknown backend {backend!r}; expected one of {[AUTO, *registered_backends()]}"
+            )
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return base if self.backend is None else f"{base}, backend={self.backend!r}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input``; in training also update the running statistics.
+
+        Same decisions as ``torch.nn.BatchNorm*``: batch statistics in training, or in eval
+        when the buffers are None; the buffers are updated only in training with
+        ``track_running_stats``; ``momentum=None`` weighs batch ``t`` by ``1 / t``. Unlike
+        torch, every check runs before ``num_batches_tracked`` ticks.
+        """
+        self._check_input_dim(input)
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise _channel_error(self.num_features, input)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        check_batch_norm_args(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps,
+        )
+        backend = resolve_backend(self.backend, input, bn_training)
+
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return _batch_norm_unchecked(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps, backend,
+        )
+
+
+def _channel_error(num_features: int, input: Tensor) -> Exception:
+    from .._validation import BatchNormShapeError
+
+    return BatchNormShapeError(
+        f"expected input with {num_features} channels at dim 1 (num_features={num_features}), "
+        f"got {input.shape[1]} channels (input size {tuple(input.shape)})"
+    )
+
+
+class BatchNorm(_BatchNormBase):
+    r"""Batch Normalization over any input of rank >= 2 with channels at dim 1.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance for numerical stability.
+        momentum: weight of the new batch statistics in the running update, or None for a
+            cumulative average.
+        affine: learn ``weight`` (gamma, ones) and ``bias`` (beta, zeros).
+        track_running_stats: keep ``running_mean``, ``running_var``, ``num_batches_tracked``.
+        device, dtype: of parameters and buffers (``num_batches_tracked`` stays int64).
+        bias: with ``affine``, also learn a bias (torch >= 2.13's keyword).
+        backend: kernel backend for this module (None: the process default).
+
+    Shape:
+        Input ``(N, C, *)``; output the same shape, dtype and memory layout.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+class BatchNorm1d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` input (``torch.nn.BatchNorm1d``)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C, H, W)`` input (``torch.nn.BatchNorm2d``)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(BatchNorm):
+    """:class:`BatchNorm` for ``(N, C, D, H, W)`` input (``torch.nn.BatchNorm3d``)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")

@@ -106,3 +106,20 @@ def to_channels_last(x: Tensor) -> Tensor:
 
 def is_channels_last(x: Tensor) -> bool:
     return x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+
+
+def backend_params() -> list:
+    """Every available backend as a pytest param for the core suite.
+
+    Triton runs on CPU only under its interpreter, which is slow: its core-suite cases are
+    marked ``triton`` and ``slow`` (its own fast cases live in test_triton.py).
+    """
+    import pytest
+
+    import batchnorm
+
+    params = []
+    for name in batchnorm.available_backends():
+        marks = [pytest.mark.triton, pytest.mark.slow] if name == "triton" else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

@@ -99,14 +99,25 @@ class NativeBackend(TorchBackend):
             # ATen's eval backward recomputes invstd from running_var; ours is exact as given.
             return super().backward(dy, x, weight, mean, invstd, training, output_mask)
         w = weight
+        mask = list(output_mask)
+        acc = acc_dtype(x)
+        dw = db = None
         if x.dtype in _HALF:
             w = torch.ones(x.shape[1], device=x.device) if weight is None else weight.float()
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            dy, x, w, None, None, mean, invstd, True, 0.0, list(output_mask)
+            if x.device.type == "cpu" and (output_mask[1] or output_mask[2]):
+                # ATen's CPU half backward rounds dweight/dbias to the input dtype in some
+                # layouts (channels-last bf16: 2e-3 relative); reduce them in fp32 ourselves.
+                sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean, invstd)
+                dw = sum_dy_xmu * invstd if output_mask[1] else None
+                db = sum_dy if output_mask[2] else None
+                mask = [output_mask[0], False, False]
+        if not any(mask):
+            return None, dw, db
+        dx, dw_a, db_a = torch.ops.aten.native_batch_norm_backward(
+            dy, x, w, None, None, mean, invstd, True, 0.0, mask
         )
-        acc = acc_dtype(x)
         return (
-            _restride(dx, x) if dx is not None else None,
-            dw.to(acc) if dw is not None and output_mask[1] else None,
-            db.to(acc) if db is not None and output_mask[2] else None,
+            _restride(dx, x) if dx is not None and mask[0] else None,
+            dw_a.to(acc) if mask[1] else dw,
+            db_a.to(acc) if mask[2] else db,
         )

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
 settings.register_profile("ci", max_examples=25, deadline=None)
 settings.register_profile("thorough", max_examples=300, deadline=None)
@@ -24,7 +24,8 @@ def _seed_and_reset_backend():
     ``BATCHNORM_TEST_SEED=<seed>`` replays it); no process-default backend leaks."""
     import batchnorm
 
-    seed = int(os.environ.get("BATCHNORM_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("BATCHNORM_TEST_SEED", "0"))
+    seed = seed or int.from_bytes(os.urandom(4), "little")
     print(f"torch seed: {seed} (replay with BATCHNORM_TEST_SEED={seed})")
     torch.manual_seed(seed)
     yield

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import assert_same_state, backend_params
 
 import batchnorm
 from batchnorm import BatchNormShapeError
+from helpers import assert_same_state, backend_params
 
 BACKENDS = backend_params()
 

@@ -7,6 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
+
+import batchnorm
+from batchnorm import reference as ref
+from batchnorm.catalog import FAST
 from helpers import (
     STAT_TOLERANCES,
     TOLERANCES,
@@ -16,10 +20,6 @@ from helpers import (
     make_input,
     to_channels_last,
 )
-
-import batchnorm
-from batchnorm import reference as ref
-from batchnorm.catalog import FAST
 
 BACKENDS = backend_params()
 OPTIONS = list(itertools.product([True, False], [True, False], [0.1, None]))  # affine, track, mom

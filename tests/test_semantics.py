@@ -6,6 +6,10 @@ import copy
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import batchnorm
+from batchnorm import reference as ref
 from helpers import (
     STAT_TOLERANCES,
     TOLERANCES,
@@ -15,10 +19,6 @@ from helpers import (
     is_channels_last,
     make_input,
 )
-from torch.nn.modules.batchnorm import _BatchNorm
-
-import batchnorm
-from batchnorm import reference as ref
 
 BACKENDS = backend_params()
 F32 = TOLERANCES[torch.float32]

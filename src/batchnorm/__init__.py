@@ -19,7 +19,15 @@ from .backends import (
     set_backend,
 )
 from .functional import batch_norm
-from .nn import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
 __version__ = "0.1.0"
 
@@ -30,11 +38,14 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormShapeError",
+    "SyncBatchNorm",
     "__version__",
     "available_backends",
     "batch_norm",
+    "convert_sync_batchnorm",
     "get_default_backend",
     "reference",
     "registered_backends",
+    "revert_sync_batchnorm",
     "set_backend",
 ]

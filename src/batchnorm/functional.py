@@ -9,7 +9,7 @@ from . import ops
 from ._validation import check_batch_norm_args
 from .backends import resolve_backend
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_act"]
 
 
 def batch_norm(
@@ -79,3 +79,75 @@ def _batch_norm_unchecked(
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return y
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    residual: Tensor | None = None,
+    inplace: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    r"""BatchNorm, then an optional residual add, then an activation, in one pass:
+
+    .. math::
+        y = \mathrm{act}\big(\mathrm{BN}(x) + r\big)
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as
+            :func:`batch_norm`.
+        activation: ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"`` (alpha 1),
+            ``"silu"`` or ``"gelu"`` (exact erf form).
+        negative_slope: slope of ``leaky_relu`` for negative inputs.
+        residual: optional tensor of the input's shape added before the activation; its
+            gradient comes from the same backward pass.
+        inplace: overwrite ``input`` with the output and save only the output and per-channel
+            statistics for backward (x-hat is recomputed from y), as inplace-ABN does. Needs an
+            invertible activation (identity, leaky_relu with a positive slope, elu). To keep the
+            affine invertible, weights with ``|gamma| < 1e-6`` are used as ``±1e-6`` (0 as
+            ``+1e-6``) in this mode; all other weights are used exactly. ``input`` must not be
+            a leaf that requires grad; if another op saved ``input`` for its backward,
+            autograd's version check raises at backward time.
+        backend: as :func:`batch_norm`. ``"torch"`` without ``inplace`` is the composite
+            reference: ``act(batch_norm(...) + residual)`` in plain differentiable torch ops.
+
+    Shape:
+        Input and residual ``(N, C, *)``; output the same shape, dtype and memory layout.
+    """
+    from .backends.activations import act_forward, check_activation
+
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_activation(activation, negative_slope, inplace)
+    if residual is not None:
+        if not isinstance(residual, Tensor) or not residual.is_floating_point():
+            raise TypeError("residual must be a floating-point Tensor or None")
+        if residual.shape != input.shape or residual.device != input.device:
+            raise ValueError(
+                f"residual must match the input's shape and device: got {tuple(residual.shape)} "
+                f"on {residual.device}, expected {tuple(input.shape)} on {input.device}"
+            )
+    if inplace and input.is_leaf and input.requires_grad:
+        raise RuntimeError(
+            "inplace=True overwrites the input, but the input is a leaf tensor that requires "
+            "grad; pass inplace=False or an intermediate tensor"
+        )
+    name = resolve_backend(backend, input, training)
+    if name == "torch" and not inplace:
+        y = _batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, name)
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
+        return act_forward(z, activation, float(negative_slope)).to(input.dtype)
+    return ops.BatchNormActFunction.apply(
+        input, weight, bias, running_mean, running_var, residual, training, float(momentum),
+        float(eps), activation, float(negative_slope), inplace, name,
+    )

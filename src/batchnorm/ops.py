@@ -182,3 +182,95 @@ def _backward_eval(ctx: Any, dy: Tensor) -> tuple:
 
 
 forward_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+
+
+# ---- BatchNorm + activation (+ residual) ---------------------------------------------------
+# In-place mode overwrites the input, which a functional custom op cannot express with an
+# autograd formula; both modes therefore go through one autograd.Function over the backends'
+# ``forward_act``/``backward_act`` entry points.
+
+INPLACE_MIN_ABS_WEIGHT = 1e-6
+
+
+def invertible_weight(weight: Tensor | None) -> Tensor | None:
+    """In-place mode divides by gamma to recompute x-hat: keep ``|gamma| >= 1e-6`` (sign kept,
+    0 -> +1e-6). Every weight of magnitude 1e-6 or more is used exactly."""
+    if weight is None:
+        return None
+    sign = torch.where(weight < 0, -torch.ones_like(weight), torch.ones_like(weight))
+    return torch.where(weight.abs() < INPLACE_MIN_ABS_WEIGHT, sign * INPLACE_MIN_ABS_WEIGHT,
+                       weight)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """``y = act(BN(x) + residual)`` with a fused backward; optionally in place over ``x``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        backend: str,
+    ) -> Tensor:
+        be = get_backend(backend)
+        w = invertible_weight(weight) if inplace else weight
+        out = x if inplace else empty_out_like(x)
+        acc = acc_dtype(x)
+        c = x.shape[1]
+        if x.numel() == 0:
+            mean = invstd = x.new_zeros((c,), dtype=acc)
+            new_rm = new_rv = None
+        else:
+            out, mean, invstd, new_rm, new_rv = be.forward_act(
+                x, w, bias, running_mean, running_var, residual, training, momentum, eps,
+                activation, slope, out,
+            )
+        if training and new_rm is not None and running_mean is not None:
+            assert running_var is not None and new_rv is not None
+            running_mean.copy_(new_rm)
+            running_var.copy_(new_rv)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(out if inplace else x, w, bias, mean, invstd, residual)
+        ctx.cfg = (training, activation, slope, inplace, backend,
+                   None if weight is None else weight.dtype,
+                   None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        saved, w, bias, mean, invstd, residual = ctx.saved_tensors
+        training, activation, slope, inplace, backend, wdt, bdt = ctx.cfg
+        needs = ctx.needs_input_grad
+        mask = (bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[5]))
+        if saved.numel() == 0:
+            c = saved.shape[1]
+            zeros = saved.new_zeros((c,), dtype=acc_dtype(saved))
+            dx = torch.zeros_like(saved) if mask[0] else None
+            dres = torch.zeros_like(residual) if mask[3] and residual is not None else None
+            return (dx, zeros.to(wdt) if mask[1] else None, zeros.to(bdt) if mask[2] else None,
+                    None, None, dres, *([None] * 7))
+        dy = match_layout(dy, saved)
+        dx, dw, db, dres = get_backend(backend).backward_act(
+            dy, saved, w, bias, mean, invstd, residual, training, activation, slope, inplace,
+            mask,
+        )
+        return (
+            dx if mask[0] else None,
+            dw.to(wdt) if mask[1] and dw is not None else None,
+            db.to(bdt) if mask[2] and db is not None else None,
+            None,
+            None,
+            dres if mask[3] else None,
+            *([None] * 7),
+        )

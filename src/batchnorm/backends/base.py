@@ -275,3 +275,110 @@ class Backend:
         dw = sum_dy_xmu * invstd if output_mask[1] else None
         db = sum_dy if output_mask[2] else None
         return dx, dw, db
+
+    # ---- BatchNorm + activation (+ residual); fused backends override ------------------------
+    def forward_act(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        out: Tensor,
+    ) -> ForwardResult:
+        """``out = act(BN(x) + residual)``; ``out`` may be ``x`` itself (in-place mode).
+
+        In training the batch statistics normalize and the new running buffers are returned;
+        in eval the running statistics normalize and ``(mean, invstd)`` are theirs. This
+        default composes :meth:`forward_train`/:meth:`forward_eval` with the activation in
+        torch ops (extra passes); fused backends do it in one.
+        """
+        from .activations import act_forward
+
+        acc = acc_dtype(x)
+        if training:
+            y, mean, invstd, new_rm, new_rv = self.forward_train(
+                x, weight, bias, running_mean, running_var, momentum, eps
+            )
+        else:
+            assert running_mean is not None and running_var is not None
+            y = self.forward_eval(x, weight, bias, running_mean, running_var, eps)
+            mean, invstd = running_mean.to(acc), safe_invstd(running_var.to(acc), eps)
+            new_rm = new_rv = None
+        z = y.to(acc)
+        if residual is not None:
+            z = z + residual.to(acc)
+        out.copy_(act_forward(z, activation, slope))
+        return out, mean, invstd, new_rm, new_rv
+
+    def backward_act(
+        self,
+        dy: Tensor,
+        saved: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dweight, dbias, dresidual)`` of ``y = act(BN(x) + residual)``.
+
+        ``saved`` is the input ``x`` (normal mode) or the output ``y`` (in-place mode, where
+        ``z = act^-1(y)`` and ``xhat = (z - residual - bias) / weight`` are recomputed; the
+        weight must then be non-zero, see ``batch_norm_act``). With ``dz = dy * act'(z)``:
+        ``dresidual = dz`` and the BatchNorm backward runs on ``dz``.
+        """
+        from .activations import act_grad, act_grad_from_output, act_inverse
+
+        acc = acc_dtype(saved)
+        dims = reduce_dims(saved)
+        c = saved.shape[1]
+        w = torch.ones(c, dtype=acc, device=saved.device) if weight is None else weight.to(acc)
+        b = torch.zeros(c, dtype=acc, device=saved.device) if bias is None else bias.to(acc)
+        dyf = dy.to(acc)
+        if inplace:
+            y = saved.to(acc)
+            dz = dyf * act_grad_from_output(y, activation, slope)
+            bn_out = act_inverse(y, activation, slope)
+            if residual is not None:
+                bn_out = bn_out - residual.to(acc)
+            xhat = (bn_out - bcast(b, saved)) / bcast(w, saved)
+        else:
+            xhat = (saved.to(acc) - bcast(mean, saved)) * bcast(invstd, saved)
+            z = xhat * bcast(w, saved) + bcast(b, saved)
+            if residual is not None:
+                z = z + residual.to(acc)
+            dz = dyf * act_grad(z, activation, slope)
+        sum_dz = dz.sum(dims)
+        sum_dz_xhat = (dz * xhat).sum(dims)
+        dx = None
+        if output_mask[0]:
+            count = saved.numel() // c
+            scale = bcast(w * invstd, saved)
+            if training:
+                g = dz - bcast(sum_dz / count, saved) - xhat * bcast(sum_dz_xhat / count, saved)
+            else:
+                g = dz
+            dx = empty_out_like(saved)
+            dx.copy_(g * scale)
+        dres = None
+        if output_mask[3] and residual is not None:
+            dres = empty_out_like(residual)
+            dres.copy_(dz)
+        return (
+            dx,
+            sum_dz_xhat if output_mask[1] else None,
+            sum_dz if output_mask[2] else None,
+            dres,
+        )

@@ -50,13 +50,14 @@ class _BatchNormBase(_BatchNorm):
         base = super().extra_repr()
         return base if self.backend is None else f"{base}, backend={self.backend!r}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input``; in training also update the running statistics.
+    def _prepare(self, input: Tensor) -> tuple[Tensor | None, Tensor | None, bool, float, str]:
+        """Validate, then apply the module's side effects (the counter) and decide the mode.
 
-        Same decisions as ``torch.nn.BatchNorm*``: batch statistics in training, or in eval
-        when the buffers are None; the buffers are updated only in training with
-        ``track_running_stats``; ``momentum=None`` weighs batch ``t`` by ``1 / t``. Unlike
-        torch, every check runs before ``num_batches_tracked`` ticks.
+        Returns ``(running_mean, running_var, use_batch_stats, momentum, backend)`` for the
+        functional call. Same decisions as ``torch.nn.BatchNorm*``: batch statistics in
+        training, or in eval when the buffers are None; the buffers are updated only in
+        training with ``track_running_stats``; ``momentum=None`` weighs batch ``t`` by
+        ``1 / t``. Unlike torch, every check runs before ``num_batches_tracked`` ticks.
         """
         self._check_input_dim(input)
         if input.dim() >= 2 and input.shape[1] != self.num_features:
@@ -76,6 +77,11 @@ class _BatchNormBase(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
+        return running_mean, running_var, bn_training, momentum, backend
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input``; in training also update the running statistics."""
+        running_mean, running_var, bn_training, momentum, backend = self._prepare(input)
         return _batch_norm_unchecked(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps, backend,

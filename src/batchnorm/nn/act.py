@@ -1,0 +1,94 @@
+"""BatchNorm fused with an activation and an optional residual add (``BatchNormAct*``).
+
+``BatchNormAct2d`` is a ``BatchNorm2d`` (same parameters, buffers and ``state_dict`` keys, so
+torch and timm checkpoints load) whose forward computes ``act(BN(x) + residual)`` in one pass.
+One generic implementation; the 1d/2d/3d classes only add the rank check of their BatchNorm
+parent.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends.activations import check_activation
+from ..functional import batch_norm_act
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+
+
+class BatchNormAct(BatchNorm):
+    r"""``y = act(BN(x) + residual)`` over input of any rank >= 2 (channels at dim 1).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
+        backend: as :class:`batchnorm.BatchNorm`.
+        activation: ``"identity"``, ``"relu"``, ``"leaky_relu"``, ``"elu"``, ``"silu"`` or
+            ``"gelu"``.
+        negative_slope: the slope of ``leaky_relu``.
+        inplace: overwrite the input and save only the output for backward (invertible
+            activations only; see :func:`batchnorm.functional.batch_norm_act`).
+
+    Shape:
+        Input and optional residual ``(N, C, *)``; output the same shape.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        inplace: bool = False,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        check_activation(activation, negative_slope, inplace)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, backend=backend)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        act = f"activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            act += f", negative_slope={self.negative_slope}"
+        if self.inplace:
+            act += ", inplace=True"
+        return f"{super().extra_repr()}, {act}"
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """``act(BN(input) + residual)``; in training also updates the running statistics."""
+        # Activation and residual are checked before _prepare ticks the counter.
+        check_activation(self.activation, self.negative_slope, self.inplace)
+        if residual is not None and residual.shape != input.shape:
+            raise ValueError(
+                f"residual must match the input's shape: got {tuple(residual.shape)}, "
+                f"expected {tuple(input.shape)}"
+            )
+        running_mean, running_var, bn_training, momentum, backend = self._prepare(input)
+        return batch_norm_act(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+            self.eps, activation=self.activation, negative_slope=self.negative_slope,
+            residual=residual, inplace=self.inplace, backend=backend,
+        )
+
+
+class BatchNormAct1d(BatchNormAct, BatchNorm1d):
+    """:class:`BatchNormAct` for ``(N, C)`` or ``(N, C, L)`` input; a ``BatchNorm1d``."""
+
+
+class BatchNormAct2d(BatchNormAct, BatchNorm2d):
+    """:class:`BatchNormAct` for ``(N, C, H, W)`` input; a ``BatchNorm2d``."""
+
+
+class BatchNormAct3d(BatchNormAct, BatchNorm3d):
+    """:class:`BatchNormAct` for ``(N, C, D, H, W)`` input; a ``BatchNorm3d``."""

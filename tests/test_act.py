@@ -1,0 +1,242 @@
+"""BatchNorm + activation + residual: every backend against an independent float64 composite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchnorm
+from batchnorm import batch_norm_act
+from helpers import (
+    STAT_TOLERANCES,
+    TOLERANCES,
+    assert_close,
+    assert_same_state,
+    backend_params,
+    is_channels_last,
+    make_input,
+)
+
+BACKENDS = backend_params()
+ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
+TORCH_ACT = {
+    "identity": lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.1),
+    "elu": F.elu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+}
+
+
+def _composite(x, rm, rv, w, b, training, residual, activation):
+    """torch.nn.functional in float64: the independent reference for the fused path."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    r64 = None if residual is None else residual.detach().double().requires_grad_()
+    rm64, rv64 = rm.double(), rv.double()
+    z = F.batch_norm(x64, rm64, rv64, w64, b64, training, 0.1, 1e-5)
+    if r64 is not None:
+        z = z + r64
+    return TORCH_ACT[activation](z), (x64, w64, b64, r64), (rm64, rv64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "channels_last"),
+                         [((4, 3, 5, 6), False), ((4, 3, 5, 6), True), ((6, 4, 7), False),
+                          ((9, 5), False)], ids=["nchw", "nhwc", "ncl", "nc"])
+def test_matches_composite(backend, activation, with_residual, training, shape, channels_last):
+    c = shape[1]
+    x = make_input(shape, channels_last=channels_last).requires_grad_()
+    r = make_input(shape, channels_last=channels_last, shift=0.0).requires_grad_() \
+        if with_residual else None
+    w = (torch.rand(c) + 0.5).requires_grad_()
+    b = torch.randn(c).requires_grad_()
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    y_ref, leaves, (rm_ref, rv_ref) = _composite(x, rm, rv, w, b, training, r, activation)
+    y = batch_norm_act(x, rm, rv, w, b, training, 0.1, 1e-5, activation=activation,
+                       negative_slope=0.1, residual=r, backend=backend)
+    dy = make_input(shape, shift=0.0, scale=1.0)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    atol, rtol = TOLERANCES[torch.float32]
+    what = f"{backend} {activation} res={with_residual} train={training} {shape} cl={channels_last}"
+    assert is_channels_last(y) == is_channels_last(x) or len(shape) < 3, what
+    assert_close(y, y_ref, atol, rtol, f"{what} y")
+    assert_close(x.grad, leaves[0].grad, atol, rtol, f"{what} dx")
+    m = x.numel() // c
+    assert_close(w.grad, leaves[1].grad, atol * m**0.5, rtol, f"{what} dweight")
+    assert_close(b.grad, leaves[2].grad, atol * m**0.5, rtol, f"{what} dbias")
+    if r is not None:
+        assert_close(r.grad, leaves[3].grad, atol, rtol, f"{what} dresidual")
+    assert_close(rm, rm_ref, *STAT_TOLERANCES[torch.float32], f"{what} running_mean")
+    assert_close(rv, rv_ref, *STAT_TOLERANCES[torch.float32], f"{what} running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "elu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_inplace_overwrites_input_and_matches(backend, activation, with_residual, channels_last):
+    shape, c = (4, 3, 5, 5), 3
+    base = make_input(shape, channels_last=channels_last).requires_grad_()
+    r = make_input(shape, channels_last=channels_last, shift=0.0).requires_grad_() \
+        if with_residual else None
+    w = torch.tensor([0.7, -1.3, 2.0]).requires_grad_()  # a negative gamma stays invertible
+    b = torch.randn(c).requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    x = base * 1.0  # an intermediate tensor (in-place on a leaf is refused)
+    ptr = x.data_ptr()
+    y = batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5, activation=activation,
+                       negative_slope=0.1, residual=r, inplace=True, backend=backend)
+    assert y.data_ptr() == ptr and torch.equal(x, y), "output must overwrite the input"
+    dy = make_input(shape, shift=0.0, scale=1.0)
+    y.backward(dy)
+    y_ref, leaves, (rm_ref, rv_ref) = _composite(base, torch.zeros(c), torch.ones(c), w, b, True,
+                                                 r, activation)
+    y_ref.backward(dy.double())
+    atol, rtol = TOLERANCES[torch.float32]
+    what = f"{backend} inplace {activation} res={with_residual} cl={channels_last}"
+    assert_close(y, y_ref, atol, rtol, f"{what} y")
+    # x-hat is recomputed from y: a few more roundings than the direct path
+    assert_close(base.grad, leaves[0].grad, 4 * atol, 4 * rtol, f"{what} dx")
+    assert_close(w.grad, leaves[1].grad, 1e-4 * 10, rtol, f"{what} dweight")
+    assert_close(b.grad, leaves[2].grad, 1e-4 * 10, rtol, f"{what} dbias")
+    if r is not None:
+        assert_close(r.grad, leaves[3].grad, 4 * atol, 4 * rtol, f"{what} dresidual")
+    assert_close(rm, rm_ref, *STAT_TOLERANCES[torch.float32], f"{what} running_mean")
+    assert_close(rv, rv_ref, *STAT_TOLERANCES[torch.float32], f"{what} running_var")
+
+
+def test_inplace_errors():
+    x = make_input((4, 3, 2, 2))
+    with pytest.raises(ValueError, match="invertible activation"):
+        batch_norm_act(x, None, None, training=True, activation="relu", inplace=True)
+    with pytest.raises(ValueError, match="negative_slope > 0"):
+        batch_norm_act(x, None, None, training=True, activation="leaky_relu",
+                       negative_slope=0.0, inplace=True)
+    leaf = make_input((4, 3, 2, 2)).requires_grad_()
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        batch_norm_act(leaf, None, None, training=True, activation="elu", inplace=True)
+    # the input is needed elsewhere: exp saves its output for backward
+    a = make_input((4, 3, 2, 2)).requires_grad_()
+    h = torch.exp(a)
+    y = batch_norm_act(h, None, None, training=True, activation="elu", inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        batch_norm_act(x, None, None, training=True, activation="tanh")
+    with pytest.raises(ValueError, match="residual must match"):
+        batch_norm_act(x, None, None, training=True, residual=torch.zeros(4, 3, 2, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("activation", "inplace"),
+                         [("gelu", False), ("leaky_relu", False), ("elu", True),
+                          ("leaky_relu", True)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_float64(backend, activation, inplace, training):
+    c = 3
+    x = make_input((3, c, 4), torch.float64).requires_grad_()
+    r = make_input((3, c, 4), torch.float64, shift=0.0).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x_, r_, w_, b_):
+        return batch_norm_act(x_.clone() if inplace else x_, rm.clone(), rv.clone(), w_, b_,
+                              training, 0.1, 1e-5, activation=activation, negative_slope=0.2,
+                              residual=r_, inplace=inplace, backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct activation-sized storages autograd saves while ``fn`` runs
+    (per-channel vectors, C values each, are left out: both sides save a handful)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        if t.dim() > 1:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_bytes_half_of_eager(backend):
+    shape = (8, 16, 16, 16)
+    eager = torch.nn.Sequential(torch.nn.BatchNorm2d(16), torch.nn.LeakyReLU(0.1))
+    ours_inplace = batchnorm.BatchNormAct2d(16, activation="leaky_relu", negative_slope=0.1,
+                                            inplace=True, backend=backend)
+    ours_relu = batchnorm.BatchNormAct2d(16, activation="relu", backend=backend)
+    eager_relu = torch.nn.Sequential(torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+    a = make_input(shape).requires_grad_()
+
+    def run(m):
+        return lambda: m(a * 1.0)
+
+    x_bytes = a.numel() * 4
+    b_eager = _saved_bytes(run(eager))
+    b_inplace = _saved_bytes(run(ours_inplace))
+    b_eager_relu = _saved_bytes(run(eager_relu))
+    b_relu = _saved_bytes(run(ours_relu))
+    # eager saves BN's input and the activation's tensor: two activations' worth
+    assert b_eager >= 2 * x_bytes
+    assert b_inplace <= 0.5 * b_eager, (b_inplace, b_eager)
+    if backend == "torch":
+        # "torch" without inplace is the composite reference: it saves what eager saves
+        assert b_relu == b_eager_relu, (b_relu, b_eager_relu)
+    else:
+        # ReLU is not invertible, but the fused path recomputes the pre-activation from x and
+        # the statistics instead of saving it: one activation's worth too
+        assert b_relu <= 0.5 * b_eager_relu, (b_relu, b_eager_relu)
+
+
+@pytest.mark.parametrize("cls_pair", [(batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d, (4, 3, 5)),
+                                      (batchnorm.BatchNormAct2d, torch.nn.BatchNorm2d,
+                                       (2, 3, 4, 4)),
+                                      (batchnorm.BatchNormAct3d, torch.nn.BatchNorm3d,
+                                       (2, 3, 2, 2, 2))])
+def test_modules_are_batchnorm_with_same_state(cls_pair):
+    ours_cls, torch_cls, shape = cls_pair
+    theirs = torch_cls(3)
+    theirs(make_input(shape))
+    ours = ours_cls(3, activation="silu")
+    assert isinstance(ours, torch_cls.__mro__[0].__mro__[0]) or isinstance(
+        ours, torch.nn.modules.batchnorm._BatchNorm)
+    ours.load_state_dict(theirs.state_dict())
+    assert_same_state(ours, theirs, "checkpoint")
+    x, r = make_input(shape), make_input(shape)
+    y = ours(x, r)
+    ref = F.silu(theirs(x) + r)
+    assert_close(y, ref, *TOLERANCES[torch.float32], "module forward with residual")
+    with pytest.raises(ValueError, match="residual must match"):
+        ours(x, r[:1])
+    assert int(ours.num_batches_tracked) == 2, "the failing call must not tick the counter"
+    assert "activation='silu'" in repr(ours)
+
+
+def test_torch_compile_with_act_module():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                batchnorm.BatchNormAct2d(4, activation="gelu"))
+    compiled = torch.compile(model, backend="aot_eager")
+    x = make_input((2, 3, 5, 5))
+    model_copy = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1),
+                                     batchnorm.BatchNormAct2d(4, activation="gelu"))
+    model_copy.load_state_dict(model.state_dict())
+    y = compiled(x)
+    y_eager = model_copy(x)
+    assert_close(y, y_eager, *TOLERANCES[torch.float32], "compiled BatchNormAct")
+    y.sum().backward()
+    y_eager.sum().backward()
+    assert_close(model[0].weight.grad, model_copy[0].weight.grad, 1e-4, 1e-4, "conv grad")

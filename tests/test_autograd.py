@@ -95,3 +95,28 @@ def test_torch_export(backend, training):
     assert any(want in o for o in ops), ops
     x2 = make_input((2, 3, 5, 5))
     assert_close(exported.module()(x2), reference(x2), *TOLERANCES[torch.float32], "exported")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_fast_path_equals_custom_op_path(backend):
+    """Eagerly the op layer skips the dispatcher; both paths must agree bit for bit."""
+    from batchnorm import ops
+
+    x = make_input((3, 4, 5, 2)).requires_grad_()
+    w = (torch.rand(4) + 0.5).requires_grad_()
+    b = torch.randn(4).requires_grad_()
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    dy = torch.randn(3, 4, 5, 2)
+    outs, grads = [], []
+    for fn in (ops.batch_norm_train, ops.forward_train):
+        y, mean, invstd, nrm, nrv = fn(x, w, b, rm, rv, 0.1, 1e-5, backend)
+        (gx, gw, gb) = torch.autograd.grad(y, (x, w, b), dy)
+        outs.append((y, mean, invstd, nrm, nrv))
+        grads.append((gx, gw, gb))
+    for a, e in zip(outs[0] + grads[0], outs[1] + grads[1]):
+        assert torch.equal(a, e)
+    ys = [fn(x, w, b, rm, rv, 1e-5, backend) for fn in (ops.batch_norm_eval, ops.forward_eval)]
+    ge = [torch.autograd.grad(y, (x, w, b), dy) for y in ys]
+    assert torch.equal(ys[0], ys[1])
+    for a, e in zip(*ge):
+        assert torch.equal(a, e)

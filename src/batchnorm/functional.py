@@ -70,8 +70,8 @@ def _batch_norm_unchecked(
     """Dispatch to the ops after validation; ``backend`` is a concrete name."""
     if not training:
         assert running_mean is not None and running_var is not None
-        return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, backend)
-    y, _, _, new_mean, new_var = ops.forward_train(
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, backend)
+    y, _, _, new_mean, new_var = ops.batch_norm_train(
         input, weight, bias, running_mean, running_var, float(momentum), float(eps), backend
     )
     if running_mean is not None and running_var is not None:

@@ -27,7 +27,14 @@ from torch import Tensor
 from .backends import get_backend
 from .backends.base import acc_dtype, empty_out_like, match_layout, safe_invstd
 
-__all__ = ["backward", "forward_eval", "forward_train"]
+__all__ = [
+    "BatchNormActFunction",
+    "backward",
+    "batch_norm_eval",
+    "batch_norm_train",
+    "forward_eval",
+    "forward_train",
+]
 
 _EMPTY = (0,)
 
@@ -36,8 +43,7 @@ def _empty(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return x.new_empty(_EMPTY, dtype=dtype or acc_dtype(x))
 
 
-@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
-def forward_train(
+def _forward_train_impl(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -47,7 +53,6 @@ def forward_train(
     eps: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training forward with batch statistics; see the module docstring."""
     c = x.shape[1]
     if x.numel() == 0:
         # PyTorch: an empty batch gives an empty output and leaves the running stats alone.
@@ -62,6 +67,21 @@ def forward_train(
     return y, mean, invstd, _empty(x) if rm is None else rm, _empty(x) if rv is None else rv
 
 
+@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
+def forward_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training forward with batch statistics; see the module docstring."""
+    return _forward_train_impl(x, weight, bias, running_mean, running_var, momentum, eps, backend)
+
+
 @forward_train.register_fake
 def _forward_train_fake(x, weight, bias, running_mean, running_var, momentum, eps, backend):
     c = x.shape[1]
@@ -69,6 +89,20 @@ def _forward_train_fake(x, weight, bias, running_mean, running_var, momentum, ep
     rm = _empty(x) if running_mean is None else torch.empty_like(running_mean)
     rv = _empty(x) if running_var is None else torch.empty_like(running_var)
     return empty_out_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc), rm, rv
+
+
+def _forward_eval_impl(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    if x.numel() == 0:
+        return empty_out_like(x)
+    return get_backend(backend).forward_eval(x, weight, bias, running_mean, running_var, eps)
 
 
 @torch.library.custom_op("batchnorm::forward_eval", mutates_args=())
@@ -82,9 +116,7 @@ def forward_eval(
     backend: str,
 ) -> Tensor:
     """Inference forward with the running statistics."""
-    if x.numel() == 0:
-        return empty_out_like(x)
-    return get_backend(backend).forward_eval(x, weight, bias, running_mean, running_var, eps)
+    return _forward_eval_impl(x, weight, bias, running_mean, running_var, eps, backend)
 
 
 @forward_eval.register_fake
@@ -92,8 +124,7 @@ def _forward_eval_fake(x, weight, bias, running_mean, running_var, eps, backend)
     return empty_out_like(x)
 
 
-@torch.library.custom_op("batchnorm::backward", mutates_args=())
-def backward(
+def _backward_impl(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -103,7 +134,6 @@ def backward(
     output_mask: list[bool],
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dx, dweight, dbias)`` in ``(x.dtype, acc, acc)``; unrequested ones empty."""
     c = x.shape[1]
     mask = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]))
     if x.numel() == 0:
@@ -120,6 +150,21 @@ def backward(
         dw if dw is not None else _empty(x),
         db if db is not None else _empty(x),
     )
+
+
+@torch.library.custom_op("batchnorm::backward", mutates_args=())
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    output_mask: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dweight, dbias)`` in ``(x.dtype, acc, acc)``; unrequested ones empty."""
+    return _backward_impl(dy, x, weight, mean, invstd, training, output_mask, backend)
 
 
 @backward.register_fake
@@ -141,7 +186,10 @@ def _grads(
             bool(ctx.needs_input_grad[2])]
     if not any(mask):
         return None, None, None
-    dx, dw, db = backward(dy, x, weight, mean, invstd, training, mask, ctx.backend)
+    # Under torch.compile/export the custom op keeps the backward opaque; eagerly the
+    # implementation is called directly (same code, no dispatcher round trip).
+    bwd = _backward_impl if getattr(ctx, "eager", False) else backward
+    dx, dw, db = bwd(dy, x, weight, mean, invstd, training, mask, ctx.backend)
     return (
         dx if mask[0] else None,
         dw.to(ctx.weight_dtype) if mask[1] else None,
@@ -182,6 +230,86 @@ def _backward_eval(ctx: Any, dy: Tensor) -> tuple:
 
 
 forward_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
+
+
+
+# ---- eager fast path -------------------------------------------------------------------------
+# A custom op's Python dispatch costs tens of microseconds per call, which adds up over the
+# ~100 BN layers of a speaker encoder at small batch sizes. Outside torch.compile/export we call
+# the same implementations through plain autograd.Functions that share the ops' setup and
+# backward code; tracing (compile, export, fake tensors) always sees the custom ops.
+
+
+def _traced(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter)
+
+
+class _EagerTrain(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        output = _forward_train_impl(*inputs)
+        _setup_train(ctx, inputs, output)
+        ctx.eager = True
+        ctx.mark_non_differentiable(*output[1:])
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple:  # type: ignore[override]
+        return _backward_train(ctx, dy)
+
+
+class _EagerEval(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
+        output = _forward_eval_impl(*inputs)
+        _setup_eval(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple:  # type: ignore[override]
+        return _backward_eval(ctx, dy)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def batch_norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``forward_train`` through the custom op when traced, else the eager fast path."""
+    args = (x, weight, bias, running_mean, running_var, momentum, eps, backend)
+    if _traced(x):
+        return forward_train(*args)
+    if _needs_grad(x, weight, bias):
+        return _EagerTrain.apply(*args)
+    return _forward_train_impl(*args)
+
+
+def batch_norm_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    """``forward_eval`` through the custom op when traced, else the eager fast path."""
+    args = (x, weight, bias, running_mean, running_var, eps, backend)
+    if _traced(x):
+        return forward_eval(*args)
+    if _needs_grad(x, weight, bias):
+        return _EagerEval.apply(*args)
+    return _forward_eval_impl(*args)
 
 
 # ---- BatchNorm + activation (+ residual) ---------------------------------------------------

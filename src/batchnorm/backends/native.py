@@ -19,6 +19,8 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _restride(y: Tensor, x: Tensor) -> Tensor:
     """ATen picks its own output strides for some layouts; return ours (see empty_out_like)."""
+    if y.stride() == x.stride() and layout_of(x) != "other":
+        return y
     want = empty_out_like(x, y.dtype)
     if y.stride() == want.stride():
         return y
@@ -53,17 +55,20 @@ class NativeBackend(TorchBackend):
         eps: float,
     ) -> ForwardResult:
         w, b = self._params(x, weight, bias)
-        half = x.dtype in _HALF
-        rm = None if running_mean is None else running_mean.to(torch.float32 if half else
-                                                                running_mean.dtype, copy=True)
-        rv = None if running_var is None else running_var.to(rm.dtype if rm is not None else
-                                                              running_var.dtype, copy=True)
+        # ATen updates the buffers it is given in place: hand it private copies (float32 for
+        # half inputs, whose statistics ATen keeps in the buffers' dtype).
+        buf_dtype = torch.float32 if x.dtype in _HALF else None
+        rm = None if running_mean is None else running_mean.to(buf_dtype, copy=True)
+        rv = None if running_var is None else running_var.to(buf_dtype, copy=True)
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, momentum, eps)
         acc = acc_dtype(x)
-        if rm is not None and running_mean is not None and running_var is not None:
-            assert rv is not None
-            rm, rv = rm.to(running_mean.dtype), rv.to(running_var.dtype)
-        return _restride(y, x), mean.to(acc), invstd.to(acc), rm, rv
+        if mean.dtype != acc:
+            mean, invstd = mean.to(acc), invstd.to(acc)
+        if rm is not None and running_mean is not None and rm.dtype != running_mean.dtype:
+            rm = rm.to(running_mean.dtype)
+        if rv is not None and running_var is not None and rv.dtype != running_var.dtype:
+            rv = rv.to(running_var.dtype)
+        return _restride(y, x), mean, invstd, rm, rv
 
     def forward_eval(
         self,

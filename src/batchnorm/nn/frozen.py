@@ -1,0 +1,161 @@
+r"""Frozen BatchNorm: a BatchNorm whose statistics and affine are constants.
+
+``FrozenBatchNorm`` holds ``weight``, ``bias``, ``running_mean`` and ``running_var`` as buffers
+(not parameters), so no optimizer updates them and no ``train()``/``eval()`` call changes what
+the layer computes:
+
+.. math::
+    \text{scale} = \gamma / \sqrt{\text{running\_var} + \epsilon}, \quad
+    \text{shift} = \beta - \text{running\_mean} \cdot \text{scale}, \quad
+    y = x \cdot \text{scale} + \text{shift}
+
+(the same as ``torchvision.ops.FrozenBatchNorm2d``). ``num_batches_tracked`` is dropped when
+loading a BatchNorm checkpoint, so a trained BatchNorm's state_dict loads as is. The layer is
+what :func:`batchnorm.freeze` swaps in and what :func:`batchnorm.fold` leaves where a
+BatchNorm cannot be folded into a preceding layer.
+
+One implementation serves every rank; ``FrozenBatchNorm1d/2d/3d`` differ only in the input
+rank they accept (the same checks as :class:`batchnorm.BatchNorm1d/2d/3d`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..backends.base import acc_dtype, bcast, safe_invstd
+from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _channel_error
+
+__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+
+class FrozenBatchNorm(nn.Module):
+    r"""BatchNorm with fixed statistics and affine, over any input of rank >= 2.
+
+    Args:
+        num_features: C, the number of channels.
+        eps: added to the variance.
+        device, dtype: of the four buffers.
+
+    Buffers:
+        ``weight`` (ones), ``bias`` (zeros), ``running_mean`` (zeros), ``running_var`` (ones),
+        all of shape ``(C,)``.
+
+    Shape:
+        Input ``(N, C, *)``; output the same shape, dtype and memory layout. Half-precision
+        input is computed in float32 and rounded once.
+
+    ``y = x * scale + shift`` is exact algebra but not the same rounding as
+    ``(x - mean) * invstd * weight + bias``: when ``|running_mean| >> sqrt(running_var)`` the
+    two differ by the rounding of ``running_mean * scale``, a few ulps of ``|mean| * scale``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        # What freeze() replaced, so that unfreeze() can rebuild it (not part of the state).
+        self._unfrozen_config: dict[str, Any] | None = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        BatchNorm._check_input_dim(self, input)  # type: ignore[arg-type]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        error_msgs,
+    ) -> None:
+        # A BatchNorm checkpoint has a counter the frozen layer does not keep.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``(scale, shift)`` per channel in ``dtype``: ``y = x * scale + shift``."""
+        scale = self.weight.to(dtype) * safe_invstd(self.running_var.to(dtype), self.eps)
+        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise _channel_error(self.num_features, input)
+        acc = acc_dtype(input)
+        scale, shift = self.scale_shift(acc)
+        # Elementwise ops keep the input's memory layout (channels-last stays channels-last).
+        y = input.to(acc) * bcast(scale, input) + bcast(shift, input)
+        return y.to(input.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A frozen copy of a BatchNorm module (ours or torch.nn's) with its current values.
+
+        ``affine=False`` gives ``weight = 1``, ``bias = 0``. The result has the rank check of
+        ``cls`` and remembers ``bn``'s configuration for :func:`batchnorm.unfreeze`.
+
+        Raises:
+            ValueError: ``bn`` has no running statistics (``track_running_stats=False``): there
+                is nothing to freeze.
+        """
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(
+                f"cannot freeze {type(bn).__name__}({bn.num_features}): it has no running "
+                "statistics (track_running_stats=False), so it normalizes with batch statistics"
+            )
+        rm = bn.running_mean.detach()
+        frozen = cls(bn.num_features, bn.eps, device=rm.device, dtype=rm.dtype)
+        with torch.no_grad():
+            frozen.running_mean.copy_(rm)
+            frozen.running_var.copy_(bn.running_var.detach())
+            if bn.weight is not None:
+                frozen.weight.copy_(bn.weight.detach())
+            if bn.bias is not None:
+                frozen.bias.copy_(bn.bias.detach())
+        frozen._unfrozen_config = {
+            "cls": type(bn),
+            "momentum": bn.momentum,
+            "affine": bn.affine,
+            "bias": bn.bias is not None,
+            "num_batches_tracked": None if bn.num_batches_tracked is None
+            else bn.num_batches_tracked.detach().clone(),
+            "backend": getattr(bn, "backend", None),
+            "training": bn.training,
+        }
+        frozen.train(bn.training)
+        return frozen
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        BatchNorm1d._check_input_dim(self, input)  # type: ignore[arg-type]
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` input (torchvision's FrozenBatchNorm2d)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        BatchNorm2d._check_input_dim(self, input)  # type: ignore[arg-type]
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm):
+    """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        BatchNorm3d._check_input_dim(self, input)  # type: ignore[arg-type]

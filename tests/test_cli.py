@@ -56,7 +56,7 @@ def test_inspect_exit_codes(tmp_path, capsys) -> None:
 
 def test_bench_forwards_or_fails_clearly(capsys, monkeypatch) -> None:
     try:
-        import batchnorm.benchmarking  # noqa: F401
+        from batchnorm.benchmarking import main as _  # noqa: F401
     except ImportError:
         assert main(["bench", "--anything"]) == 2
         assert "benchmarking module is not available" in capsys.readouterr().err

@@ -43,7 +43,12 @@ def _bench(argv: list[str]) -> int:
         print(f"batchnorm bench: error: the benchmarking module is not available ({exc})",
               file=sys.stderr)
         return 2
-    return int(benchmarking.main(argv) or 0)
+    run = getattr(benchmarking, "main", None)
+    if run is None:
+        print("batchnorm bench: error: the benchmarking module is not available "
+              "(batchnorm.benchmarking has no main(argv))", file=sys.stderr)
+        return 2
+    return int(run(argv) or 0)
 
 
 def _parser() -> argparse.ArgumentParser:

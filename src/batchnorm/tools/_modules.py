@@ -20,6 +20,7 @@ from ..nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 __all__ = [
+    "bn_config",
     "bn_rank",
     "is_batchnorm",
     "rebuild",
@@ -64,8 +65,7 @@ def _rank_table() -> dict[type, int | None]:
     sync = _our_sync_class()
     if sync is not None:
         table[sync] = None
-    for cls in FROZEN_BY_RANK.values():
-        table[cls] = next(r for r, c in FROZEN_BY_RANK.items() if c is cls)
+    table.update({cls: rank for rank, cls in FROZEN_BY_RANK.items()})
     return table
 
 
@@ -180,6 +180,31 @@ def device_of(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def bn_config(module: nn.Module) -> dict[str, Any]:
+    """The configuration of a BatchNorm layer as plain values (what the manifest of
+    :func:`batchnorm.save` and the report of :func:`batchnorm.inspect` show).
+
+    A frozen layer reads as ``affine`` and ``track_running_stats`` with no momentum.
+    ``rank`` is the spatial rank of the class (None: any rank, or a class the tools do not
+    know); ``dtype`` that of the running statistics (else of the weight).
+    """
+    frozen = isinstance(module, FrozenBatchNorm)
+    ref = next((t for t in (getattr(module, "running_mean", None), getattr(module, "weight", None))
+                if t is not None), None)
+    return {
+        "kind": kind_name(module),
+        "num_features": int(module.num_features),
+        "eps": float(module.eps),
+        "momentum": None if frozen or module.momentum is None else float(module.momentum),
+        "affine": True if frozen else bool(module.affine),
+        "bias": getattr(module, "bias", None) is not None,
+        "track_running_stats": True if frozen else bool(module.track_running_stats),
+        "frozen": frozen,
+        "dtype": None if ref is None else str(ref.dtype).removeprefix("torch."),
+        "rank": bn_rank(module)[1],
+    }
 
 
 def kind_name(module: nn.Module) -> str:

@@ -45,8 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.frozen import FrozenBatchNorm
-from ._modules import is_batchnorm, kind_name
+from ._modules import bn_config, is_batchnorm
 
 __all__ = ["CheckpointError", "Finding", "InspectReport", "LayerReport", "inspect",
            "read_checkpoint"]
@@ -264,18 +263,15 @@ def _module_layers(model: nn.Module) -> list[_Layer]:
     for name, m in model.named_modules():
         if not is_batchnorm(m):
             continue
-        frozen = isinstance(m, FrozenBatchNorm)
         tensors = {r: getattr(m, r) for r in
                    ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
                    if isinstance(getattr(m, r, None), Tensor)}
-        ref = tensors.get("running_mean", tensors.get("weight"))
+        cfg = bn_config(m)
         layers.append(_Layer(LayerReport(
-            name=name, kind=kind_name(m), num_features=int(m.num_features), eps=float(m.eps),
-            momentum=None if frozen or m.momentum is None else float(m.momentum),
-            affine=True if frozen else bool(m.affine),
-            track_running_stats=True if frozen else bool(m.track_running_stats),
-            training=m.training, frozen=frozen,
-            dtype=None if ref is None else str(ref.dtype).removeprefix("torch."),
+            name=name, kind=cfg["kind"], num_features=cfg["num_features"], eps=cfg["eps"],
+            momentum=cfg["momentum"], affine=cfg["affine"],
+            track_running_stats=cfg["track_running_stats"], training=m.training,
+            frozen=cfg["frozen"], dtype=cfg["dtype"],
         ), tensors))
     return layers
 

@@ -35,8 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from ..nn.frozen import FrozenBatchNorm
-from ._modules import bn_rank, is_batchnorm, kind_name
+from ._modules import bn_config, is_batchnorm
 
 __all__ = ["MANIFEST_KEY", "Loaded", "load", "manifest", "reference_layers", "save"]
 
@@ -62,23 +61,7 @@ def manifest(model: nn.Module) -> dict[str, Any]:
         tensors = {role: prefix + role for role in
                    ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
                    if getattr(m, role, None) is not None}
-        ref = next((getattr(m, r) for r in ("running_mean", "weight") if getattr(m, r, None)
-                    is not None), None)
-        frozen = isinstance(m, FrozenBatchNorm)
-        layers.append({
-            "name": name,
-            "kind": kind_name(m),
-            "num_features": int(m.num_features),
-            "eps": float(m.eps),
-            "momentum": None if frozen or m.momentum is None else float(m.momentum),
-            "affine": True if frozen else bool(m.affine),
-            "bias": getattr(m, "bias", None) is not None,
-            "track_running_stats": True if frozen else bool(m.track_running_stats),
-            "frozen": frozen,
-            "dtype": None if ref is None else str(ref.dtype).removeprefix("torch."),
-            "rank": bn_rank(m)[1],
-            "tensors": tensors,
-        })
+        layers.append({"name": name, **bn_config(m), "tensors": tensors})
     return {"format": _FORMAT, "version": _VERSION, "layers": layers}
 
 

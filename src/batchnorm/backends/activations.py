@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -51,19 +52,19 @@ def check_activation(activation: str, negative_slope: float, inplace: bool) -> N
 
 
 def act_forward(z: Tensor, activation: str, slope: float) -> Tensor:
-    """``act(z)``."""
+    """``act(z)`` with torch.nn.functional's kernels (exportable to ONNX)."""
     if activation == "identity":
         return z
     if activation == "relu":
-        return torch.relu(z)
+        return F.relu(z)
     if activation == "leaky_relu":
-        return torch.where(z > 0, z, z * slope)
+        return F.leaky_relu(z, slope)
     if activation == "elu":
-        return torch.where(z > 0, z, torch.expm1(z))
+        return F.elu(z)
     if activation == "silu":
-        return z * torch.sigmoid(z)
+        return F.silu(z)
     if activation == "gelu":
-        return 0.5 * z * (1.0 + torch.erf(z / _SQRT_2))
+        return F.gelu(z)
     raise ValueError(f"unknown activation {activation!r}")
 
 

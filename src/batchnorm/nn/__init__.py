@@ -1,8 +1,20 @@
 """Modules: drop-in BatchNorm layers."""
 
-from .act import BatchNormAct, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .act import (
+    BatchNormAct,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    ResidualActivation,
+)
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .frozen import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormAct,
+)
 
 __all__ = [
     "BatchNorm",
@@ -17,4 +29,6 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FrozenBatchNormAct",
+    "ResidualActivation",
 ]

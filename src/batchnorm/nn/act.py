@@ -11,11 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backends.activations import check_activation
+from ..backends.activations import act_forward, check_activation
 from ..functional import batch_norm_act
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNormAct", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+__all__ = [
+    "BatchNormAct",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "ResidualActivation",
+    "apply_activation",
+]
 
 
 class BatchNormAct(BatchNorm):
@@ -92,3 +99,32 @@ class BatchNormAct2d(BatchNormAct, BatchNorm2d):
 
 class BatchNormAct3d(BatchNormAct, BatchNorm3d):
     """:class:`BatchNormAct` for ``(N, C, D, H, W)`` input; a ``BatchNorm3d``."""
+
+
+class ResidualActivation(torch.nn.Module):
+    """``act(x + residual)``: what is left of a :class:`BatchNormAct` once its BatchNorm has
+    been folded into the preceding layer (:func:`batchnorm.fold`). Plain torch ops, so it
+    exports to ONNX.
+
+    Shape:
+        Input and optional residual ``(N, C, *)``; output the same shape and dtype.
+    """
+
+    def __init__(self, activation: str = "relu", negative_slope: float = 0.01) -> None:
+        check_activation(activation, negative_slope, False)
+        super().__init__()
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        return apply_activation(input, residual, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, negative_slope={self.negative_slope}"
+
+
+def apply_activation(y: Tensor, residual: Tensor | None, activation: str, slope: float) -> Tensor:
+    """``act(y + residual)`` computed in the accumulation dtype, returned in ``y``'s dtype."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
+    return act_forward(z, activation, float(slope)).to(y.dtype)

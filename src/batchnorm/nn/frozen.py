@@ -26,9 +26,16 @@ import torch
 from torch import Tensor, nn
 
 from ..backends.base import acc_dtype, bcast, safe_invstd
+from .act import BatchNormAct, apply_activation
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _channel_error
 
-__all__ = ["FrozenBatchNorm", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = [
+    "FrozenBatchNorm",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenBatchNormAct",
+]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -159,3 +166,55 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         BatchNorm3d._check_input_dim(self, input)  # type: ignore[arg-type]
+
+
+class FrozenBatchNormAct(FrozenBatchNorm):
+    """A frozen :class:`batchnorm.BatchNormAct`: ``act(x * scale + shift + residual)``.
+
+    Keeps the activation and the input-rank check of the module it was made from; what
+    :func:`batchnorm.freeze` and :func:`batchnorm.fold` put in place of a ``BatchNormAct*``.
+
+    Shape:
+        Input and optional residual ``(N, C, *)``; output the same shape.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__(num_features, eps, device, dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self._rank_check: type[BatchNorm] = BatchNorm
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        self._rank_check._check_input_dim(self, input)  # type: ignore[arg-type]
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return apply_activation(super().forward(input), residual, self.activation,
+                                self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A frozen copy of a :class:`BatchNormAct` (activation and rank check kept)."""
+        if not isinstance(bn, BatchNormAct):
+            raise TypeError(f"expected a BatchNormAct module, got {type(bn).__name__}")
+        frozen = super().from_batchnorm(bn)
+        assert isinstance(frozen, FrozenBatchNormAct)
+        frozen.activation = bn.activation
+        frozen.negative_slope = bn.negative_slope
+        frozen._rank_check = next(c for c in type(bn).__mro__
+                                  if c in (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm))
+        assert frozen._unfrozen_config is not None
+        frozen._unfrozen_config.update(activation=bn.activation,
+                                       negative_slope=bn.negative_slope, inplace=bn.inplace)
+        return frozen

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..backends.base import safe_invstd
+from ..nn.act import BatchNormAct, ResidualActivation
 from ..nn.frozen import FrozenBatchNorm
 from ._modules import bn_rank, is_batchnorm
 from .freeze import freeze
@@ -120,10 +121,20 @@ def _out_channels(layer: nn.Module) -> int:
 
 
 def _foldable_bn(bn: nn.Module) -> bool:
-    """An eval BatchNorm we can express as a per-channel affine map: a known class (not a
-    subclass with behaviour of its own) that has running statistics."""
-    known = bn_rank(bn)[0]
+    """An eval BatchNorm we can express as a per-channel affine map (plus, for
+    :class:`BatchNormAct`, an activation and residual add that stay behind): a known class (not
+    a subclass with behaviour of its own) that has running statistics."""
+    known = bn_rank(bn)[0] or isinstance(bn, BatchNormAct)
     return known and getattr(bn, "running_mean", None) is not None
+
+
+def _single_input(node: fx.Node, bn: nn.Module) -> bool:
+    """The BatchNorm call takes the layer output as its only input (a BatchNormAct may also
+    take a residual, which stays with the activation left in its place)."""
+    if len(node.args) == 1 and not node.kwargs:
+        return True
+    return (isinstance(bn, BatchNormAct) and 1 <= len(node.args) <= 2
+            and set(node.kwargs) <= {"residual"} and len(node.args) + len(node.kwargs) == 2)
 
 
 def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
@@ -155,10 +166,13 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     attr_reads = [n.target for n in graph.nodes if n.op == "get_attr"]
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module":
             continue
-        bn, prev = modules[node.target], node.args[0]
-        if not _foldable_bn(bn) or not isinstance(prev, fx.Node) or prev.op != "call_module":
+        bn = modules[node.target]
+        if not _foldable_bn(bn) or not _single_input(node, bn):
+            continue
+        prev = node.args[0]
+        if not isinstance(prev, fx.Node) or prev.op != "call_module":
             continue
         layer = modules[prev.target]
         if (
@@ -212,7 +226,9 @@ def fold(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorm folded into the preceding layers.
 
     Every BatchNorm found by :func:`foldable_pairs` is folded into its layer's weight and bias
-    and replaced by ``nn.Identity`` (the model keeps its class and structure); every other
+    and replaced by ``nn.Identity`` (a :class:`BatchNormAct` by a
+    :class:`~batchnorm.nn.act.ResidualActivation` with its activation; the model keeps its class
+    and structure); every other
     BatchNorm with running statistics becomes a :class:`~batchnorm.nn.FrozenBatchNorm`
     (``x * scale + shift``). BatchNorm without running statistics (which normalizes with
     batch statistics even in eval) and subclasses with behaviour of their own stay as they
@@ -224,8 +240,13 @@ def fold(model: nn.Module) -> nn.Module:
     pairs, _ = foldable_pairs(folded)
     for layer_name, bn_name in pairs:
         _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
+        bn = folded.get_submodule(bn_name)
+        rest_of_bn: nn.Module = (
+            ResidualActivation(bn.activation, bn.negative_slope)
+            if isinstance(bn, BatchNormAct) else nn.Identity()
+        )
         parent_name, _, child = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent_name), child, nn.Identity())
+        setattr(folded.get_submodule(parent_name), child, rest_of_bn)
 
     rest = [m for m in folded.modules()
             if _foldable_bn(m) and not isinstance(m, FrozenBatchNorm)]

@@ -16,7 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..nn.frozen import FrozenBatchNorm
+from ..nn.act import BatchNormAct
+from ..nn.frozen import FrozenBatchNorm, FrozenBatchNormAct
 from ._modules import FROZEN_BY_RANK, OURS_BY_RANK, bn_rank, replace_modules, select_names
 from ._modules import warn_skipped as _warn_skipped
 
@@ -52,11 +53,14 @@ def freeze(model: nn.Module, modules: _Selection = None) -> nn.Module:
         if not selected(name, module):
             return None
         known, rank = bn_rank(module)
-        if not known:
+        frozen_cls: type[FrozenBatchNorm] | None = FROZEN_BY_RANK[rank] if known else None
+        if isinstance(module, BatchNormAct):  # keeps its activation and rank check
+            frozen_cls = FrozenBatchNormAct
+        if frozen_cls is None:
             skipped.append(name or "<root>")
             return None
         try:
-            return FROZEN_BY_RANK[rank].from_batchnorm(module)
+            return frozen_cls.from_batchnorm(module)
         except ValueError as exc:
             raise ValueError(f"{name or 'the model'}: {exc}") from None
 
@@ -95,6 +99,9 @@ def _thaw(frozen: FrozenBatchNorm) -> nn.Module:
         kwargs["backend"] = cfg["backend"]
     if affine and not cfg.get("bias", True):
         kwargs["bias"] = False
+    if "activation" in cfg:  # a frozen BatchNormAct
+        kwargs.update(activation=cfg["activation"], negative_slope=cfg["negative_slope"],
+                      inplace=cfg["inplace"])
     rm = frozen.running_mean
     bn = cls(
         frozen.num_features,

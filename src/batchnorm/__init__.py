@@ -34,6 +34,7 @@ from .nn import (
     FrozenBatchNorm3d,
     FrozenBatchNormAct,
     SyncBatchNorm,
+    SyncBatchNormAct,
     convert_sync_batchnorm,
     revert_sync_batchnorm,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "FrozenBatchNorm3d",
     "FrozenBatchNormAct",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "__version__",
     "available_backends",
     "batch_norm",

@@ -45,8 +45,14 @@ def check_batch_norm_args(
     training: bool,
     momentum: float,
     eps: float,
+    *,
+    check_batch_size: bool = True,
 ) -> None:
-    """Validate the arguments of ``batch_norm`` (see :func:`batchnorm.functional.batch_norm`)."""
+    """Validate the arguments of ``batch_norm`` (see :func:`batchnorm.functional.batch_norm`).
+
+    ``check_batch_size=False`` skips "more than one value per channel": SyncBatchNorm checks
+    that on the total over its process group, once the counts are gathered.
+    """
     if not isinstance(input, Tensor):
         raise TypeError(f"batch_norm expected input to be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -108,7 +114,7 @@ def check_batch_norm_args(
             f"batch_norm momentum must be a number in [0, 1] (the weight of the new batch "
             f"statistics), got {momentum!r}"
         )
-    if training:
+    if training and check_batch_size:
         check_one_value_per_channel(input)
     # dtype sanity for mixed precision: parameters may be float32 with half inputs.
     if input.dtype == torch.float64:

@@ -15,6 +15,12 @@ from .frozen import (
     FrozenBatchNorm3d,
     FrozenBatchNormAct,
 )
+from .sync import (
+    SyncBatchNorm,
+    SyncBatchNormAct,
+    convert_sync_batchnorm,
+    revert_sync_batchnorm,
+)
 
 __all__ = [
     "BatchNorm",
@@ -31,4 +37,8 @@ __all__ = [
     "FrozenBatchNorm3d",
     "FrozenBatchNormAct",
     "ResidualActivation",
+    "SyncBatchNorm",
+    "SyncBatchNormAct",
+    "convert_sync_batchnorm",
+    "revert_sync_batchnorm",
 ]

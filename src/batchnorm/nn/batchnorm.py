@@ -50,7 +50,9 @@ class _BatchNormBase(_BatchNorm):
         base = super().extra_repr()
         return base if self.backend is None else f"{base}, backend={self.backend!r}"
 
-    def _prepare(self, input: Tensor) -> tuple[Tensor | None, Tensor | None, bool, float, str]:
+    def _prepare(
+        self, input: Tensor, *, check_batch_size: bool = True
+    ) -> tuple[Tensor | None, Tensor | None, bool, float, str]:
         """Validate, then apply the module's side effects (the counter) and decide the mode.
 
         Returns ``(running_mean, running_var, use_batch_stats, momentum, backend)`` for the
@@ -58,6 +60,8 @@ class _BatchNormBase(_BatchNorm):
         training, or in eval when the buffers are None; the buffers are updated only in
         training with ``track_running_stats``; ``momentum=None`` weighs batch ``t`` by
         ``1 / t``. Unlike torch, every check runs before ``num_batches_tracked`` ticks.
+        ``check_batch_size=False`` leaves "more than one value per channel" to the caller
+        (SyncBatchNorm checks the group's total).
         """
         self._check_input_dim(input)
         if input.dim() >= 2 and input.shape[1] != self.num_features:
@@ -69,7 +73,7 @@ class _BatchNormBase(_BatchNorm):
         momentum = 0.0 if self.momentum is None else self.momentum
         check_batch_norm_args(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps,
+            self.eps, check_batch_size=check_batch_size,
         )
         backend = resolve_backend(self.backend, input, bn_training)
 

@@ -9,6 +9,8 @@ timm, fusion helpers, weight-decay filters) treat them as BatchNorm.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -17,7 +19,7 @@ from .._validation import check_batch_norm_args
 from ..backends import AUTO, registered_backends, resolve_backend
 from ..functional import _batch_norm_unchecked
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "rebuild_as"]
 
 
 class _BatchNormBase(_BatchNorm):
@@ -149,3 +151,32 @@ class BatchNorm3d(BatchNorm):
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def rebuild_as(cls: type, module: torch.nn.Module, **kwargs: Any) -> Any:
+    """A ``cls`` BatchNorm sharing ``module``'s parameters and buffers (the same tensors, not
+    copies, so an optimizer holding them keeps working), with its hyper-parameters, training
+    flag and ``qconfig``. Built on the meta device, so nothing is allocated; ``kwargs`` go to
+    ``cls``'s constructor (``backend=``, ``process_group=``, an activation).
+
+    Raises:
+        RuntimeError: ``cls`` has state (parameters, buffers) that ``module`` cannot fill.
+    """
+    out = cls(
+        module.num_features, module.eps, module.momentum, module.affine,
+        module.track_running_stats, device="meta", **kwargs,
+    )
+    for name in _STATE:
+        setattr(out, name, getattr(module, name, None))
+    leftover = [n for n, t in (*out.named_parameters(recurse=False),
+                               *out.named_buffers(recurse=False)) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"{cls.__name__} has state {leftover} that {type(module).__name__} "
+                           "lacks; give the class a conversion method that fills it")
+    out.train(module.training)
+    if hasattr(module, "qconfig"):
+        out.qconfig = module.qconfig
+    return out

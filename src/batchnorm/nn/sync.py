@@ -59,7 +59,7 @@ from ..backends.base import (
     safe_invstd,
 )
 from .act import BatchNormAct
-from .batchnorm import BatchNorm, _BatchNormBase
+from .batchnorm import BatchNorm, _BatchNormBase, rebuild_as
 
 __all__ = [
     "SyncBatchNorm",
@@ -271,7 +271,7 @@ class SyncBatchNorm(BatchNorm):
         """A ``cls`` holding ``module``'s parameters and buffers (the same tensors),
         hyper-parameters, backend, ``_carried`` attributes and training flag; it reverts to
         ``type(module)``."""
-        out = _rebuild(module, cls, process_group=process_group,
+        out = rebuild_as(cls, module, process_group=process_group,
                        backend=getattr(module, "backend", None),
                        **{k: getattr(module, k) for k in cls._carried})
         out._local_class = type(module)
@@ -292,7 +292,7 @@ class SyncBatchNorm(BatchNorm):
             kwargs["backend"] = self.backend
         if issubclass(cls, nn.SyncBatchNorm):
             kwargs["process_group"] = self.process_group
-        return _rebuild(self, cls, **kwargs)
+        return rebuild_as(cls, self, **kwargs)
 
 
 class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
@@ -354,27 +354,6 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
         return act_forward(z, self.activation, float(self.negative_slope)).to(input.dtype)
 
 
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def _rebuild(module: _BatchNorm, cls: type, **kwargs: Any) -> Any:
-    """A ``cls`` BatchNorm sharing ``module``'s parameters and buffers (not copies), with its
-    hyper-parameters and training flag. Built on the meta device, so nothing is allocated."""
-    out = cls(
-        module.num_features, module.eps, module.momentum, module.affine,
-        module.track_running_stats, device="meta", **kwargs,
-    )
-    for name in _STATE:
-        setattr(out, name, getattr(module, name))
-    leftover = [n for n, t in (*out.named_parameters(recurse=False),
-                               *out.named_buffers(recurse=False)) if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"{cls.__name__} has state {leftover} that {type(module).__name__} "
-                           "lacks; give the class a conversion method that fills it")
-    out.training = module.training
-    if hasattr(module, "qconfig"):
-        out.qconfig = module.qconfig
-    return out
 
 
 def _sync_class(module: _BatchNorm) -> type[SyncBatchNorm] | None:
@@ -410,7 +389,7 @@ def _to_local(module: nn.Module) -> nn.Module:
     if hook is not None:
         return hook()
     if type(module) is nn.SyncBatchNorm:  # no rank-specific class to go back to
-        return _rebuild(module, BatchNorm)
+        return rebuild_as(BatchNorm, module)
     return module
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, rebuild_as
 from ..nn.frozen import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 __all__ = [
@@ -85,29 +85,9 @@ def bn_rank(module: nn.Module) -> tuple[bool, int | None]:
 
 
 def rebuild(cls: type[nn.Module], bn: nn.Module, **kwargs: Any) -> nn.Module:
-    """A new ``cls`` BatchNorm sharing ``bn``'s parameters and buffers (the same tensors, so
-    optimizers holding them keep working) with its hyper-parameters and training flag.
-
-    ``kwargs`` go to ``cls``'s constructor (``backend=``, ``process_group=``).
-    """
-    new = cls(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=bn.affine,
-        track_running_stats=bn.track_running_stats,
-        device="meta",
-        **kwargs,
-    )
-    # Same tensors, same (possibly None) slots.
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(bn, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        new._buffers[name] = bn._buffers.get(name)
-    if hasattr(bn, "qconfig"):
-        new.qconfig = bn.qconfig
-    new.train(bn.training)
-    return new
+    """A new ``cls`` BatchNorm sharing ``bn``'s parameters and buffers; see
+    :func:`batchnorm.nn.batchnorm.rebuild_as`."""
+    return rebuild_as(cls, bn, **kwargs)
 
 
 def replace_modules(

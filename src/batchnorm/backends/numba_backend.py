@@ -1,0 +1,448 @@
+"""The ``"numba"`` backend: fused, parallel CPU kernels (see :mod:`.numba_kernels`).
+
+Training forward (statistics, running update, normalization), eval forward and the backward
+(reduction and input gradient) each run as one call of one compiled kernel, and the four
+primitives that SyncBatchNorm composes are the same kernels with parts switched off.
+
+Inputs are read in place through ``.numpy()`` views: channels-first contiguous tensors as
+``(N, C, S)``, channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)`` as ``(rows, C)``. Any other
+strides are copied once, on purpose, to channels-first (:func:`~.base.as_kernel_layout`).
+float16 and bfloat16 are passed as their bit patterns (uint16 / int16 arrays) and computed in
+float32; statistics are float32 (float64 for float64 input), as everywhere in this package.
+
+Threads: every call runs on ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)`` threads, so
+``torch.set_num_threads`` governs both pools and the two never run more threads than torch was
+told to. Results do not depend on the thread count (the work partition depends only on the
+shape).
+
+Compiled code is cached on disk (numba's ``cache=True``: next to the module, or in the user's
+cache directory when the package is read-only); a cold first call compiles for a few seconds
+per storage dtype, which ``batchnorm bench`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import ForwardResult, acc_dtype, as_kernel_layout, empty_out_like, layout_of
+from .torch_backend import TorchBackend
+
+__all__ = ["NumbaBackend"]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Channels-first: a task's channel block spans at least _BLOCK_ELEMS contiguous elements of
+# each batch row (shorter pieces at a large stride stream poorly from memory) and, when
+# possible, at most _TASK_ELEMS in all (so that the second pass finds them in L2). With fewer
+# than _MIN_TASKS blocks the batch is split too.
+_BLOCK_ELEMS = 4096
+_TASK_ELEMS = 1 << 18
+_MIN_TASKS = 16
+# Channels-last: at least this many rows per chunk (each chunk's partials cost 2 C values)
+# and at most this many chunks.
+_CHUNK_ROWS = 128
+_MAX_CHUNKS = 64
+# Below this many elements one thread does the whole job (waking a worker costs more).
+_PARALLEL_MIN_NUMEL = 1 << 16
+# Merging per-part partials runs on several threads from this many (channels x parts) on.
+_PARALLEL_MERGE = 1 << 14
+# "auto" picks numba from this many elements on (measured crossover, see preferred_for).
+_AUTO_MIN_NUMEL = 1 << 15
+
+
+def _kernels() -> Any:
+    from . import numba_kernels
+
+    return numba_kernels
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """A zero-copy NumPy view of a CPU tensor; half types as their bit patterns."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    if t.dtype == torch.float16:
+        return t.numpy().view(np.uint16)
+    return t.numpy()
+
+
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _vec(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
+    """A per-channel vector in the accumulation dtype (size 0 for None)."""
+    if t is None:
+        return _NONE[acc]
+    return t.detach().to(acc).numpy()
+
+
+class _View:
+    """How the kernels see one input, from its shape and layout only (never the thread
+    count, so that results do not depend on it).
+
+    The memory is a C-contiguous ``(n, c, s)``: channels first as ``(N, C, S)``, channels last
+    (and any input with ``S == 1``) as rows ``(R, C, 1)``. Tasks are ``blocks`` channel blocks
+    x ``parts`` batch ranges.
+
+    * Channels last: one block, the rows cut into chunks of at least ``_CHUNK_ROWS`` (each
+      chunk's partials cost 2 C values).
+    * Channels first with a reduction: a block spans at least ``_BLOCK_ELEMS`` contiguous
+      values of each batch row, so that memory streams in long pieces, and when possible at
+      most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in L2; the
+      batch is split only when there are fewer than ``_MIN_TASKS`` blocks.
+    * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
+      that each task is one contiguous piece of memory.
+    """
+
+    __slots__ = ("blocks", "channels_last", "dims", "parts")
+
+    def __init__(self, x: Tensor, reduce: bool = True) -> None:
+        n, c = x.shape[0], x.shape[1]
+        s = x.numel() // (n * c)
+        self.channels_last = layout_of(x) == "cl"
+        if self.channels_last or s == 1:
+            rows = n * s
+            self.dims, self.blocks = (rows, c, 1), 1
+            self.parts = max(1, min(_MAX_CHUNKS, rows // _CHUNK_ROWS))
+        elif not reduce:
+            self.dims = (n, c, s)
+            self.parts = min(n, _MAX_CHUNKS)
+            self.blocks = min(c, math.ceil(_MIN_TASKS / self.parts))
+        else:
+            self.dims = (n, c, s)
+            per_block = min(math.ceil(_BLOCK_ELEMS / s), max(1, _TASK_ELEMS // (n * s)))
+            self.blocks = math.ceil(c / min(c, per_block))
+            self.parts = 1
+            if self.blocks < _MIN_TASKS:
+                self.parts = max(1, min(n, math.ceil(_MIN_TASKS / self.blocks)))
+
+    @property
+    def tasks(self) -> int:
+        return self.blocks * self.parts
+
+    def of(self, t: Tensor) -> np.ndarray:
+        """``t`` (same shape and layout as the input) as the kernel's flat array; ``view``
+        (not ``reshape``) so that an output can never silently become a copy."""
+        if self.channels_last:
+            t = t.permute(0, *range(2, t.dim()), 1)
+        return _np(t.view(-1))
+
+    def args(self) -> tuple[int, int, int, int, int]:
+        return (*self.dims, self.blocks, self.parts)
+
+    def partials(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 scratch for per-part statistics or sums, (parts, C)."""
+        shape = (self.parts, self.dims[1])
+        return np.empty(shape), np.empty(shape)
+
+
+class _Pool:
+    """Persistent worker threads running GIL-free kernels over disjoint task ranges.
+
+    The caller runs the first range itself. Workers block on a queue when idle (they never
+    spin), so they do not compete with torch's OpenMP threads between calls. If another
+    thread is using the pool, the call runs serially in its own thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: list[queue.SimpleQueue] = []
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            fn, args = jobs.get()
+            try:
+                fn(*args)
+                self._done.put(None)
+            except BaseException as exc:  # handed to the caller
+                self._done.put(exc)
+
+    def run(self, fn: Callable[..., None], args: tuple, ntasks: int, nthreads: int) -> None:
+        """``fn(*args, t0, t1)`` over [0, ntasks) split in ``nthreads`` contiguous ranges."""
+        p = min(nthreads, ntasks)
+        if p <= 1 or not self._lock.acquire(blocking=False):
+            fn(*args, 0, ntasks)
+            return
+        try:
+            while len(self._jobs) < p - 1:
+                jobs: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                 name=f"batchnorm-numba-{len(self._jobs) + 1}").start()
+                self._jobs.append(jobs)
+            for i in range(1, p):
+                self._jobs[i - 1].put((fn, (*args, ntasks * i // p, ntasks * (i + 1) // p)))
+            error: BaseException | None = None
+            try:
+                fn(*args, 0, ntasks // p)
+            except BaseException as exc:
+                error = exc
+            for _ in range(p - 1):
+                exc = self._done.get()
+                error = error or exc
+            if error is not None:
+                raise error
+        finally:
+            self._lock.release()
+
+
+_POOL = _Pool()
+
+
+def _reset_pool_after_fork() -> None:
+    global _POOL
+    _POOL = _Pool()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _threads(x: Tensor) -> int:
+    """Threads for one call: torch's setting (one for small inputs)."""
+    return 1 if x.numel() < _PARALLEL_MIN_NUMEL else max(1, torch.get_num_threads())
+
+
+def _launch(kernel: Callable[..., None], args: tuple, view: _View, x: Tensor,
+            reduce: bool, apply: bool) -> None:
+    """Run a kernel's phases: one (each task holds whole channels), or reduce -> merge ->
+    apply."""
+    nthreads = _threads(x)
+    if view.parts == 1:
+        _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
+        return
+    if reduce:
+        _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
+    # merging partials is per channel: in parallel too when there is enough of it
+    c = x.shape[1]
+    _POOL.run(kernel, (*args, 1), c, nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
+    if apply:
+        _POOL.run(kernel, (*args, 2), view.tasks, nthreads)
+
+
+class NumbaBackend(TorchBackend):
+    """Fused numba kernels for CPU tensors of float16/bfloat16/float32/float64."""
+
+    name = "numba"
+    device_types = ("cpu",)
+
+    def is_available(self) -> tuple[bool, str]:
+        try:
+            _kernels()
+        except ImportError as exc:
+            return False, f"numba is not installed ({exc}); pip install 'batchnorm[numba]'"
+        return True, ""
+
+    def supports(self, x: Tensor) -> str | None:
+        why = super().supports(x)
+        if why is None and x.dtype not in _DTYPES:
+            why = f"backend 'numba' supports float16/bfloat16/float32/float64, got {x.dtype}"
+        return why
+
+    def preferred_for(self, x: Tensor, training: bool) -> bool:
+        """Faster than ATen from about 32K elements on (``benchmarks/bench_cpu.py
+        --crossover``); below, the fixed cost of a parallel launch dominates."""
+        return x.numel() >= _AUTO_MIN_NUMEL
+
+    # ---- the two kernels behind everything ------------------------------------------------
+    def _forward(
+        self,
+        x: Tensor,
+        *,
+        mean: Tensor | None = None,
+        invstd: Tensor | None = None,
+        var: Tensor | None = None,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        running: tuple[Tensor, Tensor] | None = None,
+        momentum: float = 0.0,
+        eps: float = 0.0,
+        apply: bool = True,
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """One forward kernel call. Statistics are computed when ``mean`` is None, else
+        ``mean`` with ``invstd`` (or ``var`` and ``eps``) normalize.
+
+        Returns ``(y or None, mean, m2, invstd, new_running_mean, new_running_var)`` (the
+        running pair in the accumulation dtype, None when not tracked).
+        """
+        x = as_kernel_layout(x)
+        do_stats = mean is None
+        view = _View(x, reduce=do_stats)
+        acc = acc_dtype(x)
+        c = x.shape[1]
+        none = _NONE[acc]
+        y = empty_out_like(x) if apply else None
+        m2 = torch.empty(c, dtype=acc)
+        if do_stats:
+            mean, invstd = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+        elif invstd is None:
+            invstd = torch.empty(0, dtype=acc)
+        assert mean is not None and invstd is not None
+        mean, invstd = mean.to(acc), invstd.to(acc)
+        new_rm = new_rv = None
+        rm = rv = nrm = nrv = none
+        if running is not None:
+            rm, rv = _vec(running[0], acc), _vec(running[1], acc)
+            new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+            nrm, nrv = new_rm.numpy(), new_rv.numpy()
+        kernel = _kernels().forward
+        args = (
+            view.of(x), view.of(y if y is not None else x), *view.args(), mean.numpy(),
+            m2.numpy(), invstd.numpy(), _vec(var, acc), _vec(weight, acc), _vec(bias, acc), rm,
+            rv, nrm, nrv, float(eps), float(momentum), do_stats, apply, *view.partials(),
+            np.empty((3, c), dtype=none.dtype),
+        )
+        _launch(kernel, args, view, x, do_stats, apply)
+        return y, mean, m2, invstd, new_rm, new_rv
+
+    def _backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        *,
+        sums: tuple[Tensor, Tensor] | None = None,
+        count: int = 0,
+        training: bool = True,
+        apply: bool = True,
+        dweight: bool = False,
+    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+        """One backward kernel call: the sums are computed when ``sums`` is None.
+
+        Returns ``(dx or None, sum_dy, sum_dy_xmu, dweight or None)``.
+        """
+        x = as_kernel_layout(x)
+        if dy.stride() != x.stride():
+            dy = empty_out_like(x).copy_(dy)
+        do_reduce = sums is None
+        view = _View(x, reduce=do_reduce)
+        acc = acc_dtype(x)
+        c = x.shape[1]
+        if sums is None:
+            sums = (torch.empty(c, dtype=acc), torch.empty(c, dtype=acc))
+        sum_dy, sum_dy_xmu = sums[0].to(acc), sums[1].to(acc)
+        dx = empty_out_like(x) if apply else None
+        dw = torch.empty(c, dtype=acc) if dweight else None
+        kernel = _kernels().backward
+        none = _NONE[acc]
+        args = (
+            view.of(dy), view.of(x), view.of(dx if dx is not None else x), *view.args(),
+            _vec(mean, acc), _vec(invstd, acc), _vec(weight, acc), sum_dy.numpy(),
+            sum_dy_xmu.numpy(), none if dw is None else dw.numpy(),
+            float(count or x.numel() // c), do_reduce, apply, training, *view.partials(),
+            np.empty((4, c), dtype=none.dtype),
+        )
+        _launch(kernel, args, view, x, do_reduce, apply)
+        return dx, sum_dy, sum_dy_xmu, dw
+
+    # ---- primitives -----------------------------------------------------------------------
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.numel() == 0:
+            zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x))
+            return zeros, zeros.clone()
+        _, mean, m2, _, _, _ = self._forward(x, apply=False)
+        return mean, m2
+
+    def apply(
+        self, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        if x.numel() == 0:
+            return empty_out_like(x)
+        y, *_ = self._forward(x, mean=mean, invstd=invstd, weight=weight, bias=bias)
+        assert y is not None
+        return y
+
+    def backward_reduce(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if x.numel() == 0:
+            zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x))
+            return zeros, zeros.clone()
+        _, sum_dy, sum_dy_xmu, _ = self._backward(dy, x, mean, invstd, None, apply=False)
+        return sum_dy, sum_dy_xmu
+
+    def backward_apply(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xmu: Tensor,
+        count: int,
+    ) -> Tensor:
+        if x.numel() == 0:
+            return empty_out_like(x)
+        dx, *_ = self._backward(dy, x, mean, invstd, weight, sums=(sum_dy, sum_dy_xmu),
+                                count=count)
+        assert dx is not None
+        return dx
+
+    # ---- fused entry points ---------------------------------------------------------------
+    def forward_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> ForwardResult:
+        running = None
+        if running_mean is not None and running_var is not None:
+            running = (running_mean, running_var)
+        y, mean, _, invstd, new_rm, new_rv = self._forward(
+            x, weight=weight, bias=bias, running=running, momentum=momentum, eps=eps
+        )
+        assert y is not None
+        if running is not None:
+            assert new_rm is not None and new_rv is not None
+            new_rm, new_rv = new_rm.to(running[0].dtype), new_rv.to(running[1].dtype)
+        return y, mean, invstd, new_rm, new_rv
+
+    def forward_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor:
+        y, *_ = self._forward(x, mean=running_mean, var=running_var, weight=weight, bias=bias,
+                              eps=eps)
+        assert y is not None
+        return y
+
+    def backward(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        training: bool,
+        output_mask: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        need_dx, need_dw, need_db = output_mask
+        if not (need_dw or need_db or (training and need_dx)):
+            # eval input gradient only: dx = dy * weight * invstd, no reduction
+            zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x))
+            dx, *_ = self._backward(dy, x, mean, invstd, weight, sums=(zeros, zeros),
+                                    training=False, apply=need_dx)
+            return dx, None, None
+        dx, sum_dy, _, dw = self._backward(dy, x, mean, invstd, weight, training=training,
+                                           apply=need_dx, dweight=need_dw)
+        return dx, dw, sum_dy if need_db else None

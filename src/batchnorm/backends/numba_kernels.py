@@ -1,0 +1,696 @@
+"""Fused BatchNorm kernels for CPU, written with numba.
+
+One kernel family covers every rank from 2 to 5 and both memory layouts. Every input is seen
+as a C-contiguous ``(n, c, s)`` block of memory: channels-first tensors as ``(N, C, S)`` with
+``S`` the product of the spatial sizes, channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)``
+as rows ``(R, C, 1)`` with ``R = N * S``. Work is cut into tasks: ``blocks`` channel blocks x
+``parts`` batch (row) ranges. A channel block covers at least 16 KB of every batch row, so
+that memory is streamed in long contiguous pieces.
+
+The inner loops come in two shapes:
+
+* run mode (channels first, ``s > 1``): each channel's run of ``s`` contiguous values is
+  reduced or written on its own, with scalar per-channel coefficients;
+* row mode (channels last, ``s == 1``): a row's slice of channels is processed at once, with
+  per-channel accumulators and coefficient vectors, vectorized along the channels.
+
+There is one forward kernel (statistics, running-stat update and normalization, each
+switchable) and one backward kernel (reduction and input gradient, each switchable), so the
+four primitives of :mod:`batchnorm.backends.base` and the fused entry points all run the same
+compiled code. Kernels are serial over a task range and release the GIL; the backend runs them
+on ``torch.get_num_threads()`` threads, in phases when the reduction must finish before the
+elementwise pass (with one batch part per task there is a single phase: each channel block is
+reduced and then written while it is still in cache, so x is read from memory once).
+Specializations: one per storage dtype (float32, float64, float16 bits as uint16, bfloat16
+bits as int16), two kernels each.
+
+Numerics:
+
+* statistics are centred sums ``sum(x - shift)`` and ``sum((x - shift)^2)`` around a shift
+  that is already within a fraction of a standard deviation of the mean (the mean of the
+  task's first cache-resident segment, from a first pass over it), with the correction
+  ``M2 = S2 - S1^2 / n``; a run (or a channel over one segment) is summed in the compute dtype,
+  everything beyond in float64, and the parts of the batch are merged with Chan's formula.
+  Never ``E[x^2] - E[x]^2``;
+* normalization computes ``(x - mean_hi) * scale + (shift - mean_lo * scale)`` in the compute
+  dtype (float32, or float64 for float64 input), where ``mean_hi + mean_lo`` is the float64
+  mean split into two floats: ``x - mean_hi`` is exact near the mean, so the output keeps the
+  mean's full precision when ``|mean| >> std``, which the folded ``x * scale + (bias - mean *
+  scale)`` form does not (the backward's ``x - mean`` term is treated the same way);
+* float16/bfloat16 are loaded to float32 and rounded back to nearest even.
+
+Every partition of the work depends on the shape only, never on the thread count, so results
+are bitwise identical for any number of threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["backward", "forward"]
+
+# Reductions may be reordered (vectorized with several accumulators); elementwise code may
+# only contract a*b+c into an FMA. Reassociation must not reach the normalization, where it
+# would fold (x - mean_hi) - mean_lo into x - (mean_hi + mean_lo).
+_REDUCE_MATH = {"reassoc", "contract", "nsz"}
+_ELEM_MATH = {"contract"}
+
+# Elements per segment: the shift of the centred sums is the mean of a task's first segment
+# (two passes over it, the second from L1); row-mode accumulators are flushed to float64 once
+# per segment.
+SEGMENT = 4096
+ROW_SEGMENT = 1 << 16
+# Row mode: consecutive rows are processed as super-rows of at least this many values.
+ROW_TILE = 1024
+
+
+def _jit(**kwargs):
+    """``njit(cache=True)``, or uncached when no cache directory is writable (numba tries the
+    package's ``__pycache__``, then the user cache dir, and raises if neither works)."""
+
+    def deco(fn):
+        try:
+            return njit(cache=True, **kwargs)(fn)
+        except RuntimeError:
+            return njit(cache=False, **kwargs)(fn)
+
+    return deco
+
+
+# ---- storage <-> compute conversions ------------------------------------------------------
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, v):
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, v):
+    def codegen(context, builder, sig, args):
+        # fptrunc rounds to nearest even, like torch's float -> half conversion.
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bf16_bits_to_f32(typingctx, v):
+    def codegen(context, builder, sig, args):
+        wide = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_bf16_bits(typingctx, v):
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        upper = builder.lshr(bits, ir.Constant(i32, 16))
+        # round to nearest even: add 0x7FFF plus the lowest kept bit, then truncate
+        bias = builder.add(ir.Constant(i32, 0x7FFF), builder.and_(upper, ir.Constant(i32, 1)))
+        rounded = builder.lshr(builder.add(bits, bias), ir.Constant(i32, 16))
+        quiet_nan = builder.or_(upper, ir.Constant(i32, 0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+def _ld(v):
+    """Storage element -> compute value (float32, or float64 for float64 storage)."""
+
+
+def _st(v, arr):
+    """Compute value -> storage element of ``arr``'s dtype."""
+
+
+def _as(v, like):
+    """``v`` cast to the dtype of the array ``like``."""
+
+
+@overload(_ld)
+def _ld_impl(v):
+    if isinstance(v, types.Float):
+        return lambda v: v
+    if v == types.uint16:
+        return lambda v: _f16_bits_to_f32(v)
+    if v == types.int16:
+        return lambda v: _bf16_bits_to_f32(v)
+    return None
+
+
+@overload(_st)
+def _st_impl(v, arr):
+    dt = arr.dtype
+    if dt == types.float64:
+        return lambda v, arr: np.float64(v)
+    if dt == types.float32:
+        return lambda v, arr: np.float32(v)
+    if dt == types.uint16:
+        return lambda v, arr: _f32_to_f16_bits(np.float32(v))
+    if dt == types.int16:
+        return lambda v, arr: _f32_to_bf16_bits(np.float32(v))
+    return None
+
+
+@overload(_as)
+def _as_impl(v, like):
+    if like.dtype == types.float64:
+        return lambda v, like: np.float64(v)
+    return lambda v, like: np.float32(v)
+
+
+@njit
+def _u(i):
+    """An index as unsigned: numba then skips its negative-index wraparound, which would keep
+    LLVM from vectorizing the loop."""
+    return np.uint64(i)
+
+
+# ---- per-channel scalar helpers -----------------------------------------------------------
+
+
+@njit
+def _span(total, parts, p):
+    """[lo, hi) of part p when ``total`` items are cut into ``parts`` near-equal ranges."""
+    return total * p // parts, total * (p + 1) // parts
+
+
+@njit
+def _safe_invstd(var, eps):
+    denom = var + eps
+    return 1.0 / np.sqrt(denom) if denom > 0.0 else 0.0
+
+
+@njit
+def _finish_stats(c, cnt, mu, q, mean, m2, invstd, rmean, rvar, new_rmean, new_rvar, eps,
+                  momentum):
+    """Write channel c's statistics and running update; return its float64 invstd."""
+    inv = _safe_invstd(q / cnt, eps)
+    mean[c] = mu
+    m2[c] = q
+    invstd[c] = inv
+    if rmean.size > 0:
+        w = momentum
+        new_rmean[c] = (1.0 - w) * np.float64(rmean[c]) + w * mu
+        new_rvar[c] = (1.0 - w) * np.float64(rvar[c]) + w * (q / max(cnt - 1.0, 1.0))
+    return inv
+
+
+@njit
+def _fwd_coef(c, mu, inv, weight, bias, coef):
+    """coef[:, c] = (hi, scale, shift') of ``y = (x - hi) * scale + shift'`` in the compute
+    dtype (coef's): ``hi`` is the mean rounded to it, and the rounding ``lo = mean - hi`` goes
+    into ``shift' = shift - lo * scale``. ``x - hi`` is exact near the mean, so this keeps the
+    mean's full precision where the folded ``x * scale + (shift - mean * scale)`` loses it
+    when ``|mean| >> std``."""
+    sc = inv * np.float64(weight[c]) if weight.size > 0 else inv
+    sh = np.float64(bias[c]) if bias.size > 0 else 0.0
+    coef[0, c] = mu
+    coef[1, c] = sc
+    coef[2, c] = sh - (mu - np.float64(coef[0, c])) * sc
+
+
+@njit
+def _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef):
+    """Coefficients of channel c from given statistics (eval, apply primitive)."""
+    inv = _safe_invstd(np.float64(var_in[c]), eps) if var_in.size > 0 else np.float64(invstd[c])
+    _fwd_coef(c, np.float64(mean[c]), inv, weight, bias, coef)
+
+
+@njit
+def _bwd_coef(c, mean, invstd, weight, sdy, sdx, count, training, coef):
+    """coef[:, c] = (hi, a, b, k) of ``dx = a * (dy + b * (x - hi) + k)``: ``a = w * invstd``,
+    in training ``b = -invstd^2 * sum_dy_xmu / count`` and ``k = -sum_dy / count - b * lo``
+    (both 0 in eval), ``lo = mean - hi`` the mean's rounding to the compute dtype. The terms
+    in the parentheses are of the size of dy and cancel there, before the scaling by ``a``
+    (which can be large), as in the textbook form."""
+    mu = np.float64(mean[c])
+    inv = np.float64(invstd[c])
+    coef[0, c] = mu
+    coef[1, c] = inv * np.float64(weight[c]) if weight.size > 0 else inv
+    b = -inv * inv * sdx / count if training else 0.0
+    coef[2, c] = b
+    coef[3, c] = (-sdy / count if training else 0.0) - b * (mu - np.float64(coef[0, c]))
+
+
+# ---- run mode: one channel's contiguous run [o, o + s) ------------------------------------
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _run_sum(x, o, s, like):
+    acc = _as(0.0, like)
+    for i in range(o, o + s):
+        acc += _ld(x[_u(i)])
+    return np.float64(acc)
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _run_dev(x, o, s, m):
+    """(sum d, sum d^2), d = x - m, m in the compute dtype."""
+    s1 = m - m
+    s2 = m - m
+    for i in range(o, o + s):
+        d = _ld(x[_u(i)]) - m
+        s1 += d
+        s2 += d * d
+    return np.float64(s1), np.float64(s2)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _run_norm(x, y, o, s, hi, sc, sh):
+    for i in range(o, o + s):
+        y[_u(i)] = _st((_ld(x[_u(i)]) - hi) * sc + sh, y)
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _run_bred(dy, x, o, s, m):
+    """(sum dy, sum dy * (x - m)), m in the compute dtype."""
+    s1 = m - m
+    s2 = m - m
+    for i in range(o, o + s):
+        g = _ld(dy[_u(i)])
+        s1 += g
+        s2 += g * (_ld(x[_u(i)]) - m)
+    return np.float64(s1), np.float64(s2)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _run_bapply(dy, x, dx, o, s, hi, a, b, k):
+    for i in range(o, o + s):
+        dx[_u(i)] = _st(a * ((_ld(x[_u(i)]) - hi) * b + (_ld(dy[_u(i)]) + k)), dx)
+
+
+# ---- row mode (channels last): a task's rows [n0, n1) are contiguous --------------------
+# k consecutive rows form a super-row of w = k * C values (at least ROW_TILE), processed with
+# per-position accumulators / coefficients tiled k times: long vectorized loops even for a
+# few channels, no horizontal reductions inside. The loops below cover ``rows`` super-rows of
+# width ``w`` from offset ``o`` (the last, partial super-row is a call with a smaller ``w``).
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_sum(x, o, w, rows, acc):
+    acc[:w] = 0.0
+    for r in range(rows):
+        p = o + r * w
+        for j in range(w):
+            acc[j] += _ld(x[_u(p + j)])
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_dev(x, o, w, rows, m, q1, q2):
+    q1[:w] = 0.0
+    q2[:w] = 0.0
+    for r in range(rows):
+        p = o + r * w
+        for j in range(w):
+            d = _ld(x[_u(p + j)]) - m[j]
+            q1[j] += d
+            q2[j] += d * d
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_norm(x, y, o, w, rows, hi, sc, sh):
+    for r in range(rows):
+        p = o + r * w
+        for j in range(w):
+            i = _u(p + j)
+            y[i] = _st((_ld(x[i]) - hi[j]) * sc[j] + sh[j], y)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_bred(dy, x, o, w, rows, m, q1, q2):
+    q1[:w] = 0.0
+    q2[:w] = 0.0
+    for r in range(rows):
+        p = o + r * w
+        for j in range(w):
+            g = _ld(dy[_u(p + j)])
+            q1[j] += g
+            q2[j] += g * (_ld(x[_u(p + j)]) - m[j])
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_bapply(dy, x, dx, o, w, rows, hi, a, b, k):
+    for r in range(rows):
+        p = o + r * w
+        for j in range(w):
+            i = _u(p + j)
+            dx[i] = _st(a[j] * ((_ld(x[i]) - hi[j]) * b[j] + (_ld(dy[i]) + k[j])), dx)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _fold_add(acc, v, w, c_):
+    """acc[c] += sum over the tiles of v[:w] of channel c (float64 accumulators)."""
+    for t in range(0, w, c_):
+        for c in range(c_):
+            acc[c] += np.float64(v[t + c])
+
+
+@njit
+def _tiles(coef, nrow, k):
+    """coef[:nrow] repeated k times along the channels: (nrow, k * C)."""
+    c_ = coef.shape[1]
+    out = np.empty((nrow, k * c_), coef.dtype)
+    for i in range(nrow):
+        for t in range(k):
+            out[i, t * c_:(t + 1) * c_] = coef[i]
+    return out
+
+
+@njit
+def _row_geometry(c_, n0, n1):
+    """(rows per super-row, its width, full super-rows, rows left over, offset)."""
+    k = max(1, ROW_TILE // c_)
+    full, rem = divmod(n1 - n0, k)
+    return k, k * c_, full, rem, n0 * c_
+
+
+@njit
+def _rows_stats(x, c_, n0, n1, mean, m2, like):
+    """Channels-last _task_stats (all channels): shift from the first segment, then the
+    centred sums, flushed to float64 every ROW_SEGMENT values."""
+    k, w, full, rem, o = _row_geometry(c_, n0, n1)
+    seg = max(1, ROW_SEGMENT // w)
+    q1 = np.empty(w, like.dtype)
+    q2 = np.empty(w, like.dtype)
+    mean[:] = 0.0
+    m2[:] = 0.0
+    first = min(seg, full)
+    if first > 0:
+        _rows_sum(x, o, w, first, q1)
+        _fold_add(mean, q1, w, c_)
+        n_first = first * k
+    else:
+        _rows_sum(x, o, rem * c_, 1, q1)
+        _fold_add(mean, q1, rem * c_, c_)
+        n_first = rem
+    shift = np.empty(w, like.dtype)
+    for c in range(c_):
+        shift[c] = mean[c] / n_first
+        mean[c] = 0.0
+    for t in range(c_, w, c_):
+        shift[t:t + c_] = shift[:c_]
+    for a in range(0, full, seg):
+        b = min(a + seg, full)
+        _rows_dev(x, o + a * w, w, b - a, shift, q1, q2)
+        _fold_add(mean, q1, w, c_)
+        _fold_add(m2, q2, w, c_)
+    if rem > 0:
+        _rows_dev(x, o + full * w, rem * c_, 1, shift, q1, q2)
+        _fold_add(mean, q1, rem * c_, c_)
+        _fold_add(m2, q2, rem * c_, c_)
+    cnt = np.float64(n1 - n0)
+    for c in range(c_):
+        s1 = mean[c]
+        mean[c] = np.float64(shift[c]) + s1 / cnt
+        m2[c] = m2[c] - s1 * s1 / cnt
+    return cnt
+
+
+@njit
+def _rows_task_norm(x, y, c_, n0, n1, coef):
+    k, w, full, rem, o = _row_geometry(c_, n0, n1)
+    co = _tiles(coef, 3, k)
+    _rows_norm(x, y, o, w, full, co[0], co[1], co[2])
+    if rem > 0:
+        _rows_norm(x, y, o + full * w, rem * c_, 1, co[0], co[1], co[2])
+
+
+@njit
+def _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like):
+    _, w, full, rem, o = _row_geometry(c_, n0, n1)
+    seg = max(1, ROW_SEGMENT // w)
+    m = np.empty(w, like.dtype)
+    for t in range(0, w, c_):
+        for c in range(c_):
+            m[t + c] = mean[c]
+    q1 = np.empty(w, like.dtype)
+    q2 = np.empty(w, like.dtype)
+    sdy[:] = 0.0
+    sdx[:] = 0.0
+    for a in range(0, full, seg):
+        b = min(a + seg, full)
+        _rows_bred(dy, x, o + a * w, w, b - a, m, q1, q2)
+        _fold_add(sdy, q1, w, c_)
+        _fold_add(sdx, q2, w, c_)
+    if rem > 0:
+        _rows_bred(dy, x, o + full * w, rem * c_, 1, m, q1, q2)
+        _fold_add(sdy, q1, rem * c_, c_)
+        _fold_add(sdx, q2, rem * c_, c_)
+
+
+@njit
+def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef):
+    k, w, full, rem, o = _row_geometry(c_, n0, n1)
+    co = _tiles(coef, 4, k)
+    _rows_bapply(dy, x, dx, o, w, full, co[0], co[1], co[2], co[3])
+    if rem > 0:
+        _rows_bapply(dy, x, dx, o + full * w, rem * c_, 1, co[0], co[1], co[2], co[3])
+
+
+# ---- one task: channels [c0, c1) x batch rows [n0, n1) ------------------------------------
+# s_ > 1: run mode; s_ == 1: row mode (always one block of all channels).
+
+
+@njit
+def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
+    """Count, and float64 mean[c], m2[c] for c in [c0, c1), over rows [n0, n1).
+
+    Centred sums around a shift: the shift is the mean of the task's first segment (two
+    passes over that segment, the second from cache); every value is then read once for
+    ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)``, and ``mean = shift + S1 / n``,
+    ``M2 = S2 - S1^2 / n``. The shift is within a fraction of a standard deviation of the
+    mean, so the correction term is tiny and nothing cancels (unlike ``E[x^2] - E[x]^2``).
+    Sums run in the compute dtype over one run (or one segment in row mode), in float64
+    beyond.
+    """
+    if s_ == 1:
+        return _rows_stats(x, c_, n0, n1, mean, m2, like)
+    g = c1 - c0
+    stride = c_ * s_
+    first = min(max(1, SEGMENT // (g * s_)), n1 - n0)
+    k = np.float64(first * s_)
+    o = n0 * stride + c0 * s_
+    shift = np.empty(g, like.dtype)
+    for j in range(g):
+        tot = 0.0
+        for n in range(first):
+            tot += _run_sum(x, o + n * stride + j * s_, s_, like)
+        shift[j] = tot / k
+        mean[c0 + j] = 0.0
+        m2[c0 + j] = 0.0
+    for n in range(n0, n1):
+        p = n * stride + c0 * s_
+        for j in range(g):
+            u, v = _run_dev(x, p + j * s_, s_, shift[j])
+            mean[c0 + j] += u
+            m2[c0 + j] += v
+    cnt = np.float64((n1 - n0) * s_)
+    for j in range(g):
+        s1 = mean[c0 + j]
+        mean[c0 + j] = np.float64(shift[j]) + s1 / cnt
+        m2[c0 + j] = m2[c0 + j] - s1 * s1 / cnt
+    return cnt
+
+
+@njit
+def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef):
+    if s_ == 1:
+        _rows_task_norm(x, y, c_, n0, n1, coef)
+        return
+    stride = c_ * s_
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_norm(x, y, o, s_, coef[0, c], coef[1, c], coef[2, c])
+            o += s_
+
+
+@njit
+def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
+    """float64 sum_dy[c], sum_dy_xmu[c] for c in [c0, c1) over rows [n0, n1)."""
+    if s_ == 1:
+        _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like)
+        return
+    stride = c_ * s_
+    for c in range(c0, c1):
+        sdy[c] = 0.0
+        sdx[c] = 0.0
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            u, v = _run_bred(dy, x, o, s_, _as(mean[c], like))
+            sdy[c] += u
+            sdx[c] += v
+            o += s_
+
+
+@njit
+def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef):
+    if s_ == 1:
+        _rows_task_bapply(dy, x, dx, c_, n0, n1, coef)
+        return
+    stride = c_ * s_
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_bapply(dy, x, dx, o, s_, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+            o += s_
+
+
+@njit(fastmath=_ELEM_MATH)
+def _combine(pm, pq, n_, s_, c0, c1):
+    """Merge the parts' (mean, M2) of channels [c0, c1) (Chan et al., all parts at once):
+    ``mean = sum(n_p mean_p) / n``, ``M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2)``. Deltas
+    are taken against the combined mean, so nothing large cancels; loops run along the
+    channels (vectorized), parts in a fixed order."""
+    g = c1 - c0
+    mu = np.zeros(g)
+    q = np.zeros(g)
+    parts = pm.shape[0]
+    inv_n = 1.0 / np.float64(n_ * s_)
+    for p in range(parts):
+        n0, n1 = _span(n_, parts, p)
+        w = np.float64((n1 - n0) * s_) * inv_n
+        for j in range(g):
+            mu[j] += w * pm[p, c0 + j]
+    for p in range(parts):
+        n0, n1 = _span(n_, parts, p)
+        k = np.float64((n1 - n0) * s_)
+        for j in range(g):
+            d = pm[p, c0 + j] - mu[j]
+            q[j] += pq[p, c0 + j] + k * d * d
+    return mu, q
+
+
+@njit
+def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce, training,
+                pm, pq, coef, c0, c1):
+    """Add up the float64 partial sums in order (when reducing), write the sums (and
+    dweight), then the coefficients of channels [c0, c1)."""
+    g = c1 - c0
+    sdy = np.zeros(g)
+    sdx = np.zeros(g)
+    if do_reduce:
+        for p in range(pm.shape[0]):
+            for j in range(g):
+                sdy[j] += pm[p, c0 + j]
+                sdx[j] += pq[p, c0 + j]
+    else:
+        for j in range(g):
+            sdy[j] = sum_dy[c0 + j]
+            sdx[j] = sum_dy_xmu[c0 + j]
+    for c in range(c0, c1):
+        if do_reduce:
+            sum_dy[c] = sdy[c - c0]
+            sum_dy_xmu[c] = sdx[c - c0]
+            if dweight.size > 0:
+                dweight[c] = sdx[c - c0] * np.float64(invstd[c])
+        _bwd_coef(c, mean, invstd, weight, sdy[c - c0], sdx[c - c0], count, training, coef)
+
+
+# ---- kernels ------------------------------------------------------------------------------
+# Serial over a task range [t0, t1), GIL released; the backend runs a phase on several
+# threads over disjoint ranges:
+#   phase 0: reductions into per-part partials; with parts == 1 the whole job instead (each
+#            channel block reduced, then written while it is in cache);
+#   phase 1: merge the partials and compute per-channel coefficients of channels [t0, t1);
+#   phase 2: the elementwise pass (tasks walked backwards: the reduction touched the end
+#            of each thread's range last, so it may still be in cache; rows stay in
+#            ascending order within a task, which the prefetchers need).
+# Arguments shared by both kernels: flat ``x``/``y``/``dy``/``dx`` of the storage dtype; the
+# logical shape (n, c, s); tasks ``blocks`` x ``parts`` (task t: channel block t // parts,
+# batch part t % parts). Per-channel arrays are 1-D of the accumulation dtype (float32, or
+# float64 for float64 input); an optional one (weight, bias, running stats, var_in, dweight)
+# has size 0 when absent; outputs not asked for are never written. ``pm``/``pq`` (float64,
+# (parts, C)) hold the partials of each batch part, ``coef`` (compute dtype, (3 or 4, C)) the
+# elementwise pass's coefficients.
+
+
+@_jit(nogil=True)
+def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias, rmean,
+            rvar, new_rmean, new_rvar, eps, momentum, do_stats, do_apply, pm, pq, coef, phase,
+            t0, t1):
+    """BatchNorm forward.
+
+    ``do_stats``: batch statistics -> ``mean``, ``m2``, ``invstd`` (and the running update
+    into ``new_rmean``/``new_rvar`` when ``rmean`` is given). Otherwise ``mean`` and
+    ``invstd`` (or ``var_in`` with ``eps``, when given) are inputs. ``do_apply``: write
+    ``y = (x - mean) * invstd * weight + bias``.
+    """
+    if phase == 0:
+        for t in range(t0, t1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            if do_stats:
+                cnt = _task_stats(x, c_, s_, c0, c1, n0, n1, pm[t % parts], pq[t % parts],
+                                  coef)
+            if parts == 1:
+                for c in range(c0, c1):
+                    if do_stats:
+                        inv = _finish_stats(c, cnt, pm[0, c], pq[0, c], mean, m2, invstd,
+                                            rmean, rvar, new_rmean, new_rvar, eps, momentum)
+                        _fwd_coef(c, pm[0, c], inv, weight, bias, coef)
+                    else:
+                        _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+                if do_apply:
+                    _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef)
+    elif phase == 1:
+        if do_stats:
+            cnt = np.float64(n_ * s_)
+            mu, q = _combine(pm, pq, n_, s_, t0, t1)
+            for c in range(t0, t1):
+                inv = _finish_stats(c, cnt, mu[c - t0], q[c - t0], mean, m2, invstd, rmean,
+                                    rvar, new_rmean, new_rvar, eps, momentum)
+                _fwd_coef(c, mu[c - t0], inv, weight, bias, coef)
+        else:
+            for c in range(t0, t1):
+                _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+    else:
+        for t in range(t1 - 1, t0 - 1, -1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef)
+
+
+@_jit(nogil=True)
+def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy, sum_dy_xmu,
+             dweight, count, do_reduce, do_apply, training, pm, pq, coef, phase, t0, t1):
+    """BatchNorm backward.
+
+    ``do_reduce``: ``sum_dy`` and ``sum_dy_xmu = sum(dy * (x - mean))`` (and ``dweight =
+    sum_dy_xmu * invstd`` when ``dweight`` is given); otherwise the sums are inputs.
+    ``do_apply``: ``dx = w * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 *
+    sum_dy_xmu / count)`` in training, ``dx = w * invstd * dy`` otherwise. ``count`` is the
+    number of values per channel the statistics came from (all ranks for SyncBatchNorm).
+    """
+    if phase == 0:
+        for t in range(t0, t1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            if do_reduce:
+                _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, pm[t % parts], pq[t % parts],
+                           coef)
+            if parts == 1:
+                _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count,
+                            do_reduce, training, pm, pq, coef, c0, c1)
+                if do_apply:
+                    _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef)
+    elif phase == 1:
+        _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,
+                    training, pm, pq, coef, t0, t1)
+    else:
+        for t in range(t1 - 1, t0 - 1, -1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef)

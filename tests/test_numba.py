@@ -1,0 +1,380 @@
+"""The "numba" backend: fused CPU kernels against the float64 reference and torch.nn.
+
+The core suites (test_parity, test_semantics, test_autograd) already run with every available
+backend on small shapes, which the numba backend handles on one thread in one task. The cases
+here are the kernels' own: every layout and rank with shapes that reach the parallel, split and
+chunked paths, every storage dtype, the four primitives SyncBatchNorm uses, thread-count
+invariance, precision far from zero, rounding of half types, zero-copy views, and
+torch.compile / torch.export with this backend selected.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the numba backend needs numba (pip install numba)")
+
+import batchnorm
+from batchnorm import reference as ref
+from batchnorm.backends import get_backend, resolve_backend
+from batchnorm.backends.base import empty_out_like
+from batchnorm.catalog import EDGE, FAST
+from helpers import (
+    STAT_TOLERANCES,
+    TOLERANCES,
+    assert_close,
+    is_channels_last,
+    make_input,
+    to_channels_last,
+)
+
+BACKEND = "numba"
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+# Shapes that take the kernels' other paths (the FAST/EDGE ones are all one small task):
+# many channel blocks (parallel, fused), few channels (batch split into parts, merged),
+# channels-last chunks with rows left over, 7x7 runs, wide rows, rank 2 and 5.
+PATHS: list[tuple[str, tuple[int, ...]]] = [
+    ("blocks", (8, 40, 17, 19)),
+    ("few_channels", (24, 3, 40, 41)),
+    ("one_channel_split", (33, 1, 2500)),
+    ("runs_7x7", (16, 96, 7, 7)),
+    ("wide_rows", (37, 2051)),
+    ("chunks_5d", (3, 20, 9, 23, 13)),
+]
+
+
+def _cases(shapes):
+    return [
+        pytest.param(name, shape, cl, id=f"{name}-{'cl' if cl else 'cf'}")
+        for name, shape in shapes
+        for cl in ((False, True) if len(shape) >= 3 else (False,))
+    ]
+
+
+def _params(c, dtype, affine=True):
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if not affine:
+        return None, None
+    w = (torch.rand(c, dtype=pdtype) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=pdtype).requires_grad_()
+    return w, b
+
+
+def _check_against_reference(shape, dtype, channels_last, training, affine=True, track=True,
+                             shift=0.5):
+    c = shape[1]
+    x = make_input(shape, dtype, channels_last, shift=shift).requires_grad_()
+    dy = make_input(shape, dtype, channels_last, shift=0.0, scale=1.0)
+    w, b = _params(c, dtype, affine)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    rm = torch.randn(c, dtype=pdtype) if track else None
+    rv = torch.rand(c, dtype=pdtype) + 0.5 if track else None
+    rm0 = None if rm is None else rm.clone()
+    rv0 = None if rv is None else rv.clone()
+    y = batchnorm.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend=BACKEND)
+    y.backward(dy)
+    assert y.dtype == dtype
+    assert y.is_contiguous() == x.is_contiguous()
+    assert is_channels_last(y) == is_channels_last(x)
+
+    xn, dyn = x.detach().double().numpy(), dy.double().numpy()
+    wn = None if w is None else w.detach().double().numpy()
+    bn_ = None if b is None else b.detach().double().numpy()
+    if training:
+        y_ref, st, inv = ref.forward_train(xn, wn, bn_, 1e-5)
+        mean = st.mean
+    else:
+        mean, inv = rm0.double().numpy(), ref.invstd(rv0.double().numpy(), 1e-5)
+        y_ref = ref.forward_eval(xn, rm0.double().numpy(), rv0.double().numpy(), wn, bn_, 1e-5)
+    dx_ref, dw_ref, db_ref = ref.backward(dyn, xn, mean, inv, wn, training)
+
+    atol, rtol = TOLERANCES[dtype]
+    satol, srtol = STAT_TOLERANCES[dtype]
+    what = f"{shape} {dtype} cl={channels_last} training={training} affine={affine}"
+    assert_close(y, y_ref, atol, rtol, f"{what} y")
+    # dx also carries the conditioning of x-hat in the statistics dtype (as in test_properties:
+    # the saved mean is rounded to eps * |x|, an error of eps * |x| * invstd in x-hat, which
+    # dx amplifies by w * invstd * |dy|; with two close values per channel invstd is large).
+    eps = float(torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps)
+    w_max = 1.0 if wn is None else float(np.abs(wn).max())
+    inv_max = float(np.max(inv))
+    cond = 4 * eps * float(np.abs(xn).max()) * inv_max**2 * w_max * float(np.abs(dyn).max())
+    gscale = max(1.0, float(np.abs(dx_ref).max()))
+    assert_close(x.grad, dx_ref, atol * gscale + cond, rtol, f"{what} dx")
+    if affine:
+        m = x.numel() // c
+        # sums of m products of dtype-rounded values, accumulated in fp32 at least
+        assert_close(w.grad, dw_ref, satol * m**0.5, srtol, f"{what} dweight")
+        assert_close(b.grad, db_ref, satol * m**0.5, srtol, f"{what} dbias")
+    if training and track:
+        rm_ref, rv_ref = ref.update_running(rm0.double().numpy(), rv0.double().numpy(), st,
+                                            0.1, 1)
+        assert_close(rm, rm_ref, satol, srtol, f"{what} running_mean")
+        assert_close(rv, rv_ref, satol, srtol, f"{what} running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "shape", "channels_last"), _cases(FAST + PATHS))
+def test_train_and_eval_match_reference(dtype, name, shape, channels_last):
+    for training in (True, False):
+        _check_against_reference(shape, dtype, channels_last, training)
+
+
+@pytest.mark.parametrize(("name", "shape", "channels_last"), _cases(EDGE + PATHS))
+def test_options_match_reference(name, shape, channels_last):
+    """Affine on/off and running stats on/off, train and eval, fp32."""
+    for affine, track, training in itertools.product([True, False], [True, False],
+                                                      [True, False]):
+        if training or track:
+            _check_against_reference(shape, torch.float32, channels_last, training, affine,
+                                     track)
+
+
+@pytest.mark.parametrize(("name", "shape", "channels_last"),
+                         _cases([("nchw", (16, 24, 20, 20)), ("nc", (4096, 6)),
+                                 ("ncl", (64, 8, 300))]))
+def test_statistics_far_from_zero_fp32(name, shape, channels_last):
+    """x = 1e4 + N(0, 1) in fp32: variance to 1e-5 relative, output within the fp32 row
+    (the folded x * scale + shift form would be off by ~1e-3 here)."""
+    x = (1e4 + torch.randn(shape, dtype=torch.float64)).float()
+    if channels_last:
+        x = to_channels_last(x)
+    y, mean, invstd, _, _ = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1,
+                                                               1e-5)
+    y_ref, st, _ = ref.forward_train(x.double().numpy(), eps=1e-5)
+    var = 1.0 / invstd.double().numpy() ** 2 - 1e-5
+    assert_close(var, st.var, 0.0, 1e-5, f"{name} variance")
+    assert_close(mean, st.mean, 0.0, 6e-8, f"{name} mean (saved in fp32: rounding only)")
+    assert_close(y, y_ref, *TOLERANCES[torch.float32], f"{name} y")
+
+
+@pytest.mark.parametrize(("name", "shape", "channels_last"),
+                         _cases([("blocks", (8, 40, 17, 19)), ("few_channels", (24, 3, 40, 41)),
+                                 ("rows", (3000, 37))]))
+def test_primitives_match_torch_backend(name, shape, channels_last):
+    """stats / apply / backward_reduce / backward_apply (what SyncBatchNorm composes),
+    including a backward_apply whose count is not this tensor's (other ranks' values)."""
+    ours, theirs = get_backend(BACKEND), get_backend("torch")
+    x = make_input(shape, channels_last=channels_last)
+    dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0)
+    c = shape[1]
+    w = torch.rand(c) + 0.5
+    b = torch.randn(c)
+    atol, rtol = TOLERANCES[torch.float32]
+    satol, srtol = STAT_TOLERANCES[torch.float32]
+    m = x.numel() // c
+
+    (mean, m2), (mean_t, m2_t) = ours.stats(x), theirs.stats(x)
+    assert_close(mean, mean_t, satol, srtol, f"{name} stats mean")
+    assert_close(m2, m2_t, satol * m, srtol, f"{name} stats m2")
+    invstd = torch.rsqrt(m2_t / m + 1e-5)
+    y = ours.apply(x, mean_t, invstd, w, b)
+    assert y.stride() == empty_out_like(x).stride()
+    assert_close(y, theirs.apply(x, mean_t, invstd, w, b), atol, rtol, f"{name} apply")
+    sums, sums_t = ours.backward_reduce(dy, x, mean_t, invstd), theirs.backward_reduce(
+        dy, x, mean_t, invstd)
+    for a, e, label in zip(sums, sums_t, ("sum_dy", "sum_dy_xmu")):
+        assert_close(a, e, satol * m**0.5, srtol, f"{name} {label}")
+    for count in (m, 3 * m):
+        dx = ours.backward_apply(dy, x, mean_t, invstd, w, *sums_t, count)
+        dx_t = theirs.backward_apply(dy, x, mean_t, invstd, w, *sums_t, count)
+        assert_close(dx, dx_t, atol, rtol, f"{name} backward_apply count={count}")
+
+
+def test_primitives_on_an_empty_input():
+    """A rank with no samples still takes part in SyncBatchNorm."""
+    be = get_backend(BACKEND)
+    x = torch.empty(0, 4, 3, 3)
+    mean, m2 = be.stats(x)
+    assert torch.equal(mean, torch.zeros(4)) and torch.equal(m2, torch.zeros(4))
+    sums = be.backward_reduce(x, x, mean, m2)
+    assert all(torch.equal(s, torch.zeros(4)) for s in sums)
+    assert be.apply(x, mean, m2, None, None).shape == x.shape
+    assert be.backward_apply(x, x, mean, m2, None, *sums, 10).shape == x.shape
+
+
+@pytest.mark.parametrize(("name", "shape", "channels_last"),
+                         _cases([("blocks", (16, 64, 16, 16)), ("few_channels", (32, 4, 24, 24)),
+                                 ("rows", (8192, 24))]))
+def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
+    """The work partition depends on the shape only: 1 and 2 threads agree bit for bit."""
+    be = get_backend(BACKEND)
+    x = make_input(shape, channels_last=channels_last)
+    dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fwd = be.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+            bwd = be.backward(dy, x, w, fwd[1], fwd[2], True, (True, True, True))
+            ev = be.forward_eval(x, w, b, rm, rv, 1e-5)
+            outs.append((*fwd, *bwd, ev))
+    finally:
+        torch.set_num_threads(before)
+    for a, e in zip(*outs):
+        assert torch.equal(a, e), f"{name}: 1 and 2 threads differ"
+
+
+def test_concurrent_calls_from_python_threads():
+    """Two Python threads calling at once: one gets the pool, the other runs serially."""
+    be = get_backend(BACKEND)
+    xs = [make_input((16, 32, 24, 24), shift=i) for i in range(4)]
+    expected = [be.forward_train(x, None, None, None, None, 0.1, 1e-5)[0] for x in xs]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        for _ in range(5):
+            results[i] = be.forward_train(xs[i], None, None, None, None, 0.1, 1e-5)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert torch.equal(results[i], expected[i]), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_outputs_round_like_torch(dtype):
+    """fp32 -> fp16/bf16 rounds to nearest even like torch, with inf/nan/overflow kept:
+    eval with mean 0, var 1, eps 0 and no bias makes y = round(x * w) exactly."""
+    finfo = torch.finfo(dtype)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), finfo.max, -finfo.max,
+                             finfo.tiny, 0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    x = torch.cat([specials, (torch.randn(1014) * 100).to(dtype)]).view(1, 1, -1)
+    w = torch.tensor([1.0 + 2.0**-9 + 2.0**-12])  # products land between representable values
+    y = batchnorm.batch_norm(x, torch.zeros(1), torch.ones(1), w, None, False, eps=0.0,
+                             backend=BACKEND)
+    expected = (x.float() * w).to(dtype)
+    assert torch.equal(y.view(torch.int16), expected.view(torch.int16)) or torch.equal(
+        torch.nan_to_num(y.float(), nan=7.0), torch.nan_to_num(expected.float(), nan=7.0))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_kernels_read_the_input_in_place(channels_last):
+    """No hidden copies: the kernel's array is the input's own memory, for both layouts;
+    other strides are converted once and still give the right numbers."""
+    from batchnorm.backends.numba_backend import _View
+
+    x = make_input((4, 6, 5, 7), channels_last=channels_last)
+    view = _View(x)
+    assert view.of(x).ctypes.data == x.data_ptr()
+    y = empty_out_like(x)
+    assert view.of(y).ctypes.data == y.data_ptr()
+    sliced = make_input((4, 12, 5, 7))[:, ::2]
+    _check_against_reference(tuple(sliced.shape), torch.float32, False, True)
+    y2 = batchnorm.batch_norm(sliced, None, None, training=True, backend=BACKEND)
+    assert y2.is_contiguous()
+
+
+def test_auto_picks_numba_for_large_cpu_inputs_and_native_for_tiny_ones():
+    big = torch.randn(32, 64, 28, 28)
+    tiny = torch.randn(2, 3, 4, 4)
+    assert resolve_backend("auto", big) == "numba"
+    assert resolve_backend("auto", tiny) != "numba"
+    assert get_backend(BACKEND).supports(torch.zeros(2, 3, dtype=torch.int32)) is not None
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize(("cls", "tcls", "shape"), [
+    (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d, (256, 48)),
+    (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d, (16, 48, 100)),
+    (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d, (16, 32, 20, 20)),
+    (batchnorm.BatchNorm3d, torch.nn.BatchNorm3d, (4, 16, 6, 10, 10)),
+], ids=["1d-nc", "1d-ncl", "2d", "3d"])
+def test_module_semantics_with_numba(cls, tcls, shape, momentum):
+    """Module-level semantics on parallel-sized inputs, both layouts: three training steps
+    (counter, momentum or cumulative average, unbiased running_var), then eval, then training
+    with track_running_stats switched off after construction; state_dict as torch.nn's."""
+    for channels_last in ((False, True) if len(shape) >= 3 else (False,)):
+        ours = cls(shape[1], momentum=momentum, backend=BACKEND)
+        theirs = tcls(shape[1], momentum=momentum)
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.uniform_(-0.5, 0.5)
+        ours.load_state_dict(theirs.state_dict())
+        atol, rtol = TOLERANCES[torch.float32]
+        what = f"{cls.__name__} {shape} cl={channels_last} momentum={momentum}"
+
+        def step(module, x, dy):
+            x = x.detach().clone().requires_grad_()
+            y = module(x)
+            y.backward(dy)
+            return y, x.grad
+
+        phases = [("train", 3), ("eval", 1), ("untracked", 1)]
+        for phase, steps in phases:
+            for mod in (ours, theirs):
+                mod.train(phase != "eval")
+                if phase == "untracked":
+                    mod.track_running_stats = False
+            for i in range(steps):
+                x = make_input(shape, channels_last=channels_last, shift=i)
+                dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0)
+                (y1, dx1), (y2, dx2) = step(ours, x, dy), step(theirs, x, dy)
+                assert_close(y1, y2, atol, rtol, f"{what} {phase} {i} y")
+                assert_close(dx1, dx2, atol, rtol, f"{what} {phase} {i} dx")
+            sd1, sd2 = ours.state_dict(), theirs.state_dict()
+            assert list(sd1) == list(sd2)
+            for key in sd2:
+                assert sd1[key].dtype == sd2[key].dtype, key
+                assert_close(sd1[key], sd2[key], atol, rtol, f"{what} {phase} {key}")
+
+
+def _small_net(backend):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        batchnorm.BatchNorm2d(8, backend=backend),
+        torch.nn.ReLU(),
+    )
+
+
+def test_torch_compile_model_with_numba_backend():
+    """torch.compile(model) (inductor) runs our custom op as an opaque call and matches eager,
+    outputs, input and parameter gradients and running buffers (about 15 s cold on the 2-core
+    machine, most of it inductor compiling the convolution around the op)."""
+    eager, compiled_src = _small_net(BACKEND), _small_net(BACKEND)
+    compiled = torch.compile(compiled_src)
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(2):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), compiled(xb)
+        ya.sum().backward()
+        yb.sum().backward()
+        assert_close(yb, ya, *TOLERANCES[torch.float32], "compiled y")
+        assert_close(xb.grad, xa.grad, *TOLERANCES[torch.float32], "compiled dx")
+    for (name, p), q in zip(eager.named_parameters(), compiled_src.parameters()):
+        assert_close(q.grad, p.grad, 1e-4, 1e-4, f"compiled grad {name}")
+    assert_close(compiled_src[1].running_var, eager[1].running_var, 1e-6, 1e-5, "running_var")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_with_numba_backend(training):
+    net = _small_net(BACKEND).train(training)
+    x = torch.randn(4, 3, 8, 8)
+    exported = torch.export.export(net, (x,))
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("batchnorm" in op for op in ops), ops
+    if not training:
+        assert_close(exported.module()(x), net(x), *TOLERANCES[torch.float32], "exported y")
+
+
+def test_numpy_views_of_half_types_are_bit_patterns():
+    from batchnorm.backends.numba_backend import _np
+
+    for dtype, np_dtype in ((torch.float16, np.uint16), (torch.bfloat16, np.int16)):
+        t = torch.randn(5).to(dtype)
+        a = _np(t)
+        assert a.dtype == np_dtype and a.ctypes.data == t.data_ptr()

@@ -278,12 +278,26 @@ def test_kernels_read_the_input_in_place(channels_last):
     assert y2.is_contiguous()
 
 
-def test_auto_picks_numba_for_large_cpu_inputs_and_native_for_tiny_ones():
+def test_auto_picks_numba_where_it_measured_faster():
+    """Training on large inputs (channels-last from a larger size); tiny inputs and eval stay
+    on ATen (see NumbaBackend.preferred_for and ``batchnorm bench --crossover``)."""
     big = torch.randn(32, 64, 28, 28)
-    tiny = torch.randn(2, 3, 4, 4)
-    assert resolve_backend("auto", big) == "numba"
-    assert resolve_backend("auto", tiny) != "numba"
+    assert resolve_backend("auto", big, training=True) == "numba"
+    assert resolve_backend("auto", big, training=False) != "numba"
+    assert resolve_backend("auto", to_channels_last(big), training=True) == "numba"
+    assert resolve_backend("auto", to_channels_last(big[:8]), training=True) != "numba"
+    assert resolve_backend("auto", torch.randn(2, 3, 4, 4), training=True) != "numba"
     assert get_backend(BACKEND).supports(torch.zeros(2, 3, dtype=torch.int32)) is not None
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_large_outputs_with_huge_page_advice(channels_last):
+    """Outputs of 8 MiB and more are advised to use huge pages: same numbers."""
+    x = make_input((8, 16, 128, 129), channels_last=channels_last)
+    ours = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
+    theirs = get_backend("torch").forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
+    assert ours.stride() == theirs.stride()
+    assert_close(ours, theirs, *TOLERANCES[torch.float32], "y")
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -362,10 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the numba backend is not available here (pip install numba)",
               file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.crossover:
-        return _crossover(args)
+    try:
+        return _crossover(args) if args.crossover else _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     command = "batchnorm bench " + " ".join(sys.argv[1:] if argv is None else argv)
     header = [f"# CPU BatchNorm benchmark, {_dt.datetime.now().isoformat(timespec='seconds')}",
               "", f"- command: `{command.strip()}`", *machine_lines(),
@@ -384,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in progress(cases, "benchmark", not args.no_progress):
         _run_case(case, args, compiled)
         fb = "fwdbwd" if "fwdbwd" in args.modes else args.modes[0]
-        print(f"  {case.label}: {fb} ours {case.times[(fb, 'ours')]:.3f} ms, ATen "
-              f"{case.ratio(fb, 'aten'):.2f}x slower, check {case.check}"
+        print(f"  {case.label}: {fb} ours {case.times[(fb, 'ours')]:.3f} ms, ATen/ours "
+              f"{case.ratio(fb, 'aten'):.2f}, check {case.check}"
               + (f", inductor compile {case.compile_s:.1f} s" if compiled else ""),
               file=sys.stderr, flush=True)
     elem = torch.finfo(_dtype(args.dtype)).bits // 8

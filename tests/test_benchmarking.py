@@ -1,0 +1,51 @@
+"""The benchmark harness runs end to end (no timing assertions: that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from batchnorm import benchmarking
+from batchnorm.benchmarking.common import fmt_table, geomean, measure
+
+pytest.importorskip("numba", reason="the CPU benchmark times the numba backend")
+
+
+def test_quick_cpu_benchmark_on_a_tiny_shape_prints_tables(capsys, tmp_path):
+    # one thread: a tiny shape otherwise mostly times OpenMP wake-ups on a busy machine
+    threads = torch.get_num_threads()
+    argv = ["--device", "cpu", "--quick", "--no-compile", "--no-progress", "--threads", "1",
+            "--shape", "4,8,6,6",
+            "--modes", "fwd", "bwd", "fwdbwd", "eval", "--out", str(tmp_path)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    assert benchmarking.main(argv) == 0
+    assert torch.get_num_threads() == threads  # restored
+    out = capsys.readouterr().out
+    for mode in ("fwd", "bwd", "fwdbwd", "eval"):
+        assert f"### {mode} (" in out
+    assert "| case" in out and "ATen/ours" in out and "floor %" in out
+    assert "x4x8x6x6 cf" in out and "x4x8x6x6 cl" in out
+    assert "correctness check against ATen before timing: all ok" in out
+    assert "copy bandwidth" in out and "CPU:" in out
+    written = {p.suffix for p in tmp_path.iterdir()}
+    assert {".md", ".csv"} <= written
+    if "--plot" in argv:
+        assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_device_is_routed_to_the_gpu_benchmark(capsys):
+    assert benchmarking.main(["--device", "cuda", "--quick"]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_helpers():
+    calls = []
+    times = measure(lambda i: calls.append(i), reps=5, warmup=2)
+    assert len(times) == 5 and calls == list(range(7))
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0)
+    table = fmt_table(["a", "b"], [["x", 1.23456], ["yy", float("nan")]])
+    assert table.splitlines()[0].startswith("| a") and "1.23" in table and "n/a" in table

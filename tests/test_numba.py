@@ -392,3 +392,15 @@ def test_numpy_views_of_half_types_are_bit_patterns():
         t = torch.randn(5).to(dtype)
         a = _np(t)
         assert a.dtype == np_dtype and a.ctypes.data == t.data_ptr()
+
+
+def test_kernels_compile_uncached_where_no_cache_directory_works():
+    """numba caches next to the package, else in the user's cache directory (a read-only
+    install); with neither writable it raises at decoration, and the kernels fall back to
+    compiling uncached instead of making the backend unavailable."""
+    from batchnorm.backends.numba_kernels import _jit
+
+    ns: dict = {}
+    exec(compile("def f(a):\n    return a + 1\n", "<generated>", "exec"), ns)
+    f = _jit()(ns["f"])
+    assert f(1) == 2

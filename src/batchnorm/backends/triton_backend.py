@@ -58,6 +58,7 @@ from .base import (
     empty_out_like,
     layout_of,
     match_layout,
+    safe_invstd,
 )
 
 __all__ = [
@@ -368,10 +369,19 @@ def _vec(t: Tensor | None, dummy: Tensor) -> Tensor:
 
 
 class _Call:
-    """Everything one call needs about its input: kernel layout, view, dtypes, plans."""
+    """Everything one call needs about its input: kernel layout, view, dtypes, plans.
 
-    def __init__(self, x: Tensor) -> None:
+    ``heavy`` halves the split tiles' element cap and the on-chip budgets, so that kernels
+    holding more tiles than plain BatchNorm's stay clear of register spills (checked with
+    ``--compile-report --act``): the fused backward (dy, x, the residual, dz and u where plain
+    BatchNorm holds dy and x) and the forward with a residual (x and r)."""
+
+    def __init__(self, x: Tensor, heavy: bool = False) -> None:
         knobs = _TUNING
+        if heavy:
+            knobs = dataclasses.replace(knobs, max_tile_elems=max(16, knobs.max_tile_elems // 2),
+                                        onchip_fwd_elems=knobs.onchip_fwd_elems // 2,
+                                        onchip_bwd_elems=knobs.onchip_bwd_elems // 2)
         self.knobs = knobs
         self.x = as_kernel_layout(x)
         self.view = kernel_view(self.x, knobs.force_int64)
@@ -399,9 +409,30 @@ class _Call:
         c = self.view.c
         return self._poisoned(torch.empty(c, dtype=dtype or self.acc, device=self.x.device))
 
-    def out(self) -> Tensor:
-        """A fresh output like x (layout of :func:`empty_out_like`)."""
-        return self._poisoned(empty_out_like(self.x))
+    def out(self, dtype: torch.dtype | None = None) -> Tensor:
+        """A fresh output like x (layout of :func:`empty_out_like`; x's dtype unless given)."""
+        return self._poisoned(empty_out_like(self.x, dtype))
+
+
+# ---- BatchNorm + activation (+ residual): what the fused kernels add ---------------------------
+@dataclass(frozen=True)
+class _Act:
+    """The activation part of a fused call: kernel code, slope, residual (already in the
+    kernels' layout) and whether the backward's saved tensor is the output (in-place mode)."""
+
+    code: int
+    slope: float
+    residual: Tensor | None
+    inplace: bool = False
+
+
+def _act_kwargs(act: _Act | None, dummy: Tensor) -> dict[str, Any]:
+    """Kernel arguments of the activation flags; ``None`` gives plain BatchNorm."""
+    if act is None:
+        return dict(r_ptr=dummy, slope_hi=0.0, slope_lo=0.0, ACT=0, HAS_RES=False)
+    slope_hi, slope_lo = _hi_lo(act.slope)
+    return dict(r_ptr=dummy if act.residual is None else act.residual, slope_hi=slope_hi,
+                slope_lo=slope_lo, ACT=act.code, HAS_RES=act.residual is not None)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -498,12 +529,13 @@ def _launch_fwd_onchip(
     running: tuple[Tensor, Tensor, Tensor, Tensor] | None,
     momentum: float,
     eps: float,
+    act: _Act | None = None,
 ) -> None:
     rm, rv, rm_out, rv_out = running if running is not None else (mean,) * 4
     eps_hi, eps_lo = _hi_lo(eps)
     mom_hi, mom_lo = _hi_lo(momentum)
     _launch(
-        "fwd_onchip_kernel", plan.cblocks, plan.num_warps,
+        "fwd_onchip_kernel", plan.cblocks, plan.num_warps, **_act_kwargs(act, call.x),
         x_ptr=call.x, y_ptr=call.x if y is None else y,
         w_ptr=_vec(weight, mean), b_ptr=_vec(bias, mean), rm_ptr=rm, rv_ptr=rv,
         mean_ptr=mean, invstd_ptr=mean if invstd is None else invstd,
@@ -525,10 +557,11 @@ def _launch_apply(
     bias: Tensor | None,
     stat_is_var: bool,
     eps: float,
+    act: _Act | None = None,
 ) -> None:
     eps_hi, eps_lo = _hi_lo(eps)
     _launch(
-        "apply_kernel", plan.ew_parts * plan.cblocks, plan.num_warps,
+        "apply_kernel", plan.ew_parts * plan.cblocks, plan.num_warps, **_act_kwargs(act, call.x),
         x_ptr=call.x, y_ptr=y, mean_ptr=mean, stat_ptr=stat,
         w_ptr=_vec(weight, mean), b_ptr=_vec(bias, mean), eps_hi=eps_hi, eps_lo=eps_lo,
         STAT_IS_VAR=stat_is_var, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -536,9 +569,19 @@ def _launch_apply(
     )
 
 
+def _bwd_kwargs(call: _Call, act: _Act | None, mean: Tensor, weight: Tensor | None,
+                bias: Tensor | None) -> dict[str, Any]:
+    """Arguments every backward kernel shares: activation flags, weight and bias (read only
+    where the fused modes recompute z or x-hat, or dx needs the weight)."""
+    return dict(**_act_kwargs(act, call.x), INPLACE=act is not None and act.inplace,
+                w_ptr=_vec(weight, mean), b_ptr=_vec(bias, mean), HAS_W=weight is not None,
+                HAS_B=bias is not None)
+
+
 def _launch_bwd_reduce_split(
     call: _Call, plan: SplitPlan, dy: Tensor, mean: Tensor, invstd: Tensor,
-    sum_dy: Tensor, sum_dot: Tensor, dw: Tensor | None,
+    sum_dy: Tensor, sum_dot: Tensor, dw: Tensor | None, act: _Act | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None,
 ) -> None:
     c = call.view.c
     parts = plan.reduce_parts
@@ -546,7 +589,8 @@ def _launch_bwd_reduce_split(
     psum, pdot = ws[: parts * c], ws[parts * c:]
     _launch(
         "bwd_partial_kernel", parts * plan.cblocks, plan.num_warps,
-        dy_ptr=dy, x_ptr=call.x, mean_ptr=mean, psum_ptr=psum, pdot_ptr=pdot,
+        dy_ptr=dy, x_ptr=call.x, mean_ptr=mean, invstd_ptr=invstd, psum_ptr=psum, pdot_ptr=pdot,
+        **_bwd_kwargs(call, act, mean, weight, bias),
         **_split_args(call, plan, elementwise=False),
     )
     block_c = min(128, _pow2(c))
@@ -554,21 +598,25 @@ def _launch_bwd_reduce_split(
         "bwd_finalize_kernel", _cdiv(c, block_c), 4,
         psum_ptr=psum, pdot_ptr=pdot, num_parts=parts, C=c, invstd_ptr=invstd,
         sum_dy_ptr=sum_dy, sum_dot_ptr=sum_dot, dw_ptr=sum_dy if dw is None else dw,
-        WRITE_DW=dw is not None, BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=block_c, ACC=call.tl_acc,
+        WRITE_DW=dw is not None, INPLACE=act is not None and act.inplace,
+        BLOCK_P=_FINALIZE_BLOCK_P, BLOCK_C=block_c, ACC=call.tl_acc,
     )
 
 
 def _launch_dx(
-    call: _Call, plan: SplitPlan, dy: Tensor, dx: Tensor, mean: Tensor, invstd: Tensor,
+    call: _Call, plan: SplitPlan, dy: Tensor, dx: Tensor | None, mean: Tensor, invstd: Tensor,
     weight: Tensor | None, sum_dy: Tensor | None, sum_dot: Tensor | None, count: int,
-    training: bool,
+    training: bool, act: _Act | None = None, bias: Tensor | None = None,
+    dres: Tensor | None = None,
 ) -> None:
     _launch(
         "bwd_dx_kernel", plan.ew_parts * plan.cblocks, plan.num_warps,
-        dy_ptr=dy, x_ptr=call.x, dx_ptr=dx, mean_ptr=mean, invstd_ptr=invstd,
-        w_ptr=_vec(weight, mean), sum_dy_ptr=invstd if sum_dy is None else sum_dy,
+        dy_ptr=dy, x_ptr=call.x, dx_ptr=dy if dx is None else dx,
+        dres_ptr=dy if dres is None else dres, mean_ptr=mean, invstd_ptr=invstd,
+        sum_dy_ptr=invstd if sum_dy is None else sum_dy,
         sum_dot_ptr=invstd if sum_dot is None else sum_dot, count=count,
-        TRAINING=training, HAS_W=weight is not None,
+        TRAINING=training, WRITE_DX=dx is not None, WRITE_DRES=dres is not None,
+        **_bwd_kwargs(call, act, mean, weight, bias),
         **_split_args(call, plan, elementwise=True),
     )
 
@@ -576,14 +624,16 @@ def _launch_dx(
 def _launch_bwd_onchip(
     call: _Call, plan: OnChipPlan, dy: Tensor, dx: Tensor | None, mean: Tensor, invstd: Tensor,
     weight: Tensor | None, sum_dy: Tensor, sum_dot: Tensor, dw: Tensor | None, training: bool,
+    act: _Act | None = None, bias: Tensor | None = None, dres: Tensor | None = None,
 ) -> None:
     _launch(
         "bwd_onchip_kernel", plan.cblocks, plan.num_warps,
-        dy_ptr=dy, x_ptr=call.x, dx_ptr=dy if dx is None else dx, mean_ptr=mean,
-        invstd_ptr=invstd, w_ptr=_vec(weight, mean),
+        dy_ptr=dy, x_ptr=call.x, dx_ptr=dy if dx is None else dx,
+        dres_ptr=dy if dres is None else dres, mean_ptr=mean, invstd_ptr=invstd,
         sum_dy_ptr=sum_dy, sum_dot_ptr=sum_dot, dw_ptr=sum_dy if dw is None else dw,
         TRAINING=training, WRITE_DX=dx is not None, WRITE_DW=dw is not None,
-        HAS_W=weight is not None, **_onchip_args(call, plan),
+        WRITE_DRES=dres is not None, **_bwd_kwargs(call, act, mean, weight, bias),
+        **_onchip_args(call, plan),
     )
 
 
@@ -812,6 +862,168 @@ class TritonBackend(Backend):
                     _launch_dx(call, split, dy, dx, mean, invstd, weight, sum_dy, sum_dot,
                                call.view.count, training)
         return dx, dw, sum_dy if want_db else None
+
+    # ---- BatchNorm + activation (+ residual) --------------------------------------------------
+    def _act_unsupported(self, activation: str, residual: Tensor | None) -> bool:
+        """Cases the fused kernels leave to the composite default: an activation they do not
+        know (the default raises the proper error) or a residual dtype they cannot load."""
+        return activation not in _k().ACTIVATION_CODES or (
+            residual is not None and residual.dtype not in _SUPPORTED_DTYPES)
+
+    def forward_act(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        out: Tensor,
+    ) -> ForwardResult:
+        """``out = act(BN(x) + residual)`` in the passes of plain BatchNorm: on chip one launch;
+        split the statistics pass(es), then one elementwise pass writing ``act(z)``; eval one
+        elementwise pass. ``out`` may be ``x`` (in-place mode): written in place when its
+        layout is the kernels' (else through one copy). In-place calls are not autotuned
+        (timing candidates would overwrite x repeatedly)."""
+        if self._act_unsupported(activation, residual):
+            return super().forward_act(x, weight, bias, running_mean, running_var, residual,
+                                       training, momentum, eps, activation, slope, out)
+        run = lambda: self._forward_act(x, weight, bias, running_mean, running_var, residual,
+                                        training, momentum, eps, activation, slope, out)
+        if out is x:
+            return run()
+        with _maybe_autotuned("fwd_act" if training else "eval_act", x, run):
+            return run()
+
+    def _forward_act(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        out: Tensor,
+    ) -> ForwardResult:
+        call = _Call(x, heavy=residual is not None)
+        # The kernels write with x's kernel-layout offsets: straight into ``out`` when it has
+        # that layout (always, except an in-place call on a strided x, which call.x copied).
+        direct = layout_of(out) == layout_of(call.x)
+        y = out if direct else call.out()
+        r = None if residual is None else match_layout(residual, call.x)
+        act = _Act(_k().ACTIVATION_CODES[activation], slope, r)
+        new_rm = new_rv = None
+        with _device_guard(x):
+            if training:
+                mean, invstd = call.vec(), call.vec()
+                running = None
+                if running_mean is not None and running_var is not None:
+                    new_rm, new_rv = call.vec(running_mean.dtype), call.vec(running_var.dtype)
+                    running = (running_mean.contiguous(), running_var.contiguous(), new_rm,
+                               new_rv)
+                plan = call.onchip(call.knobs.onchip_fwd_elems)
+                if plan is not None:
+                    _launch_fwd_onchip(call, plan, y, weight, bias, mean, invstd, None, running,
+                                       momentum, eps, act)
+                else:
+                    split = call.split()
+                    _launch_stats_split(call, split, mean, invstd, None, running, momentum, eps)
+                    _launch_apply(call, split, y, mean, invstd, weight, bias, False, eps, act)
+            else:
+                assert running_mean is not None and running_var is not None
+                # The saved statistics are the running ones (C-length, shared helper).
+                mean = running_mean.to(call.acc)
+                invstd = safe_invstd(running_var.to(call.acc), eps)
+                _launch_apply(call, call.split(), y, mean.contiguous(), invstd.contiguous(),
+                              weight, bias, False, eps, act)
+        if not direct:
+            out.copy_(y)
+        return out, mean, invstd, new_rm, new_rv
+
+    def backward_act(
+        self,
+        dy: Tensor,
+        saved: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dweight, dbias, dresidual)`` in the passes of plain BatchNorm's backward, with
+        ``dz = dy * act'(z)`` formed in every pass that reads dy and ``dresidual = dz`` written
+        by the launch that writes ``dx``. ``saved`` is x, or y in in-place mode (x-hat is then
+        recomputed from y; see :meth:`Backend.backward_act`)."""
+        if self._act_unsupported(activation, residual):
+            return super().backward_act(dy, saved, weight, bias, mean, invstd, residual,
+                                        training, activation, slope, inplace, output_mask)
+        run = lambda: self._backward_act(dy, saved, weight, bias, mean, invstd, residual,
+                                         training, activation, slope, inplace, output_mask)
+        with _maybe_autotuned("bwd_act", saved, run):
+            return run()
+
+    def _backward_act(
+        self,
+        dy: Tensor,
+        saved: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        want_dx, want_dw, want_db, want_dres = output_mask
+        want_dres = want_dres and residual is not None
+        call = _Call(saved, heavy=activation != "identity" or residual is not None or inplace)
+        dy = match_layout(dy, call.x)
+        r = None if residual is None else match_layout(residual, call.x)
+        act = _Act(_k().ACTIVATION_CODES[activation], slope, r, inplace)
+        mean, invstd = mean.contiguous(), invstd.contiguous()
+        dx = call.out() if want_dx else None
+        dres = call.out(residual.dtype) if want_dres and residual is not None else None
+        dw = sum_dz = None
+        with _device_guard(saved):
+            if want_dw or want_db or (want_dx and training):
+                sum_dz, sum_dot = call.vec(), call.vec()
+                dw = call.vec() if want_dw else None
+                plan = call.onchip(call.knobs.onchip_bwd_elems)
+                if plan is not None:
+                    _launch_bwd_onchip(call, plan, dy, dx, mean, invstd, weight, sum_dz,
+                                       sum_dot, dw, training, act, bias, dres)
+                else:
+                    split = call.split()
+                    _launch_bwd_reduce_split(call, split, dy, mean, invstd, sum_dz, sum_dot, dw,
+                                             act, weight, bias)
+                    if dx is not None or dres is not None:
+                        _launch_dx(call, split, dy, dx, mean, invstd, weight, sum_dz, sum_dot,
+                                   call.view.count, training and dx is not None, act, bias,
+                                   dres)
+            elif dx is not None or dres is not None:  # no reduction needed: one pass
+                _launch_dx(call, call.split(), dy, dx, mean, invstd, weight, None, None,
+                           call.view.count, False, act, bias, dres)
+        if dres is not None and residual is not None:
+            dres = match_layout(dres, residual)
+        return dx, dw, sum_dz if want_db else None, dres
 
     # ---- primitives (SyncBatchNorm) --------------------------------------------------------------
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:

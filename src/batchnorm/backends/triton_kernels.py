@@ -32,7 +32,21 @@ Kernels, two paths:
 
 No kernel writes into an input: the running-stat update reads the old buffers and writes new
 tensors, so any kernel may be launched again (benchmark repeats, autotuning) without applying
-the update twice.
+the update twice. (The one exception is the fused in-place mode below, where the caller passes
+``y_ptr == x_ptr`` on purpose.)
+
+BatchNorm + activation + residual (``y = act(xhat * w + b + r)``) reuses the same kernels under
+compile-time flags: ``ACT`` (an activation code, :data:`ACTIVATION_CODES`; 0 is identity and
+gives the plain kernels), ``HAS_RES`` (a residual ``r`` in x's layout) and, in the backward,
+``INPLACE`` (the saved tensor is the output y, not x). Forward: the statistics pass(es) are
+unchanged and the elementwise pass (``apply_kernel``, or the tail of ``fwd_onchip_kernel``)
+writes ``act(z)``, ``z = (x - mean) * invstd * w + b + r``; with ``y_ptr == x_ptr`` (in-place)
+every element is loaded before it is stored by the same program, and no program loads it
+again. Backward: with ``dz = dy * act'(z)`` the reductions are ``sum(dz)`` and
+``sum(dz * u)``, where ``u = x - mean`` (``z`` recomputed from x) or, in-place,
+``u = xhat = (act^-1(y) - r - b) / w`` (so ``dweight = sum(dz * u)`` without the ``invstd``
+factor and ``dx``'s projection loses its ``invstd^2``); the elementwise pass writes ``dx`` and
+``dresidual = dz`` in one launch.
 
 Accumulation is in ``ACC`` (float32, or float64 for float64 input). Float scalars are passed as
 ``(hi, lo)`` float32 pairs (``hi + lo`` restores a float64 value to ~48 bits), since Triton
@@ -46,6 +60,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "ACTIVATION_CODES",
     "apply_kernel",
     "bwd_dx_kernel",
     "bwd_finalize_kernel",
@@ -142,6 +157,124 @@ def _running_update(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, c, cmask, mean, m2, 
     tl.store(rm_out_ptr + c, (rm + mom * (mean - rm)).to(rm_out_ptr.dtype.element_ty), mask=cmask)
     tl.store(rv_out_ptr + c, (rv + mom * (var_unbiased - rv)).to(rv_out_ptr.dtype.element_ty),
              mask=cmask)
+
+
+# ---- activations (BatchNorm + activation + residual) ----------------------------------------
+# Codes of the ``ACT`` constexpr; the math mirrors batchnorm.backends.activations (elu alpha=1,
+# gelu exact erf form). Invertible ones (in-place mode): identity, leaky_relu (slope > 0), elu.
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
+_INV_SQRT2: tl.constexpr = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI: tl.constexpr = tl.constexpr(0.3989422804014327)
+# elu's inverse clamps y at -1 + 1e-7 (as the composite does): log1p(-1) would be -inf.
+_ELU_Y_MIN: tl.constexpr = tl.constexpr(-1.0 + 1e-7)
+
+
+@triton.jit
+def _act(z, slope, ACT: tl.constexpr):
+    """``act(z)`` elementwise (NaN stays NaN)."""
+    if ACT == 1:
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        z = tl.where(z > 0, z, z * slope)
+    elif ACT == 3:
+        z = tl.where(z > 0, z, tl.exp(tl.where(z > 0, 0.0, z)) - 1.0)
+    elif ACT == 4:
+        z = z * tl.sigmoid(z)
+    elif ACT == 5:
+        z = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
+    return z
+
+
+@triton.jit
+def _dz_from_z(dy, z, slope, ACT: tl.constexpr):
+    """``dy * act'(z)`` (relu's subgradient at 0 is 0, as torch's)."""
+    if ACT == 1:
+        dy = tl.where(z > 0, dy, 0.0)
+    elif ACT == 2:
+        dy = tl.where(z > 0, dy, dy * slope)
+    elif ACT == 3:
+        dy = tl.where(z > 0, dy, dy * tl.exp(tl.where(z > 0, 0.0, z)))
+    elif ACT == 4:
+        sig = tl.sigmoid(z)
+        dy = dy * (sig * (1.0 + z * (1.0 - sig)))
+    elif ACT == 5:
+        cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2))
+        dy = dy * (cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+    return dy
+
+
+@triton.jit
+def _dz_from_y(dy, y, slope, ACT: tl.constexpr):
+    """``dy * act'(z)`` through the output ``y = act(z)`` (invertible activations)."""
+    if ACT == 2:
+        dy = tl.where(y > 0, dy, dy * slope)
+    elif ACT == 3:
+        dy = tl.where(y > 0, dy, dy * (y + 1.0))
+    return dy
+
+
+@triton.jit
+def _act_inverse(y, slope, ACT: tl.constexpr):
+    """``z`` with ``act(z) = y`` (invertible activations). elu's ``log1p(y)`` is formed as
+    ``log(u) * y / (u - 1)``, ``u = 1 + y`` (exact to a few ulps without a log1p primitive)."""
+    if ACT == 2:
+        y = tl.where(y > 0, y, y / slope)
+    elif ACT == 3:
+        t = tl.maximum(y, _ELU_Y_MIN)
+        u = 1.0 + t
+        d = u - 1.0
+        zero = d == 0.0
+        y = tl.where(y > 0, y, tl.where(zero, t, tl.log(u) * (t / tl.where(zero, 1.0, d))))
+    return y
+
+
+@triton.jit
+def _bwd_coefs(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel ``(mean, invstd, scale, shift, rw)`` of a backward:
+    ``scale = invstd * w`` (the forward's, and dx's factor), ``shift = b``, ``rw = 1 / w``."""
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
+    scale = invstd
+    rw = tl.zeros_like(invstd) + 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(ACC)
+        scale = scale * w
+        rw = 1.0 / w
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros_like(invstd)
+    return mean, invstd, scale, shift, rw
+
+
+@triton.jit
+def _bwd_tile(dy, x_ptr, r_ptr, off, mask, mean, scale, shift, rw, slope,
+              NEED_U: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+              INPLACE: tl.constexpr, ACC: tl.constexpr):
+    """``(dz, u)`` of a tile: ``dz = dy * act'(z)`` and (with ``NEED_U``) ``u = x - mean``, or
+    ``u = xhat = (act^-1(y) - r - b) / w`` when ``INPLACE`` (``x_ptr`` then holds y).
+    x (or y) is read only when needed: plain BatchNorm's eval dx reads dy alone."""
+    dz = dy
+    u = dy  # only meaningful with NEED_U
+    if INPLACE:
+        if NEED_U or ACT != 0:
+            y = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+            dz = _dz_from_y(dy, y, slope, ACT)
+            if NEED_U:
+                z = _act_inverse(y, slope, ACT)
+                if HAS_RES:
+                    z = z - tl.load(r_ptr + off, mask=mask, other=0.0).to(ACC)
+                u = (z - shift[:, None]) * rw[:, None]
+    elif NEED_U or ACT != 0:
+        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
+        u = x - mean[:, None]
+        if ACT != 0:
+            z = u * scale[:, None] + shift[:, None]
+            if HAS_RES:
+                z = z + tl.load(r_ptr + off, mask=mask, other=0.0).to(ACC)
+            dz = _dz_from_z(dy, z, slope, ACT)
+    return dz, u
 
 
 # ---- split path: statistics -----------------------------------------------------------------
@@ -251,14 +384,17 @@ def stats_finalize_kernel(
 # ---- split path: elementwise ----------------------------------------------------------------
 @triton.jit
 def apply_kernel(
-    x_ptr, y_ptr, mean_ptr, stat_ptr, w_ptr, b_ptr,
+    x_ptr, y_ptr, r_ptr, mean_ptr, stat_ptr, w_ptr, b_ptr,
     C, SV, SB, n_items, items_per_prog, num_parts,
-    stride_n, stride_c, stride_s, eps_hi, eps_lo,
+    stride_n, stride_c, stride_s, eps_hi, eps_lo, slope_hi, slope_lo,
     STAT_IS_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
 ):
-    """``y = (x - mean) * invstd * weight + bias``; ``stat`` is ``invstd``, or the running
-    variance when ``STAT_IS_VAR`` (eval: invstd is formed here, no extra launch)."""
+    """``y = act((x - mean) * invstd * weight + bias + r)`` (plain BatchNorm: ``ACT=0``, no
+    ``r``); ``stat`` is ``invstd``, or the running variance when ``STAT_IS_VAR`` (eval: invstd
+    is formed here, no extra launch). ``y_ptr`` may equal ``x_ptr`` (in-place): each element is
+    loaded, then stored, by the same program."""
     part, pid_c = _split_pid(num_parts)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -267,6 +403,7 @@ def apply_kernel(
     if STAT_IS_VAR:
         stat = _safe_invstd(stat, _f64(eps_hi, eps_lo, ACC), ACC)
     scale, shift = _scale_shift(w_ptr, b_ptr, c, cmask, stat, HAS_W, HAS_B, ACC)
+    slope = _f64(slope_hi, slope_lo, ACC)
     start = part * items_per_prog
     end = tl.minimum(start + items_per_prog, n_items)
     for it in range(start, end):
@@ -274,22 +411,31 @@ def apply_kernel(
                                  BLOCK_S, INT64)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         y = (x - mean[:, None]) * scale[:, None] + shift[:, None]
+        if HAS_RES:
+            y = y + tl.load(r_ptr + off, mask=mask, other=0.0).to(ACC)
+        y = _act(y, slope, ACT)
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- split path: backward -------------------------------------------------------------------
 @triton.jit
 def bwd_partial_kernel(
-    dy_ptr, x_ptr, mean_ptr, psum_ptr, pdot_ptr,
+    dy_ptr, x_ptr, r_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, psum_ptr, pdot_ptr,
     C, SV, SB, n_items, items_per_prog, num_parts,
-    stride_n, stride_c, stride_s,
+    stride_n, stride_c, stride_s, slope_hi, slope_lo,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, INPLACE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Per-part ``sum(dy)`` and ``sum(dy * (x - mean))``, ``(num_parts, C)`` each."""
+    """Per-part ``sum(dz)`` and ``sum(dz * u)``, ``(num_parts, C)`` each; ``dz = dy`` and
+    ``u = x - mean`` for plain BatchNorm (see :func:`_bwd_tile` for the fused modes)."""
     part, pid_c = _split_pid(num_parts)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    # (invstd is unused here; ``_`` would clash with the loop's ``_`` in compiled code)
+    mean, _invstd, scale, shift, rw = _bwd_coefs(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask,
+                                                 HAS_W, HAS_B, ACC)
+    slope = _f64(slope_hi, slope_lo, ACC)
     acc_dy = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     acc_dot = tl.zeros([BLOCK_C, BLOCK_S], ACC)
     start = part * items_per_prog
@@ -298,9 +444,10 @@ def bwd_partial_kernel(
         off, mask, _ = item_tile(it, SB, c, cmask, SV, stride_n, stride_c, stride_s,
                                  BLOCK_S, INT64)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-        acc_dy += dy
-        acc_dot += dy * (x - mean[:, None])  # masked lanes have dy == 0
+        dz, u = _bwd_tile(dy, x_ptr, r_ptr, off, mask, mean, scale, shift, rw, slope,
+                          True, ACT, HAS_RES, INPLACE, ACC)
+        acc_dy += dz
+        acc_dot += dz * u  # masked lanes have dz == 0
     tl.store(psum_ptr + part * C + c, tl.sum(acc_dy, 1), mask=cmask)
     tl.store(pdot_ptr + part * C + c, tl.sum(acc_dot, 1), mask=cmask)
 
@@ -309,9 +456,11 @@ def bwd_partial_kernel(
 def bwd_finalize_kernel(
     psum_ptr, pdot_ptr, num_parts, C, invstd_ptr,
     sum_dy_ptr, sum_dot_ptr, dw_ptr,
-    WRITE_DW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    WRITE_DW: tl.constexpr, INPLACE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Sum the parts: ``sum_dy`` (= dbias), ``sum_dy_xmu`` and ``dweight = sum_dy_xmu * invstd``."""
+    """Sum the parts: ``sum_dy`` (= dbias), ``sum_dy_xmu`` and ``dweight = sum_dy_xmu * invstd``
+    (in-place mode the dot product is already over xhat: ``dweight = sum_dot``)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     acc_dy = tl.zeros([BLOCK_P, BLOCK_C], ACC)
@@ -326,59 +475,71 @@ def bwd_finalize_kernel(
     tl.store(sum_dy_ptr + c, sum_dy, mask=cmask)
     tl.store(sum_dot_ptr + c, sum_dot, mask=cmask)
     if WRITE_DW:
-        invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-        tl.store(dw_ptr + c, sum_dot * invstd, mask=cmask)
+        if INPLACE:
+            tl.store(dw_ptr + c, sum_dot, mask=cmask)
+        else:
+            invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
+            tl.store(dw_ptr + c, sum_dot * invstd, mask=cmask)
 
 
 @triton.jit
-def _dx_coefs(mean_ptr, invstd_ptr, w_ptr, sum_dy_ptr, sum_dot_ptr, c, cmask, count,
-              TRAINING: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr):
-    """Per-channel ``(mean, scale, mean_dy, proj)`` of
-    ``dx = (dy - mean_dy - (x - mean) * proj) * scale``, ``scale = weight * invstd``,
-    ``mean_dy = sum_dy / m``, ``proj = sum_dy_xmu * invstd^2 / m`` (zero in eval)."""
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-    scale = invstd
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0).to(ACC)
+def _dx_proj(sum_dy_ptr, sum_dot_ptr, invstd, c, cmask, count, TRAINING: tl.constexpr,
+             INPLACE: tl.constexpr, ACC: tl.constexpr):
+    """Per-channel ``(mean_dy, proj)`` of ``dx = (dz - mean_dy - u * proj) * scale``:
+    ``mean_dy = sum_dz / m``, ``proj = sum_dot * invstd^2 / m`` (``u = x - mean``) or
+    ``sum_dot / m`` (in-place, ``u = xhat``); both zero in eval."""
     if TRAINING:
         inv_m = 1.0 / tl.cast(count, ACC)
-        mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
         mean_dy = tl.load(sum_dy_ptr + c, mask=cmask, other=0.0).to(ACC) * inv_m
-        proj = tl.load(sum_dot_ptr + c, mask=cmask, other=0.0).to(ACC) * invstd * invstd * inv_m
+        sum_dot = tl.load(sum_dot_ptr + c, mask=cmask, other=0.0).to(ACC)
+        if INPLACE:
+            proj = sum_dot * inv_m
+        else:
+            proj = sum_dot * invstd * invstd * inv_m
     else:
-        mean = tl.zeros_like(invstd)
         mean_dy = tl.zeros_like(invstd)
         proj = tl.zeros_like(invstd)
-    return mean, scale, mean_dy, proj
+    return mean_dy, proj
 
 
 @triton.jit(do_not_specialize=["count"])
 def bwd_dx_kernel(
-    dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dy_ptr, sum_dot_ptr, count,
+    dy_ptr, x_ptr, r_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
+    sum_dy_ptr, sum_dot_ptr, count,
     C, SV, SB, n_items, items_per_prog, num_parts,
-    stride_n, stride_c, stride_s,
-    TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+    stride_n, stride_c, stride_s, slope_hi, slope_lo,
+    TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DRES: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr, INPLACE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
 ):
-    """``dx = weight * invstd * (dy - sum_dy / m - (x - mean) * invstd^2 * sum_dy_xmu / m)``;
-    in eval (``TRAINING=False``) ``dx = dy * weight * invstd`` and x is not read."""
+    """``dx = weight * invstd * (dz - sum_dz / m - (x - mean) * invstd^2 * sum_dz_xmu / m)``
+    (plain BatchNorm: ``dz = dy``); in eval (``TRAINING=False``) ``dx = dz * weight * invstd``
+    and, for plain BatchNorm, x is not read. ``WRITE_DRES`` also writes ``dresidual = dz``."""
     part, pid_c = _split_pid(num_parts)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean, scale, mean_dy, proj = _dx_coefs(mean_ptr, invstd_ptr, w_ptr, sum_dy_ptr, sum_dot_ptr,
-                                           c, cmask, count, TRAINING, HAS_W, ACC)
+    mean, invstd, scale, shift, rw = _bwd_coefs(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask,
+                                                HAS_W, HAS_B, ACC)
+    mean_dy, proj = _dx_proj(sum_dy_ptr, sum_dot_ptr, invstd, c, cmask, count, TRAINING,
+                             INPLACE, ACC)
+    slope = _f64(slope_hi, slope_lo, ACC)
     start = part * items_per_prog
     end = tl.minimum(start + items_per_prog, n_items)
     for it in range(start, end):
         off, mask, _ = item_tile(it, SB, c, cmask, SV, stride_n, stride_c, stride_s,
                                  BLOCK_S, INT64)
         dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-        if TRAINING:
-            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-            g = dy - mean_dy[:, None] - (x - mean[:, None]) * proj[:, None]
-        else:
-            g = dy
-        tl.store(dx_ptr + off, (g * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+        dz, u = _bwd_tile(dy, x_ptr, r_ptr, off, mask, mean, scale, shift, rw, slope,
+                          TRAINING, ACT, HAS_RES, INPLACE, ACC)
+        if WRITE_DRES:
+            tl.store(dres_ptr + off, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DX:
+            if TRAINING:
+                g = dz - mean_dy[:, None] - u * proj[:, None]
+            else:
+                g = dz
+            tl.store(dx_ptr + off, (g * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- on-chip path: one launch, x read once --------------------------------------------------
@@ -408,18 +569,21 @@ def _onchip_tile(C, NV, SV, stride_n, stride_c, stride_s,
 
 @triton.jit(do_not_specialize=["count"])
 def fwd_onchip_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
+    x_ptr, y_ptr, r_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr,
     mean_ptr, invstd_ptr, m2_ptr, rm_out_ptr, rv_out_ptr,
     C, NV, SV, count, stride_n, stride_c, stride_s, eps_hi, eps_lo, mom_hi, mom_lo,
+    slope_hi, slope_lo,
     WRITE_Y: tl.constexpr, WRITE_INVSTD: tl.constexpr, WRITE_M2: tl.constexpr,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RUNNING: tl.constexpr,
+    ACT: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
     """Training forward of a channel block from registers: exact two-pass statistics of the
     slice (shifted by each channel's first value, so that a large |mean| costs no precision),
-    invstd, running update, then ``y``. With ``WRITE_Y=False`` it is the ``stats`` primitive
-    (mean and M2 only)."""
+    invstd, running update, then ``y = act(xhat * w + b + r)``. With ``WRITE_Y=False`` it is
+    the ``stats`` primitive (mean and M2 only). ``y_ptr`` may equal ``x_ptr`` (in-place): the
+    program's whole slice is loaded before anything is stored, and no other program reads it."""
     c, cmask, off, mask, first = _onchip_tile(C, NV, SV, stride_n, stride_c, stride_s,
                                               BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     k = tl.load(x_ptr + first, mask=cmask, other=0.0).to(ACC)
@@ -441,43 +605,54 @@ def fwd_onchip_kernel(
         if WRITE_Y:
             scale, shift = _scale_shift(w_ptr, b_ptr, c, cmask, invstd, HAS_W, HAS_B, ACC)
             y = xmu * scale[:, None] + shift[:, None]
+            if HAS_RES:
+                y = y + tl.load(r_ptr + off, mask=mask, other=0.0).to(ACC)
+            y = _act(y, _f64(slope_hi, slope_lo, ACC), ACT)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["count"])
 def bwd_onchip_kernel(
-    dy_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, w_ptr,
+    dy_ptr, x_ptr, r_ptr, dx_ptr, dres_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr,
     sum_dy_ptr, sum_dot_ptr, dw_ptr,
-    C, NV, SV, count, stride_n, stride_c, stride_s,
+    C, NV, SV, count, stride_n, stride_c, stride_s, slope_hi, slope_lo,
     TRAINING: tl.constexpr, WRITE_DX: tl.constexpr, WRITE_DW: tl.constexpr,
-    HAS_W: tl.constexpr,
+    WRITE_DRES: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, INPLACE: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    """Backward of a channel block from registers: ``sum_dy`` (= dbias), ``sum_dy_xmu``,
-    ``dweight`` and ``dx`` with x and dy read once. ``WRITE_DX=False`` is the
-    ``backward_reduce`` primitive."""
+    """Backward of a channel block from registers: ``sum_dz`` (= dbias), ``sum_dz_u``,
+    ``dweight``, ``dx`` and ``dresidual = dz`` with x (or y) and dy read once (``dz = dy``,
+    ``u = x - mean`` for plain BatchNorm; see :func:`_bwd_tile`). ``WRITE_DX=False`` (and no
+    ``ACT``) is the ``backward_reduce`` primitive."""
     c, cmask, off, mask, _ = _onchip_tile(C, NV, SV, stride_n, stride_c, stride_s,
                                           BLOCK_C, BLOCK_N, BLOCK_S, INT64)
     dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(ACC)
-    x = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
-    xmu = tl.where(mask, x - mean[:, None], 0.0)
-    sum_dy = tl.sum(dy, 1)
-    sum_dot = tl.sum(dy * xmu, 1)
+    mean, invstd, scale, shift, rw = _bwd_coefs(mean_ptr, invstd_ptr, w_ptr, b_ptr, c, cmask,
+                                                HAS_W, HAS_B, ACC)
+    dz, u = _bwd_tile(dy, x_ptr, r_ptr, off, mask, mean, scale, shift, rw,
+                      _f64(slope_hi, slope_lo, ACC), True, ACT, HAS_RES, INPLACE, ACC)
+    u = tl.where(mask, u, 0.0)
+    sum_dy = tl.sum(dz, 1)
+    sum_dot = tl.sum(dz * u, 1)
     tl.store(sum_dy_ptr + c, sum_dy, mask=cmask)
     tl.store(sum_dot_ptr + c, sum_dot, mask=cmask)
     if WRITE_DW:
-        tl.store(dw_ptr + c, sum_dot * invstd, mask=cmask)
+        if INPLACE:
+            tl.store(dw_ptr + c, sum_dot, mask=cmask)
+        else:
+            tl.store(dw_ptr + c, sum_dot * invstd, mask=cmask)
+    if WRITE_DRES:
+        tl.store(dres_ptr + off, dz.to(dres_ptr.dtype.element_ty), mask=mask)
     if WRITE_DX:
-        scale = invstd
-        if HAS_W:
-            scale = scale * tl.load(w_ptr + c, mask=cmask, other=1.0).to(ACC)
         if TRAINING:
             inv_m = 1.0 / tl.cast(count, ACC)  # NV * SV
-            proj = sum_dot * invstd * invstd * inv_m
-            g = dy - (sum_dy * inv_m)[:, None] - xmu * proj[:, None]
+            if INPLACE:
+                proj = sum_dot * inv_m
+            else:
+                proj = sum_dot * invstd * invstd * inv_m
+            g = dz - (sum_dy * inv_m)[:, None] - u * proj[:, None]
         else:
-            g = dy
+            g = dz
         tl.store(dx_ptr + off, (g * scale[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)

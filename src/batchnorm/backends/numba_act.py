@@ -1,0 +1,199 @@
+"""Fused BatchNorm + activation + residual for the ``"numba"`` backend (host side).
+
+:class:`NumbaActMixin` overrides :meth:`~.base.Backend.forward_act` and
+:meth:`~.base.Backend.backward_act` with the kernels of :mod:`.numba_act_kernels`, run through
+the numba backend's views, task partition and thread pool (:mod:`.numba_backend`). Passes over
+the activation-sized tensors are those of plain BatchNorm:
+
+* forward: the statistics and one elementwise pass ``out = act((x - mean) * invstd * w + b +
+  r)`` (channels-first blocks are reduced and written while in cache, as plain BN does); eval
+  is the elementwise pass alone, with the running statistics;
+* backward: one reduction ``sum(dz)``, ``sum(dz * xhat)`` with ``dz = dy * act'(z)``, then one
+  elementwise pass that writes ``dx`` and ``dresidual = dz`` together.
+
+In-place mode (``out is x``; identity, leaky_relu with slope > 0, elu) saves only the output:
+the backward recomputes ``z = act^-1(y)`` and ``xhat = (z - r - b) / w`` from it.
+
+Delegated to the composite of :class:`~.base.Backend` (same results, more passes): dtypes the
+numba backend does not support, a residual whose dtype or shape differs from ``x``'s, an
+``out`` whose strides differ from ``x``'s, and in-place mode on a tensor that is neither
+channels-first nor channels-last contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import (
+    ForwardResult,
+    acc_dtype,
+    as_kernel_layout,
+    empty_out_like,
+    layout_of,
+    match_layout,
+    safe_invstd,
+)
+
+__all__ = ["NumbaActMixin"]
+
+
+def _nb() -> Any:
+    """The numba backend module (imported late: it imports this module)."""
+    from . import numba_backend
+
+    return numba_backend
+
+
+def _kernels() -> Any:
+    from . import numba_act_kernels
+
+    return numba_act_kernels
+
+
+def _codes() -> dict[str, int]:
+    return {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
+
+
+class NumbaActMixin:
+    """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
+    class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``)."""
+
+    @staticmethod
+    def _act_fusable(x: Tensor, residual: Tensor | None, activation: str) -> bool:
+        """Can the fused kernels run on ``x`` (as laid out for them) with this residual?"""
+        if x.dtype not in _nb()._DTYPES or x.device.type != "cpu" or x.numel() == 0:
+            return False
+        if activation not in _codes():
+            return False
+        return residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)
+
+    @staticmethod
+    def _res_array(residual: Tensor | None, x: Tensor, view: Any) -> np.ndarray:
+        """The residual in ``x``'s layout as the kernel's flat array (size 0 for None)."""
+        if residual is None:
+            return np.empty(0, dtype=view.of(x).dtype)
+        return view.of(match_layout(residual, x))
+
+    def forward_act(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        out: Tensor,
+    ) -> ForwardResult:
+        """``out = act(BN(x) + residual)`` in one kernel call (see the module docstring).
+
+        Args:
+            x: ``(N, C, *)`` input; ``out`` is ``x`` itself (in-place) or a fresh tensor in
+                :func:`~.base.empty_out_like` layout.
+            running_mean, running_var: updated copies returned in training; the
+                normalizing statistics in eval.
+        """
+        inplace = out is x
+        if not inplace:
+            x = as_kernel_layout(x)
+        if (not self._act_fusable(x, residual, activation) or layout_of(x) == "other"
+                or out.dtype != x.dtype or out.stride() != x.stride()):
+            return super().forward_act(  # type: ignore[misc]
+                x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                activation, slope, out,
+            )
+        nb = _nb()
+        view = nb._View(x, reduce=training)
+        acc = acc_dtype(x)
+        c = x.shape[1]
+        none = nb._NONE[acc]
+        m2 = torch.empty(c, dtype=acc)
+        new_rm = new_rv = None
+        rm = rv = nrm = nrv = none
+        if training:
+            mean, invstd = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+            if running_mean is not None and running_var is not None:
+                rm, rv = nb._vec(running_mean, acc), nb._vec(running_var, acc)
+                new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+                nrm, nrv = new_rm.numpy(), new_rv.numpy()
+        else:
+            assert running_mean is not None and running_var is not None
+            mean = running_mean.detach().to(acc)
+            invstd = safe_invstd(running_var.detach().to(acc), eps)
+        mean_np, invstd_np = mean.contiguous().numpy(), invstd.contiguous().numpy()
+        args = (
+            view.of(x), self._res_array(residual, x, view), view.of(out), *view.args(),
+            mean_np, m2.numpy(), invstd_np, none, nb._vec(weight, acc), nb._vec(bias, acc),
+            rm, rv, nrm, nrv, float(eps), float(momentum), training, _codes()[activation],
+            float(slope), *view.partials(), np.empty((3, c), dtype=none.dtype),
+        )
+        nb._launch(_kernels().forward_act, args, view, x, training, True)
+        if new_rm is not None and new_rv is not None:
+            assert running_mean is not None and running_var is not None
+            new_rm, new_rv = new_rm.to(running_mean.dtype), new_rv.to(running_var.dtype)
+        return out, mean, invstd, new_rm, new_rv
+
+    def backward_act(
+        self,
+        dy: Tensor,
+        saved: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dweight, dbias, dresidual)`` in one kernel call (reduction + elementwise).
+
+        ``saved`` is ``x`` (normal mode) or the output ``y`` (in-place mode); outputs not in
+        ``output_mask`` are neither computed nor written. ``dweight``/``dbias`` are in the
+        accumulation dtype.
+        """
+        if not inplace:
+            saved = as_kernel_layout(saved)
+        if not self._act_fusable(saved, residual, activation) or layout_of(saved) == "other":
+            return super().backward_act(  # type: ignore[misc]
+                dy, saved, weight, bias, mean, invstd, residual, training, activation, slope,
+                inplace, output_mask,
+            )
+        nb = _nb()
+        if dy.stride() != saved.stride() or dy.dtype != saved.dtype:
+            dy = empty_out_like(saved).copy_(dy)
+        need_dx, need_dw, need_db, need_dr = output_mask
+        need_dr = need_dr and residual is not None
+        do_reduce = need_dw or need_db or (training and need_dx)
+        do_apply = need_dx or need_dr
+        acc = acc_dtype(saved)
+        c = saved.shape[1]
+        sum_dz, sum_dzx = torch.zeros(c, dtype=acc), torch.zeros(c, dtype=acc)
+        dx = nb._new_output(saved) if need_dx else None
+        dres = nb._new_output(saved) if need_dr else None
+        if do_reduce or do_apply:
+            k = _kernels()
+            view = nb._View(saved, reduce=do_reduce)
+            coef = np.empty((9, c), dtype=nb._NONE[acc].dtype)
+            k.backward_pre(nb._vec(mean, acc), nb._vec(invstd, acc), nb._vec(weight, acc),
+                           nb._vec(bias, acc), coef)
+            empty = np.empty(0, dtype=view.of(saved).dtype)
+            args = (
+                view.of(dy), view.of(saved), self._res_array(residual, saved, view),
+                empty if dx is None else view.of(dx), empty if dres is None else view.of(dres),
+                *view.args(), sum_dz.numpy(), sum_dzx.numpy(), float(saved.numel() // c),
+                do_reduce, do_apply, training, inplace, _codes()[activation], float(slope),
+                *view.partials(), coef,
+            )
+            nb._launch(k.backward_act, args, view, saved, do_reduce, do_apply)
+        return dx, sum_dzx if need_dw else None, sum_dz if need_db else None, dres

@@ -1,0 +1,405 @@
+"""Fused BatchNorm + activation (+ residual) kernels for CPU, written with numba.
+
+``y = act((x - mean) * invstd * weight + bias + residual)`` forward and its backward, built on
+the statistics helpers, task partition and storage conversions of :mod:`.numba_kernels` (see
+its docstring for the ``(n, c, s)`` views, run mode vs row mode, the phases and the numerics).
+The pass structure is the plain BatchNorm kernels' own:
+
+* forward: statistics (centred sums, Chan merge, running update), then one elementwise pass
+  that normalizes, adds the residual and applies the activation; with one batch part per
+  task a channel block is reduced and then written while it is still in cache;
+* backward: one reduction of ``sum(dz)`` and ``sum(dz * xhat)`` with ``dz = dy * act'(z)``,
+  then one elementwise pass writing ``dx`` and ``dresidual = dz`` together. ``z`` and
+  ``xhat`` are recomputed: from ``x`` in normal mode (``xhat = (x - mean) * invstd``,
+  ``z = xhat * w + b + r``), from the output ``y`` in in-place mode (``z = act^-1(y)``,
+  ``xhat = (z - r - b) / w``, ``act'`` through ``y``).
+
+Activations (codes): 0 identity, 1 relu, 2 leaky_relu(slope), 3 elu (alpha 1), 4 silu,
+5 gelu (exact, erf). The activation code is loop-invariant, so LLVM unswitches the inner loops
+per activation. Compute is float32 (float64 for float64 storage); per-run sums are in the
+compute dtype, everything beyond in float64; results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .numba_kernels import (
+    _REDUCE_MATH,
+    ROW_SEGMENT,
+    _combine,
+    _finish_stats,
+    _fwd_coef,
+    _fwd_given,
+    _jit,
+    _ld,
+    _span,
+    _st,
+    _task_stats,
+    _u,
+)
+
+__all__ = ["ACT_CODES", "backward_act", "backward_pre", "forward_act"]
+
+ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
+_ELEM_MATH = {"contract"}
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _k(v, z):
+    """The constant ``v`` in the float type of ``z`` (keeps float32 math in float32)."""
+
+
+@overload(_k)
+def _k_impl(v, z):
+    if z == types.float32:
+        return lambda v, z: np.float32(v)
+    return lambda v, z: np.float64(v)
+
+
+# ---- activation math (scalar, compute dtype) ----------------------------------------------
+
+
+@njit(fastmath=_ELEM_MATH)
+def _act(z, a, sl):
+    if a == 1:
+        return z if z > 0 else z - z
+    if a == 2:
+        return z if z > 0 else z * sl
+    if a == 3:
+        return z if z > 0 else np.expm1(z)
+    if a == 4:
+        return z / (_k(1.0, z) + np.exp(-z))
+    if a == 5:
+        return _k(0.5, z) * z * (_k(1.0, z) + math.erf(z * _k(_INV_SQRT2, z)))
+    return z
+
+
+@njit(fastmath=_ELEM_MATH)
+def _dact(z, a, sl):
+    """``act'(z)`` (0 at z = 0 for relu, as torch)."""
+    one = _k(1.0, z)
+    if a == 1:
+        return one if z > 0 else z - z
+    if a == 2:
+        return one if z > 0 else sl
+    if a == 3:
+        return one if z > 0 else np.exp(z)
+    if a == 4:
+        s = one / (one + np.exp(-z))
+        return s * (one + z * (one - s))
+    if a == 5:
+        cdf = _k(0.5, z) * (one + math.erf(z * _k(_INV_SQRT2, z)))
+        return cdf + z * np.exp(_k(-0.5, z) * z * z) * _k(_INV_SQRT_2PI, z)
+    return one
+
+
+@njit(fastmath=_ELEM_MATH)
+def _dact_y(y, a, sl):
+    """``act'(z)`` through the output ``y`` (invertible activations)."""
+    one = _k(1.0, y)
+    if a == 2:
+        return one if y > 0 else sl
+    if a == 3:
+        return one if y > 0 else y + one
+    return one
+
+
+@njit(fastmath=_ELEM_MATH)
+def _inv_act(y, a, sl):
+    """``z`` with ``act(z) = y`` (invertible activations; elu clamped as the composite)."""
+    if a == 2:
+        return y if y > 0 else y / sl
+    if a == 3:
+        return y if y > 0 else np.log1p(max(y, _k(-1.0 + 1e-7, y)))
+    return y
+
+
+@njit(fastmath=_ELEM_MATH)
+def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, sl, inplace):
+    """``(dz, xhat)`` of one element: ``v`` is x (normal mode) or y (in-place mode)."""
+    if inplace:
+        return g * _dact_y(v, a, sl), (_inv_act(v, a, sl) - rv - b) * rw
+    xh = (v - hi) * inv + k0
+    return g * _dact(xh * w + b + rv, a, sl), xh
+
+
+# ---- forward: elementwise pass ------------------------------------------------------------
+
+
+@njit(fastmath=_ELEM_MATH)
+def _run_act(x, r, y, o, s, hi, sc, sh, a, sl):
+    if r.size > 0:
+        for i in range(o, o + s):
+            z = (_ld(x[_u(i)]) - hi) * sc + sh + _ld(r[_u(i)])
+            y[_u(i)] = _st(_act(z, a, sl), y)
+    else:
+        for i in range(o, o + s):
+            z = (_ld(x[_u(i)]) - hi) * sc + sh
+            y[_u(i)] = _st(_act(z, a, sl), y)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_act(x, r, y, c_, n0, n1, hi, sc, sh, a, sl):
+    for n in range(n0, n1):
+        p = n * c_
+        if r.size > 0:
+            for j in range(c_):
+                i = _u(p + j)
+                z = (_ld(x[i]) - hi[j]) * sc[j] + sh[j] + _ld(r[i])
+                y[i] = _st(_act(z, a, sl), y)
+        else:
+            for j in range(c_):
+                i = _u(p + j)
+                y[i] = _st(_act((_ld(x[i]) - hi[j]) * sc[j] + sh[j], a, sl), y)
+
+
+@njit
+def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope):
+    sl = _k(slope, coef[0, 0])
+    if s_ == 1:
+        _rows_act(x, r, y, c_, n0, n1, coef[0], coef[1], coef[2], a, sl)
+        return
+    stride = c_ * s_
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_act(x, r, y, o, s_, coef[0, c], coef[1, c], coef[2, c], a, sl)
+            o += s_
+
+
+# ---- backward: reduction and elementwise pass ---------------------------------------------
+# coef rows (compute dtype): 0 mean_hi, 1 invstd, 2 k0 = -(mean - mean_hi) * invstd,
+# 3 weight, 4 bias, 5 1 / weight, 6 weight * invstd, 7 -sum_dz / count,
+# 8 -sum_dz_xhat / count (7 and 8 zero in eval).
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _run_bred(dy, v, r, o, s, co, c, a, sl, inplace):
+    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
+    s1 = hi - hi
+    s2 = hi - hi
+    if r.size > 0:
+        for i in range(o, o + s):
+            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), _ld(r[_u(i)]), hi, inv, k0, w, b,
+                              rw, a, sl, inplace)
+            s1 += dz
+            s2 += dz * xh
+    else:
+        for i in range(o, o + s):
+            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), s1 - s1, hi, inv, k0, w, b, rw,
+                              a, sl, inplace)
+            s1 += dz
+            s2 += dz * xh
+    return np.float64(s1), np.float64(s2)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _run_bapply(dy, v, r, dx, dr, o, s, co, c, a, sl, inplace):
+    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
+    sc, k1, k2 = co[6, c], co[7, c], co[8, c]
+    zero = hi - hi
+    for i in range(o, o + s):
+        rv = _ld(r[_u(i)]) if r.size > 0 else zero
+        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, sl,
+                          inplace)
+        if dx.size > 0:
+            dx[_u(i)] = _st(sc * (dz + k1 + xh * k2), dx)
+        if dr.size > 0:
+            dr[_u(i)] = _st(dz, dr)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
+    q1[:] = 0.0
+    q2[:] = 0.0
+    zero = q1[0] - q1[0]
+    for n in range(nrows):
+        p = o + n * c_
+        for j in range(c_):
+            i = _u(p + j)
+            rv = _ld(r[i]) if r.size > 0 else zero
+            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
+                              co[3, j], co[4, j], co[5, j], a, sl, inplace)
+            q1[j] += dz
+            q2[j] += dz * xh
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace):
+    zero = co[0, 0] - co[0, 0]
+    for n in range(n0, n1):
+        p = n * c_
+        for j in range(c_):
+            i = _u(p + j)
+            rv = _ld(r[i]) if r.size > 0 else zero
+            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
+                              co[3, j], co[4, j], co[5, j], a, sl, inplace)
+            if dx.size > 0:
+                dx[i] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
+            if dr.size > 0:
+                dr[i] = _st(dz, dr)
+
+
+@njit
+def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx):
+    """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1)."""
+    sl = _k(slope, co[0, 0])
+    for c in range(c0, c1):
+        sdz[c] = 0.0
+        sdx[c] = 0.0
+    if s_ == 1:
+        q1 = np.empty(c_, co.dtype)
+        q2 = np.empty(c_, co.dtype)
+        seg = max(1, ROW_SEGMENT // c_)
+        for m0 in range(n0, n1, seg):
+            m1 = min(m0 + seg, n1)
+            _rows_bred(dy, v, r, m0 * c_, m1 - m0, c_, co, a, sl, inplace, q1, q2)
+            for c in range(c_):
+                sdz[c] += np.float64(q1[c])
+                sdx[c] += np.float64(q2[c])
+        return
+    stride = c_ * s_
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            u, w = _run_bred(dy, v, r, o, s_, co, c, a, sl, inplace)
+            sdz[c] += u
+            sdx[c] += w
+            o += s_
+
+
+@njit
+def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace):
+    sl = _k(slope, co[0, 0])
+    if s_ == 1:
+        _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace)
+        return
+    stride = c_ * s_
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_bapply(dy, v, r, dx, dr, o, s_, co, c, a, sl, inplace)
+            o += s_
+
+
+@njit
+def _bwd_finish(co, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1):
+    """Add the float64 partials in part order (when reducing), write the sums, then the
+    input-gradient coefficients (rows 7, 8) of channels [c0, c1)."""
+    for c in range(c0, c1):
+        if do_reduce:
+            u = 0.0
+            w = 0.0
+            for p in range(pm.shape[0]):
+                u += pm[p, c]
+                w += pq[p, c]
+            sum_dz[c] = u
+            sum_dzx[c] = w
+        if training:
+            co[7, c] = -np.float64(sum_dz[c]) / count
+            co[8, c] = -np.float64(sum_dzx[c]) / count
+        else:
+            co[7, c] = 0.0
+            co[8, c] = 0.0
+
+
+@njit
+def backward_pre(mean, invstd, weight, bias, co):
+    """Coefficient rows 0-6 from the saved statistics and the affine parameters (float64
+    math, rounded once to the compute dtype)."""
+    for c in range(co.shape[1]):
+        mu = np.float64(mean[c])
+        inv = np.float64(invstd[c])
+        w = np.float64(weight[c]) if weight.size > 0 else 1.0
+        co[0, c] = mu
+        co[1, c] = inv
+        co[2, c] = -(mu - np.float64(co[0, c])) * inv
+        co[3, c] = w
+        co[4, c] = np.float64(bias[c]) if bias.size > 0 else 0.0
+        co[5, c] = 1.0 / w if w != 0.0 else 0.0
+        co[6, c] = w * inv
+
+
+# ---- kernels (same phases and arguments as numba_kernels.forward / backward) ---------------
+
+
+@_jit(nogil=True)
+def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias,
+                rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, pm, pq,
+                coef, phase, t0, t1):
+    """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
+
+    ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
+    otherwise ``mean`` and ``var_in`` with ``eps`` normalize.
+    """
+    if phase == 0:
+        for t in range(t0, t1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            cnt = 0.0
+            if do_stats:
+                cnt = _task_stats(x, c_, s_, c0, c1, n0, n1, pm[t % parts], pq[t % parts],
+                                  coef)
+            if parts == 1:
+                for c in range(c0, c1):
+                    if do_stats:
+                        inv = _finish_stats(c, cnt, pm[0, c], pq[0, c], mean, m2, invstd,
+                                            rmean, rvar, new_rmean, new_rvar, eps, momentum)
+                        _fwd_coef(c, pm[0, c], inv, weight, bias, coef)
+                    else:
+                        _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+                _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope)
+    elif phase == 1:
+        if do_stats:
+            cnt = np.float64(n_ * s_)
+            mu, q = _combine(pm, pq, n_, s_, t0, t1)
+            for c in range(t0, t1):
+                inv = _finish_stats(c, cnt, mu[c - t0], q[c - t0], mean, m2, invstd, rmean,
+                                    rvar, new_rmean, new_rvar, eps, momentum)
+                _fwd_coef(c, mu[c - t0], inv, weight, bias, coef)
+        else:
+            for c in range(t0, t1):
+                _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+    else:
+        for t in range(t1 - 1, t0 - 1, -1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope)
+
+
+@_jit(nogil=True)
+def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, count,
+                 do_reduce, do_apply, training, inplace, act, slope, pm, pq, coef, phase, t0,
+                 t1):
+    """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
+
+    ``coef`` rows 0-6 come from :func:`backward_pre`. ``do_reduce``: ``sum_dz`` and
+    ``sum_dzx = sum(dz * xhat)`` (else they are inputs). ``do_apply``: ``dx = w * invstd *
+    (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
+    where ``dx`` has size > 0, and ``dr = dz`` where ``dr`` has size > 0.
+    """
+    if phase == 0:
+        for t in range(t0, t1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            if do_reduce:
+                _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
+                           pm[t % parts], pq[t % parts])
+            if parts == 1:
+                _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1)
+                if do_apply:
+                    _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, 0, n_, coef, act, slope,
+                                 inplace)
+    elif phase == 1:
+        _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, t0, t1)
+    else:
+        for t in range(t1 - 1, t0 - 1, -1):
+            c0, c1 = _span(c_, blocks, t // parts)
+            n0, n1 = _span(n_, parts, t % parts)
+            _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace)

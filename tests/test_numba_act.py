@@ -1,0 +1,214 @@
+"""Fused BatchNorm + activation + residual in the numba backend (backends/numba_act*.py).
+
+Every case is checked against two references: the base class's composite
+(``Backend.forward_act``/``backward_act`` called unbound on the same backend, same storage
+dtype) and an independent float64 ``torch.nn.functional`` composite with autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("numba", reason="the numba backend needs numba")
+
+from batchnorm.backends import get_backend
+from batchnorm.backends.base import Backend, empty_out_like
+from helpers import STAT_TOLERANCES, TOLERANCES, assert_close, make_input
+
+ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
+INVERTIBLE = ["identity", "leaky_relu", "elu"]
+SLOPE = 0.1
+EPS = 1e-5
+MOMENTUM = 0.1
+TORCH_ACT = {
+    "identity": lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+    "elu": F.elu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+}
+MASK = (True, True, True, True)
+# (shape, channels_last): ranks 2-5, both layouts; (4, 3, 7) is the S > 1 run mode, NHWC and
+# (9, 5) the row mode
+SHAPES = [((9, 5), False), ((4, 3, 7), False), ((4, 3, 7), True), ((2, 3, 4, 5), False),
+          ((2, 3, 4, 5), True), ((2, 3, 2, 3, 4), True)]
+SHAPE_IDS = ["nc", "ncl", "nlc", "nchw", "nhwc", "ndhwc"]
+
+
+@pytest.fixture(scope="module")
+def be():
+    backend = get_backend("numba")
+    ok, why = backend.is_available()
+    if not ok:
+        pytest.skip(why)
+    return backend
+
+
+def _params(c, dtype=torch.float32):
+    g = torch.Generator().manual_seed(c)
+    w = (torch.rand(c, generator=g) + 0.5).to(dtype)
+    b = torch.randn(c, generator=g).to(dtype)
+    rm = torch.randn(c, generator=g)
+    rv = torch.rand(c, generator=g) + 0.5
+    return w, b, rm, rv
+
+
+def _ref64(x, w, b, rm, rv, r, training, activation, dy):
+    """float64 torch.nn.functional composite: (y, dx, dw, db, dr, new_rm, new_rv)."""
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    r64 = None if r is None else r.detach().double().requires_grad_()
+    rm64, rv64 = rm.double().clone(), rv.double().clone()
+    z = F.batch_norm(x64, rm64, rv64, w64, b64, training, MOMENTUM, EPS)
+    if r64 is not None:
+        z = z + r64
+    y = TORCH_ACT[activation](z)
+    y.backward(dy.double())
+    return (y, x64.grad, w64.grad, b64.grad, None if r64 is None else r64.grad, rm64, rv64)
+
+
+def _check(what, dtype, m, got, composite, ref):
+    """Compare fused (y, dx, dw, db, dr, rm, rv) with the composite and the float64 ref."""
+    atol, rtol = TOLERANCES[dtype]
+    names = ["y", "dx", "dweight", "dbias", "dresidual", "running_mean", "running_var"]
+    for i, name in enumerate(names):
+        if got[i] is None:
+            assert ref[i] is None, f"{what}: {name} missing"
+            continue
+        if name.startswith("running"):
+            tol = STAT_TOLERANCES[got[i].dtype]  # the buffers' dtype (float32 here)
+        elif name in ("dweight", "dbias"):
+            tol = (atol * m**0.5, rtol)
+        else:
+            tol = (atol, rtol)
+        assert_close(got[i], ref[i], *tol, f"{what} {name} vs float64")
+        if composite is not None and composite[i] is not None:
+            assert_close(got[i], composite[i], *tol, f"{what} {name} vs composite")
+
+
+def _run(be, fn_fwd, fn_bwd, x, w, b, rm, rv, r, training, activation, dy):
+    """One forward + backward through the given (bound or unbound) entry points."""
+    out = empty_out_like(x)
+    y, mean, invstd, nrm, nrv = fn_fwd(be, x, w, b, rm, rv, r, training, MOMENTUM, EPS,
+                                       activation, SLOPE, out)
+    dx, dw, db, dr = fn_bwd(be, dy, x, w, b, mean, invstd, r, training, activation, SLOPE,
+                            False, MASK)
+    if not training:
+        nrm, nrv = rm, rv
+    return y, dx, dw, db, dr, nrm, nrv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize(("shape", "channels_last"), SHAPES, ids=SHAPE_IDS)
+def test_matches_composites(be, dtype, shape, channels_last):
+    c = shape[1]
+    m = math.prod(shape) // c
+    w, b, rm, rv = _params(c, dtype)
+    x = make_input(shape, dtype, channels_last, seed=1)
+    res = make_input(shape, dtype, channels_last, seed=2, shift=0.0)
+    dy = make_input(shape, dtype, channels_last, seed=3, shift=0.0, scale=1.0)
+    for activation in ACTS:
+        for r in (None, res):
+            for training in (True, False):
+                what = f"{dtype} {shape} cl={channels_last} {activation} res={r is not None} " \
+                       f"train={training}"
+                got = _run(be, type(be).forward_act, type(be).backward_act, x, w, b, rm, rv, r,
+                           training, activation, dy)
+                comp = _run(be, Backend.forward_act, Backend.backward_act, x, w, b, rm, rv, r,
+                            training, activation, dy)
+                ref = _ref64(x, w, b, rm, rv, r, training, activation, dy)
+                assert got[0].stride() == x.stride(), what
+                if r is None:
+                    assert got[4] is None, what
+                _check(what, dtype, m, got, comp, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_inplace_overwrites_and_backward_from_output(be, dtype, channels_last):
+    shape = (3, 4, 5, 6)
+    c, m = shape[1], 3 * 5 * 6
+    w, b, rm, rv = _params(c, dtype)
+    x0 = make_input(shape, dtype, channels_last, seed=4)
+    res = make_input(shape, dtype, channels_last, seed=5, shift=0.0)
+    dy = make_input(shape, dtype, channels_last, seed=6, shift=0.0, scale=1.0)
+    for activation in INVERTIBLE:
+        for r in (None, res):
+            for training in (True, False):
+                what = f"inplace {dtype} cl={channels_last} {activation} res={r is not None} " \
+                       f"train={training}"
+                x = x0.clone()
+                ptr = x.data_ptr()
+                y, mean, invstd, nrm, nrv = be.forward_act(x, w, b, rm, rv, r, training,
+                                                           MOMENTUM, EPS, activation, SLOPE, x)
+                assert y is x and x.data_ptr() == ptr, what
+                ref = _ref64(x0, w, b, rm, rv, r, training, activation, dy)
+                # the input now holds the output
+                assert_close(x, ref[0], *TOLERANCES[dtype], f"{what} x overwritten")
+                dx, dw, db, dr = be.backward_act(dy, y, w, b, mean, invstd, r, training,
+                                                 activation, SLOPE, True, MASK)
+                comp = Backend.backward_act(be, dy, y, w, b, mean, invstd, r, training,
+                                            activation, SLOPE, True, MASK)
+                got = (y, dx, dw, db, dr, nrm if training else rm, nrv if training else rv)
+                _check(what, dtype, m, got, (None, *comp, None, None), ref)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_results_do_not_depend_on_thread_count(be, channels_last):
+    # large enough for several tasks, several batch parts and the parallel path
+    shape = (16, 8, 32, 32)
+    w, b, rm, rv = _params(8)
+    x = make_input(shape, torch.float32, channels_last, seed=7)
+    r = make_input(shape, torch.float32, channels_last, seed=8, shift=0.0)
+    dy = make_input(shape, torch.float32, channels_last, seed=9, shift=0.0, scale=1.0)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run(be, type(be).forward_act, type(be).backward_act, x, w, b, rm,
+                                rv, r, True, "silu", dy))
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b_ in zip(["y", "dx", "dw", "db", "dr", "rm", "rv"], *results):
+        assert torch.equal(a, b_), f"{name} differs between 1 and 2 threads"
+
+
+def test_output_mask_and_delegation(be):
+    shape = (4, 3, 5, 6)
+    w, b, rm, rv = _params(3)
+    x = make_input(shape, torch.float32, seed=10)
+    r = make_input(shape, torch.float32, seed=11, shift=0.0)
+    dy = make_input(shape, torch.float32, seed=12, shift=0.0, scale=1.0)
+    _, mean, invstd, _, _ = be.forward_act(x, w, b, rm, rv, r, True, MOMENTUM, EPS, "gelu",
+                                           SLOPE, empty_out_like(x))
+    full = be.backward_act(dy, x, w, b, mean, invstd, r, True, "gelu", SLOPE, False, MASK)
+    # only the residual's gradient: dz alone, nothing else returned
+    dx, dw, db, dr = be.backward_act(dy, x, w, b, mean, invstd, r, True, "gelu", SLOPE, False,
+                                     (False, False, False, True))
+    assert dx is None and dw is None and db is None
+    assert torch.equal(dr, full[3])
+    dx, dw, db, dr = be.backward_act(dy, x, w, b, mean, invstd, r, True, "gelu", SLOPE, False,
+                                     (True, False, False, False))
+    assert dw is None and db is None and dr is None
+    assert torch.equal(dx, full[0])
+    # a float64 residual for a float32 input is delegated to the composite: same results
+    r64 = r.double()
+    got = be.forward_act(x, w, b, rm, rv, r64, True, MOMENTUM, EPS, "gelu", SLOPE,
+                         empty_out_like(x))
+    comp = Backend.forward_act(be, x, w, b, rm, rv, r64, True, MOMENTUM, EPS, "gelu", SLOPE,
+                               empty_out_like(x))
+    assert torch.equal(got[0], comp[0])
+    # a strided (sliced) input is copied once and fused
+    xs = make_input((4, 6, 5, 6), torch.float32, seed=13)[:, ::2]
+    ys, *_ = be.forward_act(xs, w, b, rm, rv, r, True, MOMENTUM, EPS, "relu", SLOPE,
+                            empty_out_like(xs))
+    ref = _ref64(xs, w, b, rm, rv, r, True, "relu", dy)
+    assert_close(ys, ref[0], *TOLERANCES[torch.float32], "strided input y")

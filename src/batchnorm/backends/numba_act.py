@@ -179,8 +179,10 @@ class NumbaActMixin:
         acc = acc_dtype(saved)
         c = saved.shape[1]
         sum_dz, sum_dzx = torch.zeros(c, dtype=acc), torch.zeros(c, dtype=acc)
-        dx = nb._new_output(saved) if need_dx else None
-        dres = nb._new_output(saved) if need_dr else None
+        # the elementwise pass writes dx, and dresidual whenever there is a residual (one
+        # branch-free loop): an output not asked for goes to scratch (rare in practice)
+        dx = nb._new_output(saved) if do_apply else None
+        dres = nb._new_output(saved) if do_apply and residual is not None else None
         if do_reduce or do_apply:
             k = _kernels()
             view = nb._View(saved, reduce=do_reduce)
@@ -196,4 +198,5 @@ class NumbaActMixin:
                 *view.partials(), coef,
             )
             nb._launch(k.backward_act, args, view, saved, do_reduce, do_apply)
-        return dx, sum_dzx if need_dw else None, sum_dz if need_db else None, dres
+        return (dx if need_dx else None, sum_dzx if need_dw else None,
+                sum_dz if need_db else None, dres if need_dr else None)

@@ -120,112 +120,218 @@ def _inv_act(y, a, sl):
     return y
 
 
-@njit(fastmath=_ELEM_MATH)
-def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, sl, inplace):
+# ---- element and loop bodies ---------------------------------------------------------------
+# The loop bodies take compile-time flags: ``lin`` (identity / relu / leaky_relu, all
+# ``z > 0 ? z : neg * z``: selects only, so the loops vectorize), ``res`` (a residual is read)
+# and ``inp`` (in-place: recompute from y). They are inlined (numba ``inline="always"``) into
+# dispatchers that call them with literal flags, so LLVM sees one branch-free loop per case.
+# ``neg``: 1 (identity), 0 (relu), slope (leaky_relu); ``rneg = 1 / neg``.
+
+
+@njit(inline="always")
+def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
     """``(dz, xhat)`` of one element: ``v`` is x (normal mode) or y (in-place mode)."""
-    if inplace:
-        return g * _dact_y(v, a, sl), (_inv_act(v, a, sl) - rv - b) * rw
+    if inp:
+        if lin:
+            dz = g if v > 0 else g * neg
+            z = v if v > 0 else v * rneg
+        else:
+            dz = g * _dact_y(v, a, sl)
+            z = _inv_act(v, a, sl)
+        return dz, (z - rv - b) * rw
     xh = (v - hi) * inv + k0
-    return g * _dact(xh * w + b + rv, a, sl), xh
+    z = xh * w + b + rv
+    if lin:
+        return (g if z > 0 else g * neg), xh
+    return g * _dact(z, a, sl), xh
 
 
-# ---- forward: elementwise pass ------------------------------------------------------------
+@njit(inline="always")
+def _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, lin, res):
+    for i in range(o, o + s):
+        z = (_ld(x[_u(i)]) - hi) * sc + sh
+        if res:
+            z = z + _ld(r[_u(i)])
+        if lin:
+            y[_u(i)] = _st(z if z > 0 else z * neg, y)
+        else:
+            y[_u(i)] = _st(_act(z, a, sl), y)
 
 
 @njit(fastmath=_ELEM_MATH)
-def _run_act(x, r, y, o, s, hi, sc, sh, a, sl):
-    if r.size > 0:
-        for i in range(o, o + s):
-            z = (_ld(x[_u(i)]) - hi) * sc + sh + _ld(r[_u(i)])
-            y[_u(i)] = _st(_act(z, a, sl), y)
+def _run_act(x, r, y, o, s, hi, sc, sh, a, neg, sl):
+    if a <= 2:
+        if r.size > 0:
+            _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, True, True)
+        else:
+            _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, True, False)
+    elif r.size > 0:
+        _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, False, True)
     else:
-        for i in range(o, o + s):
-            z = (_ld(x[_u(i)]) - hi) * sc + sh
-            y[_u(i)] = _st(_act(z, a, sl), y)
+        _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, False, False)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _rows_act(x, r, y, c_, n0, n1, hi, sc, sh, a, sl):
+@njit(inline="always")
+def _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, lin, res):
     for n in range(n0, n1):
         p = n * c_
-        if r.size > 0:
-            for j in range(c_):
-                i = _u(p + j)
-                z = (_ld(x[i]) - hi[j]) * sc[j] + sh[j] + _ld(r[i])
+        for j in range(c_):
+            i = _u(p + j)
+            z = (_ld(x[i]) - hi[j]) * sc[j] + sh[j]
+            if res:
+                z = z + _ld(r[i])
+            if lin:
+                y[i] = _st(z if z > 0 else z * neg, y)
+            else:
                 y[i] = _st(_act(z, a, sl), y)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _rows_act(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl):
+    if a <= 2:
+        if r.size > 0:
+            _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, True, True)
         else:
-            for j in range(c_):
-                i = _u(p + j)
-                y[i] = _st(_act((_ld(x[i]) - hi[j]) * sc[j] + sh[j], a, sl), y)
+            _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, True, False)
+    elif r.size > 0:
+        _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, False, True)
+    else:
+        _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, False, False)
+
+
+@njit
+def _negs(a, sl):
+    """(neg, 1 / neg) of the piecewise-linear activations, in sl's dtype."""
+    one = _k(1.0, sl)
+    neg = one if a == 0 else (_k(0.0, sl) if a == 1 else sl)
+    return neg, (one / neg if neg != 0 else one)
 
 
 @njit
 def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope):
     sl = _k(slope, coef[0, 0])
+    neg, _ = _negs(a, sl)
     if s_ == 1:
-        _rows_act(x, r, y, c_, n0, n1, coef[0], coef[1], coef[2], a, sl)
+        _rows_act(x, r, y, c_, n0, n1, coef[0], coef[1], coef[2], a, neg, sl)
         return
     stride = c_ * s_
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_act(x, r, y, o, s_, coef[0, c], coef[1, c], coef[2, c], a, sl)
+            _run_act(x, r, y, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl)
             o += s_
 
 
 # ---- backward: reduction and elementwise pass ---------------------------------------------
 # coef rows (compute dtype): 0 mean_hi, 1 invstd, 2 k0 = -(mean - mean_hi) * invstd,
 # 3 weight, 4 bias, 5 1 / weight, 6 weight * invstd, 7 -sum_dz / count,
-# 8 -sum_dz_xhat / count (7 and 8 zero in eval).
+# 8 -sum_dz_xhat / count (7 and 8 zero in eval). The elementwise pass always writes dx, and
+# dresidual = dz when there is a residual (the host passes scratch for one not asked for).
 
 
-@njit(fastmath=_REDUCE_MATH)
-def _run_bred(dy, v, r, o, s, co, c, a, sl, inplace):
-    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
+@njit(inline="always")
+def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, res, inp):
     s1 = hi - hi
     s2 = hi - hi
-    if r.size > 0:
-        for i in range(o, o + s):
-            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), _ld(r[_u(i)]), hi, inv, k0, w, b,
-                              rw, a, sl, inplace)
-            s1 += dz
-            s2 += dz * xh
-    else:
-        for i in range(o, o + s):
-            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), s1 - s1, hi, inv, k0, w, b, rw,
-                              a, sl, inplace)
-            s1 += dz
-            s2 += dz * xh
+    for i in range(o, o + s):
+        rv = _ld(r[_u(i)]) if res else hi - hi
+        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
+                          rneg, sl, lin, inp)
+        s1 += dz
+        s2 += dz * xh
     return np.float64(s1), np.float64(s2)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _run_bapply(dy, v, r, dx, dr, o, s, co, c, a, sl, inplace):
+@njit(fastmath=_REDUCE_MATH)
+def _run_bred(dy, v, r, o, s, co, c, a, neg, rneg, sl, inp):
     hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
-    sc, k1, k2 = co[6, c], co[7, c], co[8, c]
-    zero = hi - hi
+    lin = a <= 2
+    res = r.size > 0
+    if lin and res and inp:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
+                              True, True)
+    if lin and res:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
+                              True, False)
+    if lin and inp:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
+                              False, True)
+    if lin:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
+                              False, False)
+    if res and inp:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
+                              True, True)
+    if res:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
+                              True, False)
+    if inp:
+        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
+                              False, True)
+    return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
+                          False, False)
+
+
+@njit(inline="always")
+def _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                     rneg, sl, lin, res, inp):
     for i in range(o, o + s):
-        rv = _ld(r[_u(i)]) if r.size > 0 else zero
-        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, sl,
-                          inplace)
-        if dx.size > 0:
-            dx[_u(i)] = _st(sc * (dz + k1 + xh * k2), dx)
-        if dr.size > 0:
+        rv = _ld(r[_u(i)]) if res else hi - hi
+        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
+                          rneg, sl, lin, inp)
+        dx[_u(i)] = _st(sc * (dz + k1 + xh * k2), dx)
+        if res:
             dr[_u(i)] = _st(dz, dr)
 
 
 @njit(fastmath=_ELEM_MATH)
+def _run_bapply(dy, v, r, dx, dr, o, s, co, c, a, neg, rneg, sl, inp):
+    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
+    sc, k1, k2 = co[6, c], co[7, c], co[8, c]
+    lin = a <= 2
+    res = r.size > 0
+    if lin and res and inp:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, True, True, True)
+    elif lin and res:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, True, True, False)
+    elif lin and inp:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, True, False, True)
+    elif lin:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, True, False, False)
+    elif res and inp:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, False, True, True)
+    elif res:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, False, True, False)
+    elif inp:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, False, False, True)
+    else:
+        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+                         rneg, sl, False, False, False)
+
+
+@njit(fastmath=_ELEM_MATH)
 def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
+    """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``
+    (generic loop: channels-last rows are short, per-channel coefficients are vectors)."""
     q1[:] = 0.0
     q2[:] = 0.0
     zero = q1[0] - q1[0]
+    neg, rneg = _negs(a, sl)
+    lin = a <= 2
     for n in range(nrows):
         p = o + n * c_
         for j in range(c_):
             i = _u(p + j)
             rv = _ld(r[i]) if r.size > 0 else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
-                              co[3, j], co[4, j], co[5, j], a, sl, inplace)
+                              co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
             q1[j] += dz
             q2[j] += dz * xh
 
@@ -233,16 +339,17 @@ def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
 @njit(fastmath=_ELEM_MATH)
 def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace):
     zero = co[0, 0] - co[0, 0]
+    neg, rneg = _negs(a, sl)
+    lin = a <= 2
     for n in range(n0, n1):
         p = n * c_
         for j in range(c_):
             i = _u(p + j)
             rv = _ld(r[i]) if r.size > 0 else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
-                              co[3, j], co[4, j], co[5, j], a, sl, inplace)
-            if dx.size > 0:
-                dx[i] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
-            if dr.size > 0:
+                              co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
+            dx[i] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
+            if r.size > 0:
                 dr[i] = _st(dz, dr)
 
 
@@ -264,11 +371,12 @@ def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx
                 sdz[c] += np.float64(q1[c])
                 sdx[c] += np.float64(q2[c])
         return
+    neg, rneg = _negs(a, sl)
     stride = c_ * s_
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            u, w = _run_bred(dy, v, r, o, s_, co, c, a, sl, inplace)
+            u, w = _run_bred(dy, v, r, o, s_, co, c, a, neg, rneg, sl, inplace)
             sdz[c] += u
             sdx[c] += w
             o += s_
@@ -280,11 +388,12 @@ def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace
     if s_ == 1:
         _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace)
         return
+    neg, rneg = _negs(a, sl)
     stride = c_ * s_
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_bapply(dy, v, r, dx, dr, o, s_, co, c, a, sl, inplace)
+            _run_bapply(dy, v, r, dx, dr, o, s_, co, c, a, neg, rneg, sl, inplace)
             o += s_
 
 
@@ -382,7 +491,7 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, c
     ``coef`` rows 0-6 come from :func:`backward_pre`. ``do_reduce``: ``sum_dz`` and
     ``sum_dzx = sum(dz * xhat)`` (else they are inputs). ``do_apply``: ``dx = w * invstd *
     (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
-    where ``dx`` has size > 0, and ``dr = dz`` where ``dr`` has size > 0.
+    and, with a residual, ``dr = dz``.
     """
     if phase == 0:
         for t in range(t0, t1):

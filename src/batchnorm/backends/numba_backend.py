@@ -1,8 +1,11 @@
 """The ``"numba"`` backend: fused, parallel CPU kernels (see :mod:`.numba_kernels`).
 
 Training forward (statistics, running update, normalization), eval forward and the backward
-(reduction and input gradient) each run as one call of one compiled kernel, and the four
-primitives that SyncBatchNorm composes are the same kernels with parts switched off.
+(reduction and input gradient, each output only when asked for) each run one compiled kernel.
+Channels-first inputs take a single parallel phase: every task reduces a block of channels and
+normalizes it while it is still in cache. Channels-last inputs need every row reduced before
+any is normalized, so their kernel runs in three phases (chunk partials, merge, elementwise).
+The four primitives that SyncBatchNorm composes are the same kernels with parts switched off.
 
 Inputs are read in place through ``.numpy()`` views: channels-first contiguous tensors as
 ``(N, C, S)``, channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)`` as ``(rows, C)``. Any other
@@ -10,14 +13,16 @@ strides are copied once, on purpose, to channels-first (:func:`~.base.as_kernel_
 float16 and bfloat16 are passed as their bit patterns (uint16 / int16 arrays) and computed in
 float32; statistics are float32 (float64 for float64 input), as everywhere in this package.
 
-Threads: every call runs on ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)`` threads, so
-``torch.set_num_threads`` governs both pools and the two never run more threads than torch was
-told to. Results do not depend on the thread count (the work partition depends only on the
-shape).
+Threads: a call runs on ``torch.get_num_threads()`` threads (the caller plus workers of a
+small pool; one thread below 64K elements). The kernels release the GIL, and idle workers
+block on a queue, so they never spin next to torch's OpenMP pool; numba's own threading layer
+(a second OpenMP runtime here) is not used. Work is cut by the shape only, never by the thread
+count, so results do not depend on it.
 
 Compiled code is cached on disk (numba's ``cache=True``: next to the module, or in the user's
-cache directory when the package is read-only); a cold first call compiles for a few seconds
-per storage dtype, which ``batchnorm bench`` reports.
+cache directory when the package is read-only, or not at all when neither is writable); a
+cold first call compiles for several seconds per storage dtype, which ``batchnorm bench``
+reports.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .base import ForwardResult, acc_dtype, as_kernel_layout, empty_out_like, layout_of
+from .numba_act import NumbaActMixin
 from .torch_backend import TorchBackend
 
 __all__ = ["NumbaBackend"]
@@ -91,7 +97,7 @@ def _vec(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
     return (t if t.dtype == acc else t.to(acc)).numpy()
 
 
-def _madvise_setup() -> Callable[[int, int], object] | None:
+def _madvise_setup() -> Callable[[int, int, int], int] | None:
     """libc's madvise where transparent huge pages can be asked for (Linux), else None;
     ``BATCHNORM_NUMBA_HUGEPAGES=0`` turns it off."""
     if os.environ.get("BATCHNORM_NUMBA_HUGEPAGES", "1") == "0" or not sys.platform.startswith(
@@ -274,7 +280,7 @@ def _launch(kernel: Callable[..., None], args: tuple, view: _View, x: Tensor,
         _POOL.run(kernel, (*args, 2), view.tasks, nthreads)
 
 
-class NumbaBackend(TorchBackend):
+class NumbaBackend(NumbaActMixin, TorchBackend):
     """Fused numba kernels for CPU tensors of float16/bfloat16/float32/float64."""
 
     name = "numba"

@@ -144,7 +144,8 @@ def fmt_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def plot_bars(path: str, title: str, labels: Sequence[str],
               series: dict[str, Sequence[float]], ylabel: str) -> str | None:
-    """Grouped bar chart to ``path`` (PNG); returns None, or why no plot was made."""
+    """Grouped bar chart (log scale, a line at 1) to ``path`` (PNG); returns None, or why no
+    plot was made."""
     try:
         import matplotlib
 
@@ -154,11 +155,12 @@ def plot_bars(path: str, title: str, labels: Sequence[str],
         return "matplotlib is not installed (pip install matplotlib)"
     n = len(series)
     width = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.5 * len(labels) * n), 5))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.35 * len(labels) + 2)), 6))
     for k, (name, values) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, values, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)

@@ -19,10 +19,19 @@ Dtypes: float16, bfloat16 and float32 accumulate in float32; float64 is supporte
 accumulates in float64 (fast on data-centre GPUs, slow on consumer ones). Saved mean/invstd are
 float32 (float64 for float64 input); running buffers keep their own dtype.
 
-Running statistics: kernels never write into their inputs. The update reads the old buffers
-and writes new tensors (returned to the op layer, which copies them into the module's buffers),
-so re-running any kernel, as a benchmark or the optional autotuner does, cannot apply the
-update twice.
+BatchNorm + activation + residual (``forward_act``/``backward_act``, issue 5): the same
+launches with the activation (identity, relu, leaky_relu, elu, silu, gelu), the residual add
+and, in the backward, ``dz = dy * act'(z)`` fused into them; ``dresidual = dz`` is written by
+the launch that writes ``dx``. Forward: on chip one launch, split 2 + 1 (x and r read by the
+elementwise pass: 4b), eval one; backward: on chip one, split 2 + 1 (dy, x and r read by both
+passes, dx and dr written: 8b). In-place mode writes y over x (through one copy only when x is
+strided) and recomputes ``xhat = (act^-1(y) - r - b) / w`` from y in the backward. Activation
+names the kernels do not know and residual dtypes they cannot load go to the composite default.
+
+Running statistics: kernels never write into their inputs (the in-place mode's x aside, which
+is therefore never autotuned). The update reads the old buffers and writes new tensors
+(returned to the op layer, which copies them into the module's buffers), so re-running any
+kernel, as a benchmark or the optional autotuner does, cannot apply the update twice.
 
 Devices: CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1`` (the Triton interpreter runs
 the same kernels with NumPy: slow, for tests without a GPU). ``"auto"`` picks this backend for
@@ -371,17 +380,22 @@ def _vec(t: Tensor | None, dummy: Tensor) -> Tensor:
 class _Call:
     """Everything one call needs about its input: kernel layout, view, dtypes, plans.
 
-    ``heavy`` halves the split tiles' element cap and the on-chip budgets, so that kernels
-    holding more tiles than plain BatchNorm's stay clear of register spills (checked with
-    ``--compile-report --act``): the fused backward (dy, x, the residual, dz and u where plain
-    BatchNorm holds dy and x) and the forward with a residual (x and r)."""
+    Fused calls that hold more tiles than plain BatchNorm get smaller ones, so that their
+    kernels stay clear of register spills (checked with ``--compile-report --act``):
+    ``fused_bwd`` (dy, x, the residual, dz and u where plain BatchNorm holds dy and x) halves
+    the split tiles' element cap and gives them a warp per 512 values (plain plans size warps
+    by bytes, which leaves half-precision tiles 32 values per thread and tensor);
+    ``fused_fwd_res`` (x and r) halves the on-chip forward budget.
+    The on-chip backward budget stays: halving it would move shapes to the split path (8b
+    instead of 5b) to save a few bytes of spills in float64 and 64-bit-index variants only."""
 
-    def __init__(self, x: Tensor, heavy: bool = False) -> None:
+    def __init__(self, x: Tensor, fused_bwd: bool = False, fused_fwd_res: bool = False) -> None:
         knobs = _TUNING
-        if heavy:
-            knobs = dataclasses.replace(knobs, max_tile_elems=max(16, knobs.max_tile_elems // 2),
-                                        onchip_fwd_elems=knobs.onchip_fwd_elems // 2,
-                                        onchip_bwd_elems=knobs.onchip_bwd_elems // 2)
+        self.fused_bwd = fused_bwd
+        if fused_bwd:
+            knobs = dataclasses.replace(knobs, max_tile_elems=max(16, knobs.max_tile_elems // 2))
+        if fused_fwd_res:
+            knobs = dataclasses.replace(knobs, onchip_fwd_elems=knobs.onchip_fwd_elems // 2)
         self.knobs = knobs
         self.x = as_kernel_layout(x)
         self.view = kernel_view(self.x, knobs.force_int64)
@@ -392,7 +406,11 @@ class _Call:
         self.numel = x.numel()
 
     def split(self) -> SplitPlan:
-        return plan_split(self.view, self.elt, self.sm, self.knobs)
+        plan = plan_split(self.view, self.elt, self.sm, self.knobs)
+        if self.fused_bwd:
+            warps = min(8, max(plan.num_warps, plan.block_c * plan.block_s // 512))
+            plan = dataclasses.replace(plan, num_warps=warps)
+        return plan
 
     def onchip(self, budget: int) -> OnChipPlan | None:
         if self.knobs.path == "split":
@@ -915,7 +933,7 @@ class TritonBackend(Backend):
         slope: float,
         out: Tensor,
     ) -> ForwardResult:
-        call = _Call(x, heavy=residual is not None)
+        call = _Call(x, fused_fwd_res=residual is not None)
         # The kernels write with x's kernel-layout offsets: straight into ``out`` when it has
         # that layout (always, except an in-place call on a strided x, which call.x copied).
         direct = layout_of(out) == layout_of(call.x)
@@ -994,7 +1012,8 @@ class TritonBackend(Backend):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         want_dx, want_dw, want_db, want_dres = output_mask
         want_dres = want_dres and residual is not None
-        call = _Call(saved, heavy=activation != "identity" or residual is not None or inplace)
+        call = _Call(saved, fused_bwd=activation != "identity" or residual is not None
+                     or inplace)
         dy = match_layout(dy, call.x)
         r = None if residual is None else match_layout(residual, call.x)
         act = _Act(_k().ACTIVATION_CODES[activation], slope, r, inplace)

@@ -54,13 +54,14 @@ __all__ = ["backward", "forward"]
 
 # Reductions may be reordered (vectorized with several accumulators); elementwise code may
 # only contract a*b+c into an FMA. Reassociation must not reach the normalization, where it
-# would fold (x - mean_hi) - mean_lo into x - (mean_hi + mean_lo).
+# could turn (x - mean_hi) * scale + shift into the folded x * scale + (shift - mean_hi *
+# scale), which loses the mean's precision.
 _REDUCE_MATH = {"reassoc", "contract", "nsz"}
 _ELEM_MATH = {"contract"}
 
-# Elements per segment: the shift of the centred sums is the mean of a task's first segment
-# (two passes over it, the second from L1); row-mode accumulators are flushed to float64 once
-# per segment.
+# The shift of the centred sums is the mean of a task's first segment of SEGMENT values
+# (ROW_SEGMENT in row mode), read twice, the second time from cache; row-mode accumulators
+# (compute dtype) are flushed to float64 every ROW_SEGMENT values.
 SEGMENT = 4096
 ROW_SEGMENT = 1 << 16
 # Row mode: consecutive rows are processed as super-rows of at least this many values.

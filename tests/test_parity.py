@@ -61,6 +61,10 @@ def _layout_cases(shapes: list[tuple[str, tuple[int, ...]]]) -> list:
 def test_module_matches_torch_nn_fp32_all_options(backend, name, shape, channels_last):
     """Two training steps then eval, for every (affine, track_running_stats, momentum)."""
     atol, rtol = TOLERANCES[torch.float32]
+    if shape[0] * int(torch.tensor(shape[2:]).prod()) <= 2:
+        # two values per channel: x-hat = +-1 from a near-degenerate variance; ATen's own fp32
+        # error there reaches 6e-5 against float64, so compare at that level
+        atol = rtol = 1e-4
     for affine, track, momentum in OPTIONS:
         what = f"{backend} {name} cl={channels_last} affine={affine} track={track} m={momentum}"
         ours, theirs = _module_pair(len(shape), shape[1], affine, track, momentum, backend)

@@ -366,6 +366,25 @@ def test_inplace_zero_weight_is_clamped_like_the_composite(path: str) -> None:
         assert_close(ours[key], comp[key], 1e-8, 1e-6, f"{path} {key}")
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["fused", "inplace"])
+def test_autotune_runs_once_and_never_retimes_inplace(inplace: bool) -> None:
+    """With the autotuner on, the fused forward and backward time several plans on first use
+    (pure kernels: the running stats still move one step, the result is the composite's);
+    in-place calls overwrite x, so they are never timed (no forward entry is cached)."""
+    case = make_case((3, 4, 5, 6), torch.float32, True, True)
+    tb._autotuned.clear()
+    try:
+        with tb.tuning(autotune=True, **SMALL):
+            ours = run_op(case, "leaky_relu", True, inplace, "triton")
+        kinds = sorted(key[0] for key in tb._autotuned)
+        assert kinds == (["bwd_act"] if inplace else ["bwd_act", "fwd_act"]), kinds
+    finally:
+        tb._autotuned.clear()
+    comp = run_op(case, "leaky_relu", True, inplace, "torch")
+    for key in ("y", "dx", "dw", "db", "dr", "rm", "rv"):
+        assert_close(ours[key], comp[key], 1e-4, 1e-4, f"autotuned inplace={inplace} {key}")
+
+
 # ---- launches: the passes of plain BatchNorm, nothing more ------------------------------------
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("path", PATHS)

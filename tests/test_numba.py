@@ -225,6 +225,70 @@ def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
         assert torch.equal(a, e), f"{name}: 1 and 2 threads differ"
 
 
+def _all_outputs(be, x, dy, w, b):
+    """Every tensor the kernels produce for one input: training forward, backward, eval and
+    the four primitives."""
+    c = x.shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    fwd = be.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+    bwd = be.backward(dy, x, w, fwd[1], fwd[2], True, (True, True, True))
+    ev = be.forward_eval(x, w, b, rm, rv, 1e-5)
+    ev_dx = be.backward(dy, x, w, rm, torch.ones(c), False, (True, False, False))[0]
+    y = be.apply(x, fwd[1], fwd[2], w, b)
+    sums = be.backward_reduce(dy, x, fwd[1], fwd[2])
+    dx = be.backward_apply(dy, x, fwd[1], fwd[2], w, *sums, 3 * x.numel() // c)
+    return (*fwd, *bwd, ev, ev_dx, y, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("name", "shape", "channels_last"),
+                         _cases([*PATHS, ("runs_odd", (5, 7, 3, 331)),
+                                 ("long_runs", (3, 5, 4100))]))
+def test_streamed_outputs_equal_plain_stores(monkeypatch, dtype, name, shape, channels_last):
+    """Outputs above _STREAM_MIN_BYTES are written through L1 buffers with non-temporal
+    stores: forcing that path on every output gives the same bits as plain stores (the
+    values are computed by the same loops; only where they are stored differs)."""
+    from batchnorm.backends import numba_backend
+
+    be = get_backend(BACKEND)
+    x = make_input(shape, dtype, channels_last)
+    dy = make_input(shape, dtype, channels_last, shift=0.0, scale=1.0)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = torch.rand(shape[1], dtype=pdtype) + 0.5, torch.randn(shape[1], dtype=pdtype)
+    monkeypatch.setattr(numba_backend, "_STREAM_MIN_BYTES", 1 << 62)
+    plain = _all_outputs(be, x, dy, w, b)
+    monkeypatch.setattr(numba_backend, "_STREAM_MIN_BYTES", 0)
+    streamed = _all_outputs(be, x, dy, w, b)
+    for i, (p, q) in enumerate(zip(plain, streamed)):
+        assert q.stride() == p.stride()
+        assert torch.equal(p.view(-1).view(torch.uint8), q.view(-1).view(torch.uint8)) if (
+            p.is_contiguous()) else torch.equal(p, q), f"{name}: output {i} differs when streamed"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint16], ids=str)
+def test_stream_copy_writes_exactly_its_range(dtype):
+    """The non-temporal copy writes dst[o:o + n] (aligned lines streamed, ragged ends plain)
+    and nothing around it, for every alignment and length up to a few lines."""
+    from numba import njit
+
+    from batchnorm.backends.numba_kernels import _fence, _stream
+
+    @njit
+    def copy(src, dst, o, n):
+        _stream(src, dst, o, n)
+        _fence()
+
+    size = 64 // np.dtype(dtype).itemsize
+    src = np.arange(1, 8 * size + 1).astype(dtype)
+    for o in range(0, 2 * size + 1):
+        for n in range(0, 5 * size + 3):
+            dst = np.zeros(10 * size, dtype)
+            copy(src, dst, o, n)
+            expected = np.zeros_like(dst)
+            expected[o:o + n] = src[:n]
+            assert np.array_equal(dst, expected), (o, n)
+
+
 def test_concurrent_calls_from_python_threads():
     """Two Python threads calling at once: one gets the pool, the other runs serially."""
     be = get_backend(BACKEND)

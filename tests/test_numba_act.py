@@ -160,6 +160,44 @@ def test_inplace_overwrites_and_backward_from_output(be, dtype, channels_last):
                 _check(what, dtype, m, got, (None, *comp, None, None), ref)
 
 
+def _act_outputs(be, x, w, b, rm, rv, r, training, activation, dy, inplace):
+    x = x.clone()
+    out = x if inplace else empty_out_like(x)
+    y, mean, invstd, nrm, nrv = be.forward_act(x, w, b, rm, rv, r, training, MOMENTUM, EPS,
+                                               activation, SLOPE, out)
+    grads = be.backward_act(dy, y if inplace else x, w, b, mean, invstd, r, training,
+                            activation, SLOPE, inplace, MASK)
+    return [t for t in (y.clone(), mean, invstd, nrm, nrv, *grads) if t is not None]
+
+
+@pytest.mark.parametrize(("shape", "channels_last"),
+                         [((4, 6, 7, 9), False), ((3, 5, 1100), False), ((4, 6, 7, 9), True),
+                          ((300, 37), False)], ids=["runs", "long_runs", "nhwc", "rows"])
+def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_last):
+    """Forcing the non-temporal store path (numba_backend._STREAM_MIN_BYTES = 0) on y, dx and
+    dresidual gives the same bits as plain stores, with and without a residual, in place
+    too."""
+    from batchnorm.backends import numba_backend
+
+    c = shape[1]
+    w, b, rm, rv = _params(c)
+    x = make_input(shape, torch.float32, channels_last, seed=13)
+    r = make_input(shape, torch.float32, channels_last, seed=14, shift=0.0)
+    dy = make_input(shape, torch.float32, channels_last, seed=15, shift=0.0, scale=1.0)
+    cases = [("relu", r, False, True), ("silu", None, False, True),
+             ("leaky_relu", r, True, True), ("elu", None, True, False)]
+    for activation, res, inplace, training in cases:
+        outs = []
+        for limit in (1 << 62, 0):
+            monkeypatch.setattr(numba_backend, "_STREAM_MIN_BYTES", limit)
+            outs.append(_act_outputs(be, x, w, b, rm, rv, res, training, activation, dy,
+                                     inplace))
+        assert len(outs[0]) == len(outs[1])
+        for i, (p, q) in enumerate(zip(*outs)):
+            assert torch.equal(p, q), f"{activation} res={res is not None} inplace={inplace}: " \
+                                      f"output {i} differs when streamed"
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_results_do_not_depend_on_thread_count(be, channels_last):
     # large enough for several tasks, several batch parts and the parallel path

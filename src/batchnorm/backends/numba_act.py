@@ -150,7 +150,7 @@ class NumbaActMixin:
             view.of(x), self._res_array(residual, x, view), view.of(out), *view.args(),
             mean_np, m2.numpy(), invstd_np, none, nb._vec(weight, acc), nb._vec(bias, acc),
             rm, rv, nrm, nrv, float(eps), float(momentum), training, _codes()[activation],
-            float(slope), *view.partials(), np.empty((3, c), dtype=none.dtype),
+            float(slope), nb._streamed(out), *view.partials(), np.empty((3, c), dtype=none.dtype),
         )
         nb._launch(_kernels().forward_act, args, view, x, training, True)
         if new_rm is not None and new_rv is not None:
@@ -212,7 +212,7 @@ class NumbaActMixin:
                 empty if dx is None else view.of(dx), empty if dres is None else view.of(dres),
                 *view.args(), sum_dz.numpy(), sum_dzx.numpy(), float(saved.numel() // c),
                 do_reduce, do_apply, training, inplace, _codes()[activation], float(slope),
-                *view.partials(), coef,
+                nb._streamed(dx), *view.partials(), coef,
             )
             nb._launch(k.backward_act, args, view, saved, do_reduce, do_apply)
         return (dx if need_dx else None, sum_dzx if need_dw else None,

@@ -31,14 +31,19 @@ from numba.extending import overload
 from .numba_kernels import (
     _REDUCE_MATH,
     ROW_SEGMENT,
+    STREAM_CHUNK,
     _combine,
+    _fence,
     _finish_stats,
+    _first_index,
     _fwd_coef,
     _fwd_given,
     _jit,
     _ld,
     _span,
     _st,
+    _stream,
+    _stream_pieces,
     _task_stats,
     _u,
 )
@@ -147,56 +152,60 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
 
 
 @njit(inline="always")
-def _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, lin, res):
-    for i in range(o, o + s):
-        z = (_ld(x[_u(i)]) - hi) * sc + sh
+def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, lin, res):
+    for i in range(s):
+        j = _u(o + i)
+        z = (_ld(x[j]) - hi) * sc + sh
         if res:
-            z = z + _ld(r[_u(i)])
+            z = z + _ld(r[j])
         if lin:
-            y[_u(i)] = _st(z if z > 0 else z * neg, y)
+            y[_u(yo + i)] = _st(z if z > 0 else z * neg, y)
         else:
-            y[_u(i)] = _st(_act(z, a, sl), y)
+            y[_u(yo + i)] = _st(_act(z, a, sl), y)
 
 
 @njit(fastmath=_ELEM_MATH)
-def _run_act(x, r, y, o, s, hi, sc, sh, a, neg, sl):
+def _run_act(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl):
+    """y[yo:yo + s] from x[o:o + s] (and r): y is the output, or a stream buffer."""
     if a <= 2:
         if r.size > 0:
-            _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, True, True)
+            _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, True, True)
         else:
-            _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, True, False)
+            _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, True, False)
     elif r.size > 0:
-        _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, False, True)
+        _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, False, True)
     else:
-        _run_act_body(x, r, y, o, s, hi, sc, sh, a, neg, sl, False, False)
+        _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, False, False)
 
 
 @njit(inline="always")
-def _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, lin, res):
+def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
     for n in range(n0, n1):
         p = n * c_
+        q = yo + (n - n0) * c_
         for j in range(c_):
             i = _u(p + j)
             z = (_ld(x[i]) - hi[j]) * sc[j] + sh[j]
             if res:
                 z = z + _ld(r[i])
             if lin:
-                y[i] = _st(z if z > 0 else z * neg, y)
+                y[_u(q + j)] = _st(z if z > 0 else z * neg, y)
             else:
-                y[i] = _st(_act(z, a, sl), y)
+                y[_u(q + j)] = _st(_act(z, a, sl), y)
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_act(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl):
+def _rows_act(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl):
+    """Rows [n0, n1) into y from item yo on (the output, or a stream buffer)."""
     if a <= 2:
         if r.size > 0:
-            _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, True, True)
+            _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, True, True)
         else:
-            _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, True, False)
+            _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, True, False)
     elif r.size > 0:
-        _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, False, True)
+        _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, False, True)
     else:
-        _rows_act_body(x, r, y, c_, n0, n1, hi, sc, sh, a, neg, sl, False, False)
+        _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, False, False)
 
 
 @njit
@@ -208,17 +217,38 @@ def _negs(a, sl):
 
 
 @njit
-def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope):
+def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
     sl = _k(slope, coef[0, 0])
     neg, _ = _negs(a, sl)
     if s_ == 1:
-        _rows_act(x, r, y, c_, n0, n1, coef[0], coef[1], coef[2], a, neg, sl)
+        if not stream:
+            _rows_act(x, r, y, c_, n0, n1, n0 * c_, coef[0], coef[1], coef[2], a, neg, sl)
+            return
+        # whole rows per chunk (rows are contiguous; a chunk boundary is a partial line)
+        k = max(1, STREAM_CHUNK // c_)
+        buf = np.empty(k * c_, y.dtype)
+        for m0 in range(n0, n1, k):
+            m1 = min(m0 + k, n1)
+            _rows_act(x, r, buf, c_, m0, m1, 0, coef[0], coef[1], coef[2], a, neg, sl)
+            _stream(buf, y, m0 * c_, (m1 - m0) * c_)
         return
     stride = c_ * s_
+    if stream:
+        buf = np.empty(STREAM_CHUNK, y.dtype)
+        base = _first_index(y)
+        for n in range(n0, n1):
+            o = n * stride + c0 * s_
+            for a0, b0, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
+                c = c0 + j
+                _run_act(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c], coef[2, c],
+                         a, neg, sl)
+                if q == b0:
+                    _stream(buf, y, o + a0, b0 - a0)
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_act(x, r, y, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl)
+            _run_act(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl)
             o += s_
 
 
@@ -273,46 +303,48 @@ def _run_bred(dy, v, r, o, s, co, c, a, neg, rneg, sl, inp):
 
 
 @njit(inline="always")
-def _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                      rneg, sl, lin, res, inp):
-    for i in range(o, o + s):
-        rv = _ld(r[_u(i)]) if res else hi - hi
-        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
-                          rneg, sl, lin, inp)
-        dx[_u(i)] = _st(sc * (dz + k1 + xh * k2), dx)
+    for i in range(s):
+        j = _u(o + i)
+        rv = _ld(r[j]) if res else hi - hi
+        dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl,
+                          lin, inp)
+        dx[_u(yo + i)] = _st(sc * (dz + k1 + xh * k2), dx)
         if res:
-            dr[_u(i)] = _st(dz, dr)
+            dr[_u(yo + i)] = _st(dz, dr)
 
 
 @njit(fastmath=_ELEM_MATH)
-def _run_bapply(dy, v, r, dx, dr, o, s, co, c, a, neg, rneg, sl, inp):
+def _run_bapply(dy, v, r, dx, dr, o, yo, s, co, c, a, neg, rneg, sl, inp):
+    """dx[yo:yo + s] (and dr) from the inputs at [o, o + s)."""
     hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
     sc, k1, k2 = co[6, c], co[7, c], co[8, c]
     lin = a <= 2
     res = r.size > 0
     if lin and res and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, True, True, True)
     elif lin and res:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, True, True, False)
     elif lin and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, True, False, True)
     elif lin:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, True, False, False)
     elif res and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, False, True, True)
     elif res:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, False, True, False)
     elif inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, False, False, True)
     else:
-        _run_bapply_body(dy, v, r, dx, dr, o, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
+        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
                          rneg, sl, False, False, False)
 
 
@@ -337,20 +369,22 @@ def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace):
+def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
+    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
     zero = co[0, 0] - co[0, 0]
     neg, rneg = _negs(a, sl)
     lin = a <= 2
     for n in range(n0, n1):
         p = n * c_
+        q = yo + (n - n0) * c_
         for j in range(c_):
             i = _u(p + j)
             rv = _ld(r[i]) if r.size > 0 else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
                               co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
-            dx[i] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
+            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
             if r.size > 0:
-                dr[i] = _st(dz, dr)
+                dr[_u(q + j)] = _st(dz, dr)
 
 
 @njit
@@ -383,17 +417,42 @@ def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx
 
 
 @njit
-def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace):
+def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, stream):
+    """dx (and dr) of rows [n0, n1) x channels [c0, c1); streamed as in _task_act (dx and
+    dr are the same shape, so one chunking serves both)."""
     sl = _k(slope, co[0, 0])
+    k = max(1, STREAM_CHUNK // c_) if s_ == 1 else 1
+    bx = np.empty(max(STREAM_CHUNK, k * c_) if stream else 0, dx.dtype)
+    br = np.empty(bx.size if r.size > 0 else 0, dr.dtype)
     if s_ == 1:
-        _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, co, a, sl, inplace)
+        if not stream:
+            _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, sl, inplace)
+            return
+        for m0 in range(n0, n1, k):
+            m1 = min(m0 + k, n1)
+            _rows_bapply(dy, v, r, bx, br, c_, m0, m1, 0, co, a, sl, inplace)
+            _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
+            if r.size > 0:
+                _stream(br, dr, m0 * c_, (m1 - m0) * c_)
         return
     neg, rneg = _negs(a, sl)
     stride = c_ * s_
+    if stream:
+        base = _first_index(dx)
+        for n in range(n0, n1):
+            o = n * stride + c0 * s_
+            for a0, b0, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
+                _run_bapply(dy, v, r, bx, br, o + p, p - a0, q - p, co, c0 + j, a, neg, rneg,
+                            sl, inplace)
+                if q == b0:
+                    _stream(bx, dx, o + a0, b0 - a0)
+                    if r.size > 0:
+                        _stream(br, dr, o + a0, b0 - a0)
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_bapply(dy, v, r, dx, dr, o, s_, co, c, a, neg, rneg, sl, inplace)
+            _run_bapply(dy, v, r, dx, dr, o, o, s_, co, c, a, neg, rneg, sl, inplace)
             o += s_
 
 
@@ -440,12 +499,13 @@ def backward_pre(mean, invstd, weight, bias, co):
 
 @_jit(nogil=True)
 def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias,
-                rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, pm, pq,
-                coef, phase, t0, t1):
+                rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, stream,
+                pm, pq, coef, phase, t0, t1):
     """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
 
     ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
-    otherwise ``mean`` and ``var_in`` with ``eps`` normalize.
+    otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: non-temporal
+    stores for ``y`` (see ``numba_kernels._stream``).
     """
     if phase == 0:
         for t in range(t0, t1):
@@ -463,7 +523,7 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                         _fwd_coef(c, pm[0, c], inv, weight, bias, coef)
                     else:
                         _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
-                _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope)
+                _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
     elif phase == 1:
         if do_stats:
             cnt = np.float64(n_ * s_)
@@ -479,19 +539,21 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
         for t in range(t1 - 1, t0 - 1, -1):
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
-            _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope)
+            _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
+    if stream:
+        _fence()
 
 
 @_jit(nogil=True)
 def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, count,
-                 do_reduce, do_apply, training, inplace, act, slope, pm, pq, coef, phase, t0,
-                 t1):
+                 do_reduce, do_apply, training, inplace, act, slope, stream, pm, pq, coef, phase,
+                 t0, t1):
     """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
 
     ``coef`` rows 0-6 come from :func:`backward_pre`. ``do_reduce``: ``sum_dz`` and
     ``sum_dzx = sum(dz * xhat)`` (else they are inputs). ``do_apply``: ``dx = w * invstd *
     (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
-    and, with a residual, ``dr = dz``.
+    and, with a residual, ``dr = dz``. ``stream``: non-temporal stores for ``dx`` and ``dr``.
     """
     if phase == 0:
         for t in range(t0, t1):
@@ -504,11 +566,14 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, c
                 _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1)
                 if do_apply:
                     _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, 0, n_, coef, act, slope,
-                                 inplace)
+                                 inplace, stream)
     elif phase == 1:
         _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, t0, t1)
     else:
         for t in range(t1 - 1, t0 - 1, -1):
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
-            _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace)
+            _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
+                         stream)
+    if stream:
+        _fence()

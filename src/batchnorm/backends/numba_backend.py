@@ -47,13 +47,18 @@ from .torch_backend import TorchBackend
 __all__ = ["NumbaBackend"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Channels-first: a task's channel block spans at least _BLOCK_ELEMS contiguous elements of
-# each batch row (shorter pieces at a large stride stream poorly from memory) and, when
-# possible, at most _TASK_ELEMS in all (so that the second pass finds them in L2). With fewer
-# than _MIN_TASKS blocks the batch is split too.
-_BLOCK_ELEMS = 4096
-_TASK_ELEMS = 1 << 18
+# Channels-first: a task's channel block spans _BLOCK_ELEMS contiguous elements of each batch
+# row, at least _BLOCK_ELEMS_MIN, and at most _TASK_ELEMS in all (so that the second pass
+# finds them in cache). Short pieces at a large stride stream poorly from memory: one thread
+# summing (32, 256, 28, 28) float32 in blocks of 1, 4, 8, 16 and 32 channels (3, 12.5, 25,
+# 50, 100 KB pieces) read 15, 20, 32, 37 and 41 GB/s on this project's VM. With fewer than
+# _MIN_TASKS blocks the batch is split too (a second read of x, from L3 when the input fits
+# there: inputs above _SPLIT_MAX_BYTES keep _MIN_TASKS blocks, with shorter pieces).
+_BLOCK_ELEMS = 16384
+_BLOCK_ELEMS_MIN = 4096
+_TASK_ELEMS = 1 << 20
 _MIN_TASKS = 16
+_SPLIT_MAX_BYTES = 1 << 24
 # Channels-last (and elementwise-only channels-first): chunks of at least _CHUNK_ELEMS values
 # (a chunk costs a few allocations and 2 C partials) and at most _MAX_CHUNKS of them.
 _CHUNK_ELEMS = 1 << 16
@@ -64,6 +69,12 @@ _PARALLEL_MIN_NUMEL = 1 << 16
 _PARALLEL_MERGE = 1 << 14
 # Outputs from this size on are advised to use huge pages (see _new_output).
 _HUGE_MIN_BYTES = 1 << 23
+# Outputs from this size on are written with non-temporal (streaming) stores, which skip the
+# read a plain store makes of every line it writes into. Below it, the output is likely to
+# be read again from the caches by the next layer (or by our own backward), which streaming
+# would evict. The 25 MB (32, 256, 28, 28) float32 forward on this project's 2-core VM, one
+# thread: 3.4 ms plain, see benchmarks/RESULTS.md for the streamed figures.
+_STREAM_MIN_BYTES = int(os.environ.get("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24))
 # "auto" picks numba for training from this many elements on (measured crossover, see
 # preferred_for); channels-first and channels-last differ.
 _AUTO_MIN_NUMEL_CF = 1 << 17
@@ -118,6 +129,11 @@ _MADV_HUGEPAGE = 14
 _HUGE = 1 << 21
 
 
+def _streamed(t: Tensor | None) -> bool:
+    """Whether the kernels write ``t`` with non-temporal stores."""
+    return t is not None and t.numel() * t.element_size() >= _STREAM_MIN_BYTES
+
+
 def _new_output(x: Tensor) -> Tensor:
     """``empty_out_like(x)``; a large one is first advised to use 2 MiB pages.
 
@@ -146,10 +162,11 @@ class _View:
 
     * Channels last: one block, the rows cut into chunks of at least ``_CHUNK_ELEMS`` values
       (each chunk's partials cost 2 C values).
-    * Channels first with a reduction: a block spans at least ``_BLOCK_ELEMS`` contiguous
+    * Channels first with a reduction: a block spans about ``_BLOCK_ELEMS`` contiguous
       values of each batch row, so that memory streams in long pieces, and when possible at
-      most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in L2; the
-      batch is split only when there are fewer than ``_MIN_TASKS`` blocks.
+      most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in cache;
+      the batch is split when there are fewer than ``_MIN_TASKS`` blocks, which inputs above
+      ``_SPLIT_MAX_BYTES`` avoid with shorter pieces (down to ``_BLOCK_ELEMS_MIN``).
     * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
       that each task is one contiguous piece of memory.
     """
@@ -170,7 +187,11 @@ class _View:
             self.blocks = min(c, math.ceil(_MIN_TASKS / self.parts))
         else:
             self.dims = (n, c, s)
-            per_block = min(math.ceil(_BLOCK_ELEMS / s), max(1, _TASK_ELEMS // (n * s)))
+            per_block = math.ceil(_BLOCK_ELEMS / s)
+            if x.numel() * x.element_size() > _SPLIT_MAX_BYTES:
+                per_block = max(math.ceil(_BLOCK_ELEMS_MIN / s),
+                                min(per_block, c // _MIN_TASKS))
+            per_block = min(per_block, max(1, _TASK_ELEMS // (n * s)))
             self.blocks = math.ceil(c / min(c, per_block))
             self.parts = 1
             if self.blocks < _MIN_TASKS:
@@ -354,7 +375,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         args = (
             view.of(x), view.of(y if y is not None else x), *view.args(), mean.numpy(),
             m2.numpy(), invstd.numpy(), _vec(var, acc), _vec(weight, acc), _vec(bias, acc), rm,
-            rv, nrm, nrv, float(eps), float(momentum), do_stats, apply, *view.partials(),
+            rv, nrm, nrv, float(eps), float(momentum), do_stats, apply, _streamed(y),
+            *view.partials(),
             np.empty((3, c), dtype=none.dtype),
         )
         _launch(kernel, args, view, x, do_stats, apply)
@@ -396,7 +418,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
             view.of(dy), view.of(x), view.of(dx if dx is not None else x), *view.args(),
             _vec(mean, acc), _vec(invstd, acc), _vec(weight, acc), sum_dy.numpy(),
             sum_dy_xmu.numpy(), none if dw is None else dw.numpy(),
-            float(count or x.numel() // c), do_reduce, apply, training, *view.partials(),
+            float(count or x.numel() // c), do_reduce, apply, training, _streamed(dx),
+            *view.partials(),
             np.empty((4, c), dtype=none.dtype),
         )
         _launch(kernel, args, view, x, do_reduce, apply)

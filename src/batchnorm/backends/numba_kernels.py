@@ -48,6 +48,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 __all__ = ["backward", "forward"]
@@ -66,6 +67,9 @@ SEGMENT = 4096
 ROW_SEGMENT = 1 << 16
 # Row mode: consecutive rows are processed as super-rows of at least this many values.
 ROW_TILE = 1024
+# Streamed outputs are computed in buffers of this many items (a multiple of 64 bytes for
+# every dtype; small enough for L1) and written out chunk by chunk.
+STREAM_CHUNK = 1024
 
 
 def _jit(**kwargs):
@@ -177,6 +181,106 @@ def _u(i):
     return np.uint64(i)
 
 
+# ---- streaming (non-temporal) stores ------------------------------------------------------
+# An output much larger than the caches is written with non-temporal stores: a plain store
+# first reads the line it writes into ("write-allocate"), so writing y costs two memory
+# transfers instead of one. The elementwise loops write into a small buffer that stays in L1,
+# which _stream copies out in whole, aligned 64-byte lines (a partial line would cost the read
+# again). Measured on a 25 MB float32 pass on this project's VM: 1.70 ms with plain stores,
+# 1.03 ms streamed, 1.58 ms for memcpy.
+
+
+@intrinsic
+def _stream(typingctx, src, dst, o, n):
+    """``dst[o:o + n] = src[:n]``: the 64-byte-aligned lines with non-temporal stores, the
+    ragged ends with plain ones."""
+    sig = types.none(src, dst, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        sa = context.make_array(sig.args[0])(context, builder, args[0])
+        da = context.make_array(sig.args[1])(context, builder, args[1])
+        size = context.get_abi_sizeof(context.get_data_type(sig.args[1].dtype))
+        i64 = ir.IntType(64)
+        i8p = ir.IntType(8).as_pointer()
+        vec = ir.VectorType(ir.IntType(32), 16)
+
+        def const(v):
+            return ir.Constant(i64, v)
+
+        out = builder.bitcast(builder.gep(da.data, [args[2]]), i8p)
+        inp = builder.bitcast(sa.data, i8p)
+        nbytes = builder.mul(args[3], const(size))
+        lead = builder.and_(builder.sub(const(0), builder.ptrtoint(out, i64)), const(63))
+        lead = builder.select(builder.icmp_unsigned("<", nbytes, lead), nbytes, lead)
+        cgutils.raw_memcpy(builder, out, inp, lead, 1)
+        lines = builder.lshr(builder.sub(nbytes, lead), const(6))
+        hint = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        with cgutils.for_range(builder, lines, intp=i64) as loop:
+            at = builder.add(lead, builder.shl(loop.index, const(6)))
+            v = builder.load(builder.bitcast(builder.gep(inp, [at]), vec.as_pointer()), align=1)
+            st = builder.store(v, builder.bitcast(builder.gep(out, [at]), vec.as_pointer()),
+                               align=64)
+            st.set_metadata("nontemporal", hint)
+        done = builder.add(lead, builder.shl(lines, const(6)))
+        cgutils.raw_memcpy(builder, builder.gep(out, [done]), builder.gep(inp, [done]),
+                           builder.sub(nbytes, done), 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _fence(typingctx):
+    """A full memory fence: non-temporal stores are weakly ordered, so a thread's streamed
+    output must be drained before it reports its task done (mfence on x86)."""
+
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _first_index(typingctx, arr):
+    """The data pointer of ``arr`` in units of its items (for aligning chunks in memory)."""
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        size = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        addr = builder.ptrtoint(a.data, ir.IntType(64))
+        return builder.udiv(addr, ir.Constant(ir.IntType(64), size))
+
+    return types.intp(arr), codegen
+
+
+@njit
+def _chunk_end(base, a, end):
+    """End of the chunk starting at item ``a`` of a range: at most STREAM_CHUNK items, and on
+    a multiple of STREAM_CHUNK items in memory (``base`` is the range's first item's index
+    in memory) so that only the range's own ends can be partial lines."""
+    return min(end, a + STREAM_CHUNK - (base + a) % STREAM_CHUNK)
+
+
+@njit
+def _stream_pieces(base, end, s):
+    """Cut a contiguous output range of ``end`` items, runs of ``s`` items each, for
+    streaming: yields ``(a, b, p, q, j)``, the piece ``[p, q)`` of run ``j`` that lies in the
+    chunk ``[a, b)`` (see _chunk_end; ``base`` is the range's first item's index in memory).
+    The caller computes each piece into ``buf[p - a:q - a]`` and streams the buffer out after
+    a chunk's last piece (``q == b``)."""
+    a = 0
+    while a < end:
+        b = _chunk_end(base, a, end)
+        p = a
+        while p < b:
+            j = p // s
+            q = min(b, (j + 1) * s)
+            yield a, b, p, q, j
+            p = q
+        a = b
+
+
 # ---- per-channel scalar helpers -----------------------------------------------------------
 
 
@@ -268,9 +372,10 @@ def _run_dev(x, o, s, m):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _run_norm(x, y, o, s, hi, sc, sh):
-    for i in range(o, o + s):
-        y[_u(i)] = _st((_ld(x[_u(i)]) - hi) * sc + sh, y)
+def _run_norm(x, xo, y, yo, s, hi, sc, sh):
+    """y[yo:yo + s] from x[xo:xo + s] (y is the output, or a stream buffer)."""
+    for i in range(s):
+        y[_u(yo + i)] = _st((_ld(x[_u(xo + i)]) - hi) * sc + sh, y)
 
 
 @njit(fastmath=_REDUCE_MATH)
@@ -286,9 +391,10 @@ def _run_bred(dy, x, o, s, m):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _run_bapply(dy, x, dx, o, s, hi, a, b, k):
-    for i in range(o, o + s):
-        dx[_u(i)] = _st(a * ((_ld(x[_u(i)]) - hi) * b + (_ld(dy[_u(i)]) + k)), dx)
+def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
+    for i in range(s):
+        j = _u(xo + i)
+        dx[_u(yo + i)] = _st(a * ((_ld(x[j]) - hi) * b + (_ld(dy[j]) + k)), dx)
 
 
 # ---- row mode (channels last): a task's rows [n0, n1) are contiguous --------------------
@@ -320,12 +426,12 @@ def _rows_dev(x, o, w, rows, m, q1, q2):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_norm(x, y, o, w, rows, hi, sc, sh):
+def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh):
     for r in range(rows):
-        p = o + r * w
+        p = xo + r * w
+        q = yo + r * w
         for j in range(w):
-            i = _u(p + j)
-            y[i] = _st((_ld(x[i]) - hi[j]) * sc[j] + sh[j], y)
+            y[_u(q + j)] = _st((_ld(x[_u(p + j)]) - hi[j]) * sc[j] + sh[j], y)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -341,12 +447,13 @@ def _rows_bred(dy, x, o, w, rows, m, q1, q2):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_bapply(dy, x, dx, o, w, rows, hi, a, b, k):
+def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k):
     for r in range(rows):
-        p = o + r * w
+        p = xo + r * w
+        q = yo + r * w
         for j in range(w):
             i = _u(p + j)
-            dx[i] = _st(a[j] * ((_ld(x[i]) - hi[j]) * b[j] + (_ld(dy[i]) + k[j])), dx)
+            dx[_u(q + j)] = _st(a[j] * ((_ld(x[i]) - hi[j]) * b[j] + (_ld(dy[i]) + k[j])), dx)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -419,12 +526,22 @@ def _rows_stats(x, c_, n0, n1, mean, m2, like):
 
 
 @njit
-def _rows_task_norm(x, y, c_, n0, n1, coef):
+def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
     k, w, full, rem, o = _row_geometry(c_, n0, n1)
     co = _tiles(coef, 3, k)
-    _rows_norm(x, y, o, w, full, co[0], co[1], co[2])
+    if stream:
+        buf = np.empty(STREAM_CHUNK, y.dtype)
+        base = _first_index(y)
+        for r in range(full + (rem > 0)):
+            p = o + r * w
+            end = w if r < full else rem * c_
+            for a, b, _, _, _ in _stream_pieces(base + p, end, end):
+                _rows_norm(x, p + a, buf, 0, b - a, 1, co[0, a:b], co[1, a:b], co[2, a:b])
+                _stream(buf, y, p + a, b - a)
+        return
+    _rows_norm(x, o, y, o, w, full, co[0], co[1], co[2])
     if rem > 0:
-        _rows_norm(x, y, o + full * w, rem * c_, 1, co[0], co[1], co[2])
+        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, 1, co[0], co[1], co[2])
 
 
 @njit
@@ -451,12 +568,24 @@ def _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like):
 
 
 @njit
-def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef):
+def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream):
     k, w, full, rem, o = _row_geometry(c_, n0, n1)
     co = _tiles(coef, 4, k)
-    _rows_bapply(dy, x, dx, o, w, full, co[0], co[1], co[2], co[3])
+    if stream:
+        buf = np.empty(STREAM_CHUNK, dx.dtype)
+        base = _first_index(dx)
+        for r in range(full + (rem > 0)):
+            p = o + r * w
+            end = w if r < full else rem * c_
+            for a, b, _, _, _ in _stream_pieces(base + p, end, end):
+                _rows_bapply(dy, x, p + a, buf, 0, b - a, 1, co[0, a:b], co[1, a:b],
+                             co[2, a:b], co[3, a:b])
+                _stream(buf, dx, p + a, b - a)
+        return
+    _rows_bapply(dy, x, o, dx, o, w, full, co[0], co[1], co[2], co[3])
     if rem > 0:
-        _rows_bapply(dy, x, dx, o + full * w, rem * c_, 1, co[0], co[1], co[2], co[3])
+        q = o + full * w
+        _rows_bapply(dy, x, q, dx, q, rem * c_, 1, co[0], co[1], co[2], co[3])
 
 
 # ---- one task: channels [c0, c1) x batch rows [n0, n1) ------------------------------------
@@ -505,15 +634,27 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
 
 
 @njit
-def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef):
+def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream):
     if s_ == 1:
-        _rows_task_norm(x, y, c_, n0, n1, coef)
+        _rows_task_norm(x, y, c_, n0, n1, coef, stream)
         return
     stride = c_ * s_
+    if stream:
+        # each batch row's block [c0, c1) is one contiguous range, cut into aligned chunks
+        buf = np.empty(STREAM_CHUNK, y.dtype)
+        base = _first_index(y)
+        for n in range(n0, n1):
+            o = n * stride + c0 * s_
+            for a, b, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
+                c = c0 + j
+                _run_norm(x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c], coef[2, c])
+                if q == b:
+                    _stream(buf, y, o + a, b - a)
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_norm(x, y, o, s_, coef[0, c], coef[1, c], coef[2, c])
+            _run_norm(x, o, y, o, s_, coef[0, c], coef[1, c], coef[2, c])
             o += s_
 
 
@@ -537,15 +678,27 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
 
 
 @njit
-def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef):
+def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream):
     if s_ == 1:
-        _rows_task_bapply(dy, x, dx, c_, n0, n1, coef)
+        _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream)
         return
     stride = c_ * s_
+    if stream:  # as in _task_norm
+        buf = np.empty(STREAM_CHUNK, dx.dtype)
+        base = _first_index(dx)
+        for n in range(n0, n1):
+            o = n * stride + c0 * s_
+            for a, b, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
+                c = c0 + j
+                _run_bapply(dy, x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c],
+                            coef[2, c], coef[3, c])
+                if q == b:
+                    _stream(buf, dx, o + a, b - a)
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_bapply(dy, x, dx, o, s_, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+            _run_bapply(dy, x, o, dx, o, s_, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
             o += s_
 
 
@@ -620,14 +773,15 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
 
 @_jit(nogil=True)
 def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias, rmean,
-            rvar, new_rmean, new_rvar, eps, momentum, do_stats, do_apply, pm, pq, coef, phase,
-            t0, t1):
+            rvar, new_rmean, new_rvar, eps, momentum, do_stats, do_apply, stream, pm, pq, coef,
+            phase, t0, t1):
     """BatchNorm forward.
 
     ``do_stats``: batch statistics -> ``mean``, ``m2``, ``invstd`` (and the running update
     into ``new_rmean``/``new_rvar`` when ``rmean`` is given). Otherwise ``mean`` and
     ``invstd`` (or ``var_in`` with ``eps``, when given) are inputs. ``do_apply``: write
-    ``y = (x - mean) * invstd * weight + bias``.
+    ``y = (x - mean) * invstd * weight + bias``. ``stream``: write ``y`` with non-temporal
+    stores (for outputs much larger than the caches).
     """
     if phase == 0:
         for t in range(t0, t1):
@@ -645,7 +799,7 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
                     else:
                         _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
                 if do_apply:
-                    _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef)
+                    _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef, stream)
     elif phase == 1:
         if do_stats:
             cnt = np.float64(n_ * s_)
@@ -661,12 +815,15 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
         for t in range(t1 - 1, t0 - 1, -1):
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
-            _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef)
+            _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream)
+    if stream:
+        _fence()
 
 
 @_jit(nogil=True)
 def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy, sum_dy_xmu,
-             dweight, count, do_reduce, do_apply, training, pm, pq, coef, phase, t0, t1):
+             dweight, count, do_reduce, do_apply, training, stream, pm, pq, coef, phase, t0,
+             t1):
     """BatchNorm backward.
 
     ``do_reduce``: ``sum_dy`` and ``sum_dy_xmu = sum(dy * (x - mean))`` (and ``dweight =
@@ -674,6 +831,7 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
     ``do_apply``: ``dx = w * invstd * (dy - sum_dy / count - (x - mean) * invstd^2 *
     sum_dy_xmu / count)`` in training, ``dx = w * invstd * dy`` otherwise. ``count`` is the
     number of values per channel the statistics came from (all ranks for SyncBatchNorm).
+    ``stream``: write ``dx`` with non-temporal stores.
     """
     if phase == 0:
         for t in range(t0, t1):
@@ -686,7 +844,7 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
                 _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count,
                             do_reduce, training, pm, pq, coef, c0, c1)
                 if do_apply:
-                    _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef)
+                    _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef, stream)
     elif phase == 1:
         _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,
                     training, pm, pq, coef, t0, t1)
@@ -694,4 +852,6 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
         for t in range(t1 - 1, t0 - 1, -1):
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
-            _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef)
+            _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream)
+    if stream:
+        _fence()

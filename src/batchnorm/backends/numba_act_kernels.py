@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, types
+from numba import types
 from numba.extending import overload
 
 from .numba_kernels import (
@@ -34,10 +34,8 @@ from .numba_kernels import (
     STREAM_CHUNK,
     _combine,
     _fence,
-    _finish_stats,
     _first_index,
-    _fwd_coef,
-    _fwd_given,
+    _given_coefs,
     _jit,
     _ld,
     _span,
@@ -45,7 +43,9 @@ from .numba_kernels import (
     _stream,
     _stream_pieces,
     _task_stats,
+    _train_coefs,
     _u,
+    njit,
 )
 
 __all__ = ["ACT_CODES", "backward_act", "backward_pre", "forward_act"]
@@ -516,25 +516,19 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                 cnt = _task_stats(x, c_, s_, c0, c1, n0, n1, pm[t % parts], pq[t % parts],
                                   coef)
             if parts == 1:
-                for c in range(c0, c1):
-                    if do_stats:
-                        inv = _finish_stats(c, cnt, pm[0, c], pq[0, c], mean, m2, invstd,
-                                            rmean, rvar, new_rmean, new_rvar, eps, momentum)
-                        _fwd_coef(c, pm[0, c], inv, weight, bias, coef)
-                    else:
-                        _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+                if do_stats:
+                    _train_coefs(c0, c1, cnt, pm[0], pq[0], 0, mean, m2, invstd, rmean, rvar,
+                                 new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+                else:
+                    _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
     elif phase == 1:
         if do_stats:
-            cnt = np.float64(n_ * s_)
             mu, q = _combine(pm, pq, n_, s_, t0, t1)
-            for c in range(t0, t1):
-                inv = _finish_stats(c, cnt, mu[c - t0], q[c - t0], mean, m2, invstd, rmean,
-                                    rvar, new_rmean, new_rvar, eps, momentum)
-                _fwd_coef(c, mu[c - t0], inv, weight, bias, coef)
+            _train_coefs(t0, t1, np.float64(n_ * s_), mu, q, t0, mean, m2, invstd, rmean, rvar,
+                         new_rmean, new_rvar, eps, momentum, weight, bias, coef)
         else:
-            for c in range(t0, t1):
-                _fwd_given(c, mean, invstd, var_in, eps, weight, bias, coef)
+            _given_coefs(t0, t1, mean, invstd, var_in, eps, weight, bias, coef)
     else:
         for t in range(t1 - 1, t0 - 1, -1):
             c0, c1 = _span(c_, blocks, t // parts)

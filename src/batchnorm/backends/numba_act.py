@@ -212,7 +212,7 @@ class NumbaActMixin:
                 empty if dx is None else view.of(dx), empty if dres is None else view.of(dres),
                 *view.args(), sum_dz.numpy(), sum_dzx.numpy(), float(saved.numel() // c),
                 do_reduce, do_apply, training, inplace, _codes()[activation], float(slope),
-                nb._streamed(dx), *view.partials(), coef,
+                nb._streamed(dx, view), *view.partials(), coef,
             )
             nb._launch(k.backward_act, args, view, saved, do_reduce, do_apply)
         return (dx if need_dx else None, sum_dzx if need_dw else None,

@@ -13,6 +13,11 @@ strides are copied once, on purpose, to channels-first (:func:`~.base.as_kernel_
 float16 and bfloat16 are passed as their bit patterns (uint16 / int16 arrays) and computed in
 float32; statistics are float32 (float64 for float64 input), as everywhere in this package.
 
+Outputs of ``_STREAM_MIN_BYTES`` (16 MiB) and more are written with non-temporal stores, which
+skip the read-for-ownership a plain store makes of every line it writes: one memory transfer
+per output element instead of two. Smaller outputs keep plain stores, so that the next layer
+finds them in the caches.
+
 Threads: a call runs on ``torch.get_num_threads()`` threads (the caller plus workers of a
 small pool; one thread below 64K elements). The kernels release the GIL, and idle workers
 block on a queue, so they never spin next to torch's OpenMP pool; numba's own threading layer
@@ -129,9 +134,15 @@ _MADV_HUGEPAGE = 14
 _HUGE = 1 << 21
 
 
-def _streamed(t: Tensor | None) -> bool:
-    """Whether the kernels write ``t`` with non-temporal stores."""
-    return t is not None and t.numel() * t.element_size() >= _STREAM_MIN_BYTES
+def _streamed(t: Tensor | None, view: _View | None = None) -> bool:
+    """Whether the kernels write ``t`` with non-temporal stores. For a backward ``view``:
+    only when its elementwise pass re-reads x and dy from the caches (one phase). With two
+    input streams from memory, non-temporal stores measured slower than plain ones here
+    (channels-last (32, 256, 28, 28): 3.1 vs 2.6 ms), while one input stream gains (the
+    forward's: 1.35 vs 2.0 ms)."""
+    if t is None or t.numel() * t.element_size() < _STREAM_MIN_BYTES:
+        return False
+    return view is None or view.parts == 1
 
 
 def _new_output(x: Tensor) -> Tensor:
@@ -418,7 +429,7 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
             view.of(dy), view.of(x), view.of(dx if dx is not None else x), *view.args(),
             _vec(mean, acc), _vec(invstd, acc), _vec(weight, acc), sum_dy.numpy(),
             sum_dy_xmu.numpy(), none if dw is None else dw.numpy(),
-            float(count or x.numel() // c), do_reduce, apply, training, _streamed(dx),
+            float(count or x.numel() // c), do_reduce, apply, training, _streamed(dx, view),
             *view.partials(),
             np.empty((4, c), dtype=none.dtype),
         )

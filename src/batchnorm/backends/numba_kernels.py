@@ -424,7 +424,7 @@ def _rows_sum(x, o, w, rows, acc):
     for r in range(rows):
         p = o + r * w
         for j in range(w):
-            acc[j] += _ld(x[_u(p + j)])
+            acc[_u(j)] += _ld(x[_u(p + j)])
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -434,18 +434,22 @@ def _rows_dev(x, o, w, rows, m, q1, q2):
     for r in range(rows):
         p = o + r * w
         for j in range(w):
-            d = _ld(x[_u(p + j)]) - m[j]
-            q1[j] += d
-            q2[j] += d * d
+            d = _ld(x[_u(p + j)]) - m[_u(j)]
+            q1[_u(j)] += d
+            q2[_u(j)] += d * d
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh):
+def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh, co):
+    """``rows`` super-rows of width ``w``: x from xo, y from yo, coefficients from co. The
+    coefficients must be separate contiguous arrays (not rows of one 2-D array, which made
+    this loop ~1.6x slower)."""
     for r in range(rows):
         p = xo + r * w
         q = yo + r * w
         for j in range(w):
-            y[_u(q + j)] = _st((_ld(x[_u(p + j)]) - hi[j]) * sc[j] + sh[j], y)
+            k = _u(co + j)
+            y[_u(q + j)] = _st((_ld(x[_u(p + j)]) - hi[k]) * sc[k] + sh[k], y)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -456,18 +460,20 @@ def _rows_bred(dy, x, o, w, rows, m, q1, q2):
         p = o + r * w
         for j in range(w):
             g = _ld(dy[_u(p + j)])
-            q1[j] += g
-            q2[j] += g * (_ld(x[_u(p + j)]) - m[j])
+            q1[_u(j)] += g
+            q2[_u(j)] += g * (_ld(x[_u(p + j)]) - m[_u(j)])
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k):
+def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co):
+    """As _rows_norm, for dx."""
     for r in range(rows):
         p = xo + r * w
         q = yo + r * w
         for j in range(w):
             i = _u(p + j)
-            dx[_u(q + j)] = _st(a[j] * ((_ld(x[i]) - hi[j]) * b[j] + (_ld(dy[i]) + k[j])), dx)
+            c = _u(co + j)
+            dx[_u(q + j)] = _st(a[c] * ((_ld(x[i]) - hi[c]) * b[c] + (_ld(dy[i]) + k[c])), dx)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -479,13 +485,12 @@ def _fold_add(acc, v, w, c_):
 
 
 @njit
-def _tiles(coef, nrow, k):
-    """coef[:nrow] repeated k times along the channels: (nrow, k * C)."""
+def _tile(coef, i, k):
+    """coef[i] repeated k times: a contiguous (k * C,) array."""
     c_ = coef.shape[1]
-    out = np.empty((nrow, k * c_), coef.dtype)
-    for i in range(nrow):
-        for t in range(k):
-            out[i, t * c_:(t + 1) * c_] = coef[i]
+    out = np.empty(k * c_, coef.dtype)
+    for t in range(k):
+        out[t * c_:(t + 1) * c_] = coef[i]
     return out
 
 
@@ -544,7 +549,7 @@ def _rows_stats(x, c_, n0, n1, mean, m2, like):
 @njit
 def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
     k, w, full, rem, o = _row_geometry(c_, n0, n1)
-    co = _tiles(coef, 3, k)
+    hi, sc, sh = _tile(coef, 0, k), _tile(coef, 1, k), _tile(coef, 2, k)
     if stream:
         buf = np.empty(STREAM_CHUNK, y.dtype)
         base = _first_index(y)
@@ -552,12 +557,12 @@ def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
             p = o + r * w
             end = w if r < full else rem * c_
             for a, b, _, _, _ in _stream_pieces(base + p, end, end):
-                _rows_norm(x, p + a, buf, 0, b - a, 1, co[0, a:b], co[1, a:b], co[2, a:b])
+                _rows_norm(x, p + a, buf, 0, b - a, 1, hi, sc, sh, a)
                 _stream(buf, y, p + a, b - a)
         return
-    _rows_norm(x, o, y, o, w, full, co[0], co[1], co[2])
+    _rows_norm(x, o, y, o, w, full, hi, sc, sh, 0)
     if rem > 0:
-        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, 1, co[0], co[1], co[2])
+        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, 1, hi, sc, sh, 0)
 
 
 @njit
@@ -586,7 +591,7 @@ def _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like):
 @njit
 def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream):
     k, w, full, rem, o = _row_geometry(c_, n0, n1)
-    co = _tiles(coef, 4, k)
+    hi, a_, b_, k_ = _tile(coef, 0, k), _tile(coef, 1, k), _tile(coef, 2, k), _tile(coef, 3, k)
     if stream:
         buf = np.empty(STREAM_CHUNK, dx.dtype)
         base = _first_index(dx)
@@ -594,14 +599,13 @@ def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream):
             p = o + r * w
             end = w if r < full else rem * c_
             for a, b, _, _, _ in _stream_pieces(base + p, end, end):
-                _rows_bapply(dy, x, p + a, buf, 0, b - a, 1, co[0, a:b], co[1, a:b],
-                             co[2, a:b], co[3, a:b])
+                _rows_bapply(dy, x, p + a, buf, 0, b - a, 1, hi, a_, b_, k_, a)
                 _stream(buf, dx, p + a, b - a)
         return
-    _rows_bapply(dy, x, o, dx, o, w, full, co[0], co[1], co[2], co[3])
+    _rows_bapply(dy, x, o, dx, o, w, full, hi, a_, b_, k_, 0)
     if rem > 0:
         q = o + full * w
-        _rows_bapply(dy, x, q, dx, q, rem * c_, 1, co[0], co[1], co[2], co[3])
+        _rows_bapply(dy, x, q, dx, q, rem * c_, 1, hi, a_, b_, k_, 0)
 
 
 # ---- one task: channels [c0, c1) x batch rows [n0, n1) ------------------------------------

@@ -12,7 +12,7 @@ the activation-sized bytes autograd saves for backward (``saved_tensors_hooks``)
 Usage::
 
     python benchmarks/bench_act.py [--device cpu|cuda] [--backends numba native]
-        [--shapes r50_c64_h56 r50_c256_h14 ...] [--min-run-time 1.0] [--markdown]
+        [--shapes r50_c64_h56 r50_c256_h14 ...] [--min-run-time 1.0] [--threads N]
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", nargs="+", default=None, help="names from the ResNet-50 set")
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)

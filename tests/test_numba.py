@@ -359,6 +359,20 @@ def test_auto_picks_numba_where_it_measured_faster():
     assert get_backend(BACKEND).supports(torch.zeros(2, 3, dtype=torch.int32)) is not None
 
 
+def test_stream_threshold_from_the_environment(monkeypatch):
+    """BATCHNORM_NUMBA_STREAM_MIN_BYTES: bytes, or a clear error naming the variable."""
+    from batchnorm.backends.numba_backend import _env_bytes
+
+    monkeypatch.setenv("BATCHNORM_NUMBA_STREAM_MIN_BYTES", "4096")
+    assert _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 7) == 4096
+    monkeypatch.setenv("BATCHNORM_NUMBA_STREAM_MIN_BYTES", " ")
+    assert _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 7) == 7
+    for bad in ("16M", "-1"):
+        monkeypatch.setenv("BATCHNORM_NUMBA_STREAM_MIN_BYTES", bad)
+        with pytest.raises(ValueError, match="BATCHNORM_NUMBA_STREAM_MIN_BYTES"):
+            _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 7)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_large_outputs_with_huge_page_advice(channels_last):
     """Outputs of 8 MiB and more are advised to use huge pages: same numbers."""

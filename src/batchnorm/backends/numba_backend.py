@@ -79,7 +79,20 @@ _HUGE_MIN_BYTES = 1 << 23
 # be read again from the caches by the next layer (or by our own backward), which streaming
 # would evict. The 25 MB (32, 256, 28, 28) float32 forward on this project's 2-core VM, one
 # thread: 3.4 ms plain, see benchmarks/RESULTS.md for the streamed figures.
-_STREAM_MIN_BYTES = int(os.environ.get("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24))
+def _env_bytes(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer (bytes), got {raw!r}")
+    return value
+
+
+_STREAM_MIN_BYTES = _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24)
 # "auto" picks numba for training from this many elements on (measured crossover, see
 # preferred_for); channels-first and channels-last differ.
 _AUTO_MIN_NUMEL_CF = 1 << 17

@@ -32,16 +32,17 @@ from .numba_kernels import (
     _REDUCE_MATH,
     ROW_SEGMENT,
     STREAM_CHUNK,
+    _chunk_end,
     _combine,
     _fence,
     _first_index,
     _given_coefs,
     _jit,
     _ld,
+    _piece,
     _span,
     _st,
     _stream,
-    _stream_pieces,
     _task_stats,
     _train_coefs,
     _u,
@@ -236,14 +237,21 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
     if stream:
         buf = np.empty(STREAM_CHUNK, y.dtype)
         base = _first_index(y)
+        end = (c1 - c0) * s_
         for n in range(n0, n1):
             o = n * stride + c0 * s_
-            for a0, b0, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
-                c = c0 + j
-                _run_act(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c], coef[2, c],
-                         a, neg, sl)
-                if q == b0:
-                    _stream(buf, y, o + a0, b0 - a0)
+            a0 = 0
+            while a0 < end:
+                b0 = _chunk_end(base + o, a0, end)
+                p = a0
+                while p < b0:  # as in numba_kernels._task_norm
+                    j, q = _piece(p, b0, s_)
+                    c = c0 + j
+                    _run_act(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c],
+                             coef[2, c], a, neg, sl)
+                    p = q
+                _stream(buf, y, o + a0, b0 - a0)
+                a0 = b0
         return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
@@ -439,15 +447,22 @@ def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace
     stride = c_ * s_
     if stream:
         base = _first_index(dx)
+        end = (c1 - c0) * s_
         for n in range(n0, n1):
             o = n * stride + c0 * s_
-            for a0, b0, p, q, j in _stream_pieces(base + o, (c1 - c0) * s_, s_):
-                _run_bapply(dy, v, r, bx, br, o + p, p - a0, q - p, co, c0 + j, a, neg, rneg,
-                            sl, inplace)
-                if q == b0:
-                    _stream(bx, dx, o + a0, b0 - a0)
-                    if r.size > 0:
-                        _stream(br, dr, o + a0, b0 - a0)
+            a0 = 0
+            while a0 < end:
+                b0 = _chunk_end(base + o, a0, end)
+                p = a0
+                while p < b0:
+                    j, q = _piece(p, b0, s_)
+                    _run_bapply(dy, v, r, bx, br, o + p, p - a0, q - p, co, c0 + j, a, neg,
+                                rneg, sl, inplace)
+                    p = q
+                _stream(bx, dx, o + a0, b0 - a0)
+                if r.size > 0:
+                    _stream(br, dr, o + a0, b0 - a0)
+                a0 = b0
         return
     for n in range(n0, n1):
         o = n * stride + c0 * s_

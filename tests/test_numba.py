@@ -294,6 +294,52 @@ def test_stream_copy_writes_exactly_its_range(dtype):
             assert np.array_equal(dst, expected), (o, n)
 
 
+@pytest.mark.parametrize("spin", [True, False], ids=["polling", "blocking"])
+def test_pool_covers_every_task_once_and_hands_back_errors(monkeypatch, spin):
+    """The pool's hand-off (workers polling between jobs, or blocking): every task of every
+    call runs exactly once, back-to-back calls included, and an exception raised in a
+    worker's range reaches the caller after all ranges finished."""
+    from batchnorm.backends import numba_backend
+
+    if not spin:
+        monkeypatch.setattr(numba_backend, "_WORKER_SPIN", 0)
+        monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
+    pool = numba_backend._Pool()
+    marks = np.zeros(64, dtype=np.int64)
+
+    def mark(out, t0, t1):
+        out[t0:t1] += 1
+
+    for calls in range(1, 201):
+        pool.run(mark, (marks,), 64, 2)
+        assert (marks == calls).all(), f"call {calls}: {marks}"
+
+    def fail_high(out, t0, t1):
+        out[t0:t1] += 1
+        if t0 > 0:
+            raise ValueError("worker range failed")
+
+    marks[:] = 0
+    with pytest.raises(ValueError, match="worker range failed"):
+        pool.run(fail_high, (marks,), 64, 2)
+    assert (marks == 1).all()  # the caller's range ran, and the call waited for the worker
+    pool.run(mark, (marks,), 64, 2)  # the pool still works afterwards
+    assert (marks == 2).all()
+
+
+def test_spin_until_sees_the_flags_or_gives_up():
+    from batchnorm.backends.numba_kernels import spin_until
+
+    flags = np.zeros(32, dtype=np.int64)
+    flags[8] = 5
+    flags[16] = 4
+    assert spin_until(flags, 8, 8, 1, 5, 10)
+    assert not spin_until(flags, 8, 8, 2, 5, 1000)  # flags[16] is still below 5
+    flags[16] = 7
+    assert spin_until(flags, 8, 8, 2, 5, 1)
+    assert not spin_until(flags, 0, 8, 1, 1, 0)  # no polls at all
+
+
 def test_concurrent_calls_from_python_threads():
     """Two Python threads calling at once: one gets the pool, the other runs serially."""
     be = get_backend(BACKEND)

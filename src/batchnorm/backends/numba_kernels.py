@@ -52,7 +52,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "forward", "spin_until"]
 
 
 def njit(*args, **kwargs):
@@ -271,6 +271,35 @@ def _chunk_end(base, a, end):
     a multiple of STREAM_CHUNK items in memory (``base`` is the range's first item's index
     in memory) so that only the range's own ends can be partial lines."""
     return min(end, a + STREAM_CHUNK - (base + a) % STREAM_CHUNK)
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, i):
+    """``arr[i]`` (int64) as an atomic load with acquire ordering: a spin loop must see other
+    threads' stores, and the compiler may not hoist it out of the loop."""
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
+
+    return sig, codegen
+
+
+@_jit(nogil=True)
+def spin_until(flags, first, stride, count, target, iters):
+    """Whether ``flags[first + k * stride] >= target`` for every k < count within ``iters``
+    polls, without the GIL (the thread pool's hand-off between phases; see
+    numba_backend._Pool)."""
+    for _ in range(iters):
+        ok = True
+        for k in range(count):
+            if _load_acquire(flags, first + k * stride) < target:
+                ok = False
+                break
+        if ok:
+            return True
+    return False
 
 
 @njit(inline="always")

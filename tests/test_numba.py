@@ -327,6 +327,28 @@ def test_pool_covers_every_task_once_and_hands_back_errors(monkeypatch, spin):
     assert (marks == 2).all()
 
 
+def test_pool_worker_survives_a_failing_poll(monkeypatch):
+    """Polling is an optimization: if it raises in a worker, the job still runs (no hang)."""
+    from batchnorm.backends import numba_backend
+
+    class Broken:
+        @staticmethod
+        def spin_until(*args):
+            raise RuntimeError("no polling here")
+
+    pool = numba_backend._Pool()
+    marks = np.zeros(8, dtype=np.int64)
+
+    def mark(out, t0, t1):
+        out[t0:t1] += 1
+
+    monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
+    monkeypatch.setattr(numba_backend, "_kernels", lambda: Broken)
+    for calls in range(1, 4):
+        pool.run(mark, (marks,), 8, 2)
+        assert (marks == calls).all()
+
+
 def test_spin_until_sees_the_flags_or_gives_up():
     from batchnorm.backends.numba_kernels import spin_until
 

@@ -172,7 +172,8 @@ def _act_outputs(be, x, w, b, rm, rv, r, training, activation, dy, inplace):
 
 @pytest.mark.parametrize(("shape", "channels_last"),
                          [((4, 6, 7, 9), False), ((3, 5, 1100), False), ((4, 6, 7, 9), True),
-                          ((300, 37), False)], ids=["runs", "long_runs", "nhwc", "rows"])
+                          ((300, 37), False), ((40, 1100), False)],
+                         ids=["runs", "long_runs", "nhwc", "rows", "wide_rows"])
 def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_last):
     """Forcing the non-temporal store path (numba_backend._STREAM_MIN_BYTES = 0) on y, dx and
     dresidual gives the same bits as plain stores, with and without a residual, in place

@@ -13,16 +13,18 @@ strides are copied once, on purpose, to channels-first (:func:`~.base.as_kernel_
 float16 and bfloat16 are passed as their bit patterns (uint16 / int16 arrays) and computed in
 float32; statistics are float32 (float64 for float64 input), as everywhere in this package.
 
-Outputs of ``_STREAM_MIN_BYTES`` (16 MiB) and more are written with non-temporal stores, which
-skip the read-for-ownership a plain store makes of every line it writes: one memory transfer
-per output element instead of two. Smaller outputs keep plain stores, so that the next layer
-finds them in the caches.
+Outputs of ``_STREAM_MIN_BYTES`` (16 MiB, ``$BATCHNORM_NUMBA_STREAM_MIN_BYTES``) and more are
+written with non-temporal stores, which skip the read-for-ownership a plain store makes of
+every line it writes: one memory transfer per output element instead of two (the backward's
+dx only when its pass re-reads x and dy from cache, see ``_streamed``). Smaller outputs keep
+plain stores, so that the next layer finds them in the caches.
 
 Threads: a call runs on ``torch.get_num_threads()`` threads (the caller plus workers of a
-small pool; one thread below 64K elements). The kernels release the GIL; a worker polls for
-its next job (without the GIL) for well under a millisecond after each one, which halves the
-hand-off between a call's phases, then blocks on a queue, so idle workers do not compete with
-torch's OpenMP pool; numba's own threading layer (a second OpenMP runtime here) is not used.
+small pool, at most 63; one thread below 64K elements). The kernels release the GIL; a worker
+polls for its next job (without the GIL) for well under a millisecond after each one, which
+halves the hand-off between a call's phases, then blocks on a queue, so idle workers do not
+compete with torch's OpenMP pool; numba's own threading layer (a second OpenMP runtime here)
+is not used.
 Work is cut by the shape only, never by the thread count, so results do not depend on it.
 
 Compiled code is cached on disk (numba's ``cache=True``: next to the module, or in the user's
@@ -54,12 +56,13 @@ __all__ = ["NumbaBackend"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Channels-first: a task's channel block spans _BLOCK_ELEMS contiguous elements of each batch
-# row, at least _BLOCK_ELEMS_MIN, and at most _TASK_ELEMS in all (so that the second pass
-# finds them in cache). Short pieces at a large stride stream poorly from memory: one thread
-# summing (32, 256, 28, 28) float32 in blocks of 1, 4, 8, 16 and 32 channels (3, 12.5, 25,
-# 50, 100 KB pieces) read 15, 20, 32, 37 and 41 GB/s on this project's VM. With fewer than
-# _MIN_TASKS blocks the batch is split too (a second read of x, from L3 when the input fits
-# there: inputs above _SPLIT_MAX_BYTES keep _MIN_TASKS blocks, with shorter pieces).
+# row, at least _BLOCK_ELEMS_MIN where _TASK_ELEMS allows, and at most _TASK_ELEMS in all
+# (so that the second pass finds them in cache). Short pieces at a large stride stream poorly
+# from memory: one thread summing (32, 256, 28, 28) float32 in blocks of 1, 4, 8, 16 and 32
+# channels (3, 12.5, 25, 50, 100 KB pieces) read 15, 20, 32, 37 and 41 GB/s on this project's
+# VM. With fewer than _MIN_TASKS blocks the batch is split too (a second read of x, from L3
+# when the input fits there: inputs above _SPLIT_MAX_BYTES keep _MIN_TASKS blocks, with
+# shorter pieces).
 _BLOCK_ELEMS = 16384
 _BLOCK_ELEMS_MIN = 4096
 _TASK_ELEMS = 1 << 20
@@ -178,8 +181,8 @@ def _new_output(x: Tensor) -> Tensor:
 
 
 class _View:
-    """How the kernels see one input, from its shape and layout only (never the thread
-    count, so that results do not depend on it).
+    """How the kernels see one input, from its shape, layout and element size only (never
+    the thread count, so that results do not depend on it).
 
     The memory is a C-contiguous ``(n, c, s)``: channels first as ``(N, C, S)``, channels last
     (and any input with ``S == 1``) as rows ``(R, C, 1)``. Tasks are ``blocks`` channel blocks
@@ -277,12 +280,14 @@ class _Pool:
         self._seq = 0
 
     def _work(self, index: int, jobs: queue.SimpleQueue) -> None:
-        spin = _kernels().spin_until
         slot = _SLOT * (index + 1)
         last = 0
         while True:
             if _WORKER_SPIN:
-                spin(self._flags, 0, 0, 1, last + 1, _WORKER_SPIN)
+                try:  # polling is an optimization: a failure must not kill the worker
+                    _kernels().spin_until(self._flags, 0, 0, 1, last + 1, _WORKER_SPIN)
+                except Exception:
+                    pass
             fn, args, seq = jobs.get()
             try:
                 fn(*args)
@@ -300,6 +305,10 @@ class _Pool:
             fn(*args, 0, ntasks)
             return
         try:
+            while not self._done.empty():  # left over from a call interrupted while waiting
+                self._done.get_nowait()
+            if _CALLER_SPIN:  # compiled (or loaded) here, before any worker needs it
+                _kernels().spin_until(self._flags, 0, 0, 1, 0, 1)
             while len(self._jobs) < p - 1:
                 jobs: queue.SimpleQueue = queue.SimpleQueue()
                 threading.Thread(target=self._work, args=(len(self._jobs), jobs), daemon=True,

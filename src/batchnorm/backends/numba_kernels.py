@@ -4,8 +4,8 @@ One kernel family covers every rank from 2 to 5 and both memory layouts. Every i
 as a C-contiguous ``(n, c, s)`` block of memory: channels-first tensors as ``(N, C, S)`` with
 ``S`` the product of the spatial sizes, channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)``
 as rows ``(R, C, 1)`` with ``R = N * S``. Work is cut into tasks: ``blocks`` channel blocks x
-``parts`` batch (row) ranges. A channel block covers at least 16 KB of every batch row, so
-that memory is streamed in long contiguous pieces.
+``parts`` batch (row) ranges. A channel block covers a long contiguous piece of every batch
+row (up to 16K values; see ``numba_backend._View``), so that memory is streamed well.
 
 The inner loops come in two shapes:
 
@@ -27,8 +27,9 @@ bits as int16), two kernels each.
 Numerics:
 
 * statistics are centred sums ``sum(x - shift)`` and ``sum((x - shift)^2)`` around a shift
-  that is already within a fraction of a standard deviation of the mean (the mean of the
-  task's first cache-resident segment, from a first pass over it), with the correction
+  that is already within a few standard deviations of the mean (the mean of the task's first
+  cache-resident segment, at least one sample per channel, from a first pass over it), so
+  the correction term is small; with the correction
   ``M2 = S2 - S1^2 / n``; a run (or a channel over one segment) is summed in the compute dtype,
   everything beyond in float64, and the parts of the batch are merged with Chan's formula.
   Never ``E[x^2] - E[x]^2``;
@@ -435,7 +436,8 @@ def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
 # k consecutive rows form a super-row of w = k * C values (at least ROW_TILE), processed with
 # per-position accumulators / coefficients tiled k times: long vectorized loops even for a
 # few channels, no horizontal reductions inside. The loops below cover ``rows`` super-rows of
-# width ``w`` from offset ``o`` (the last, partial super-row is a call with a smaller ``w``).
+# width ``w`` from offset ``o`` (or ``xo``/``yo`` for input/output, ``co`` into the
+# coefficient tiles); the last, partial super-row is a call with a smaller ``w``.
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -645,7 +647,7 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     Centred sums around a shift: the shift is the mean of the task's first segment (two
     passes over that segment, the second from cache); every value is then read once for
     ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)``, and ``mean = shift + S1 / n``,
-    ``M2 = S2 - S1^2 / n``. The shift is within a fraction of a standard deviation of the
+    ``M2 = S2 - S1^2 / n``. The shift is within a few standard deviations of the
     mean, so the correction term is tiny and nothing cancels (unlike ``E[x^2] - E[x]^2``).
     Sums run in the compute dtype over one run (or one segment in row mode), in float64
     beyond.

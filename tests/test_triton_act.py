@@ -169,6 +169,7 @@ def check_case(case: dict, activation: str, training: bool, inplace: bool, path:
     # sum(dz), the whole channel's dx: half gradients are compared with float64 only (in-place
     # too: the two store y from differently rounded z, and recompute from their own y).
     grads_vs_composite = dtype in (torch.float32, torch.float64)
+    half = dtype in (torch.float16, torch.bfloat16)
     for name, ref in (("composite", comp), ("float64", exact)):
         for key, (atol, rtol) in (("y", tol), ("dx", grad_tol), ("dw", sum_tol),
                                   ("db", sum_tol), ("dr", grad_tol), ("rm", stol),
@@ -177,7 +178,16 @@ def check_case(case: dict, activation: str, training: bool, inplace: bool, path:
                 continue
             if name == "composite" and key[0] == "d" and not grads_vs_composite:
                 continue
-            assert_close(ours[key], ref[key], atol, rtol, f"{what} {key} vs {name}")
+            got, want = ours[key], ref[key]
+            if key == "dx" and inplace and activation == "elu" and half:
+                # x-hat comes back from the stored y through log1p(y): for a saturated ELU
+                # (y near -1) a half-precision y leaves 1 + y with few correct bits, so x-hat
+                # (and dx there) is off by about eps / (1 + y). Compared where 1 + y > 0.05
+                # (at most ~0.5% error in x-hat); the saturated elements' dz, scaled by
+                # 1 + y, barely enter the sums, which are checked everywhere else.
+                keep = (exact["y"] + 1.0 > 0.05).cpu()
+                got, want = got.cpu()[keep], want.cpu()[keep]
+            assert_close(got, want, atol, rtol, f"{what} {key} vs {name}")
 
 
 def check_fused_launches(launches: list, activation: str, training: bool, path: str,

@@ -116,7 +116,9 @@ def batch_norm_act(
             affine invertible, weights with ``|gamma| < 1e-6`` are used as ``±1e-6`` (0 as
             ``+1e-6``) in this mode; all other weights are used exactly. ``input`` must not be
             a leaf that requires grad; if another op saved ``input`` for its backward,
-            autograd's version check raises at backward time.
+            autograd's version check raises at backward time. Half-precision ``elu`` in place
+            recomputes x-hat through ``log1p(y)``, which is ill-conditioned where the output
+            saturates near -1: there x-hat (and dx) carry an error of about eps / (1 + y).
         backend: as :func:`batch_norm`. ``"torch"`` without ``inplace`` is the composite
             reference: ``act(batch_norm(...) + residual)`` in plain differentiable torch ops.
 

@@ -307,9 +307,12 @@ class _Pool:
         try:
             while not self._done.empty():  # left over from a call interrupted while waiting
                 self._done.get_nowait()
-            if _CALLER_SPIN:  # compiled (or loaded) here, before any worker needs it
-                _kernels().spin_until(self._flags, 0, 0, 1, 0, 1)
             while len(self._jobs) < p - 1:
+                if not self._jobs and (_CALLER_SPIN or _WORKER_SPIN):
+                    try:  # compile (or load) the poll once, before any worker needs it
+                        _kernels().spin_until(self._flags, 0, 0, 1, 0, 1)
+                    except Exception:  # polling is an optimization; workers cope without
+                        pass
                 jobs: queue.SimpleQueue = queue.SimpleQueue()
                 threading.Thread(target=self._work, args=(len(self._jobs), jobs), daemon=True,
                                  name=f"batchnorm-numba-{len(self._jobs) + 1}").start()

@@ -352,7 +352,7 @@ class BatchNormActFunction(torch.autograd.Function):
     ) -> Tensor:
         be = get_backend(backend)
         w = invertible_weight(weight) if inplace else weight
-        out = x if inplace else empty_out_like(x)
+        out = x if inplace else be.new_output(x)
         acc = acc_dtype(x)
         c = x.shape[1]
         if x.numel() == 0:

@@ -189,6 +189,12 @@ class Backend:
         """Should ``"auto"`` pick this backend for ``x``? (a speed heuristic, not capability)"""
         return True
 
+    def new_output(self, x: Tensor) -> Tensor:
+        """An uninitialized output for input ``x``, in :func:`empty_out_like` layout (the op
+        layer allocates the fused activation's output through this; a backend may recycle
+        buffers)."""
+        return empty_out_like(x)
+
     # ---- primitives (subclasses implement) --------------------------------------------------
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

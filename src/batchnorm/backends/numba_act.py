@@ -58,21 +58,6 @@ def _codes() -> dict[str, int]:
     return {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 
 
-def _advise_huge(t: Tensor) -> None:
-    """Advise a fresh, large output to use 2 MiB pages, as ``numba_backend._new_output`` does
-    for the outputs it allocates (faulting in tens of MB in 4 KiB pages costs about as much as
-    the kernel itself); ``out`` here is allocated by the op layer. Advice only."""
-    nb = _nb()
-    nbytes = t.numel() * t.element_size()
-    if nb._MADVISE is None or nbytes < nb._HUGE_MIN_BYTES:
-        return
-    huge = nb._HUGE
-    start = (t.data_ptr() + huge - 1) & ~(huge - 1)
-    end = (t.data_ptr() + nbytes) & ~(huge - 1)
-    if end > start:
-        nb._MADVISE(start, end - start, nb._MADV_HUGEPAGE)
-
-
 class NumbaActMixin:
     """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
     class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``)."""
@@ -126,8 +111,6 @@ class NumbaActMixin:
                 activation, slope, out,
             )
         nb = _nb()
-        if not inplace:
-            _advise_huge(out)
         view = nb._View(x, reduce=training)
         acc = acc_dtype(x)
         c = x.shape[1]

@@ -19,6 +19,10 @@ every line it writes: one memory transfer per output element instead of two (the
 dx only when its pass re-reads x and dy from cache, see ``_streamed``). Smaller outputs keep
 plain stores, so that the next layer finds them in the caches.
 
+Outputs of 1 MiB and more are recycled (:mod:`.cpu_outputs`): a buffer nothing references any
+more is handed out again instead of fresh memory from the allocator, whose pages would be
+faulted in on every call.
+
 Threads: a call runs on ``torch.get_num_threads()`` threads (the caller plus workers of a
 small pool, at most 63; one thread below 64K elements). The kernels release the GIL; a worker
 polls for its next job (without the GIL) for well under a millisecond after each one, which
@@ -48,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import cpu_outputs
 from .base import ForwardResult, acc_dtype, as_kernel_layout, empty_out_like, layout_of
 from .numba_act import NumbaActMixin
 from .torch_backend import TorchBackend
@@ -76,7 +81,7 @@ _MAX_CHUNKS = 64
 _PARALLEL_MIN_NUMEL = 1 << 16
 # Merging per-part partials runs on several threads from this many (channels x parts) on.
 _PARALLEL_MERGE = 1 << 14
-# Outputs from this size on are advised to use huge pages (see _new_output).
+# Newly allocated outputs from this size on are advised to use huge pages (_advise_huge).
 _HUGE_MIN_BYTES = 1 << 23
 # Outputs from this size on are written with non-temporal (streaming) stores, which skip the
 # read a plain store makes of every line it writes into. Below it, the output is likely to
@@ -162,22 +167,41 @@ def _streamed(t: Tensor | None, view: _View | None = None) -> bool:
     return view is None or view.parts == 1
 
 
-def _new_output(x: Tensor) -> Tensor:
-    """``empty_out_like(x)``; a large one is first advised to use 2 MiB pages.
+def _advise_huge(ptr: int, nbytes: int) -> None:
+    """Advise ``nbytes`` of fresh memory at ``ptr`` to use 2 MiB pages (from
+    ``_HUGE_MIN_BYTES`` on). Faulting in tens of MB in 4 KiB pages costs about as much as the
+    kernel that writes them on the machines this was measured on; with transparent huge pages
+    in ``madvise`` mode (a common default) the advice makes that 512 times fewer faults.
+    Advice only: nothing changes if the kernel ignores it."""
+    if _MADVISE is None or nbytes < _HUGE_MIN_BYTES:
+        return
+    start = (ptr + _HUGE - 1) & ~(_HUGE - 1)
+    end = (ptr + nbytes) & ~(_HUGE - 1)
+    if end > start:
+        _MADVISE(start, end - start, _MADV_HUGEPAGE)
 
-    A fresh output of tens of MB is mapped by the allocator on every call, and faulting it in
-    4 KiB pages costs about as much as the kernel itself on the machines this was measured
-    on; with transparent huge pages in ``madvise`` mode (a common default) the advice makes
-    that 512 times fewer faults. Advice only: nothing changes if the kernel ignores it.
-    """
-    y = empty_out_like(x)
-    nbytes = y.numel() * y.element_size()
-    if _MADVISE is not None and nbytes >= _HUGE_MIN_BYTES:
-        start = (y.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (y.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if end > start:
-            _MADVISE(start, end - start, _MADV_HUGEPAGE)
-    return y
+
+def _out_strides(x: Tensor) -> list[int]:
+    """Strides of :func:`~.base.empty_out_like` (x's memory layout, dense)."""
+    d = x.dim()
+    order = [0, *range(2, d), 1] if layout_of(x) == "cl" else list(range(d))
+    strides = [0] * d
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= x.shape[dim]
+    return strides
+
+
+def _new_output(x: Tensor) -> Tensor:
+    """An uninitialized output like ``x`` (:func:`~.base.empty_out_like` layout), from the
+    recycled buffers of :mod:`.cpu_outputs` from 1 MiB on; a newly allocated large one is
+    advised to use huge pages (``_advise_huge``)."""
+    nbytes = x.numel() * x.element_size()
+    if nbytes < cpu_outputs.MIN_BYTES:
+        return empty_out_like(x)
+    st, _ = cpu_outputs.new_storage(nbytes, lambda s: _advise_huge(s.data_ptr(), nbytes))
+    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, _out_strides(x))
 
 
 class _View:
@@ -390,6 +414,9 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         if why is None and x.dtype not in _DTYPES:
             why = f"backend 'numba' supports float16/bfloat16/float32/float64, got {x.dtype}"
         return why
+
+    def new_output(self, x: Tensor) -> Tensor:
+        return _new_output(x)
 
     def preferred_for(self, x: Tensor, training: bool) -> bool:
         """Training on inputs large enough for the fused kernels to beat ATen

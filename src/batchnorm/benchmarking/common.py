@@ -69,6 +69,15 @@ def copy_bandwidth(nbytes: int = 1 << 28, reps: int = 7) -> float:
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def minor_faults() -> int | None:
+    """This process's minor page faults so far (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def load_average() -> str:
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())

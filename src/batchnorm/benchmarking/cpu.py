@@ -24,8 +24,11 @@ default 64 MB, twice a 32 MB last-level cache) that every call reads from memory
 is the fewest bytes a mode must move (training forward 2b: read x, write y; backward 3b: read
 x and dy, write dx; both 5b; eval 2b; b = bytes of x) at the copy bandwidth measured in the
 same run (``out.copy_(x)`` of 256 MiB, bytes read + written), divided by our time: 100% is
-the floor, 50% is twice it. First-call cost (numba compiling into an empty cache, then loading
-from it, each in a fresh process) and inductor's compile time are reported separately.
+the floor, 50% is twice it. ``faults ours/ATen``: minor page faults per call (fresh output
+pages from the allocator; each costs microseconds, so they show how much of a time is the
+allocator's rather than the kernel's). First-call cost (numba compiling into an empty
+cache, then loading from it, each in a fresh process) and inductor's compile time are
+reported separately.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from .common import (
     machine_lines,
     measure,
     median_ms,
+    minor_faults,
     plot_bars,
     progress,
 )
@@ -77,6 +81,7 @@ class Case:
     shape: tuple[int, ...]
     channels_last: bool
     times: dict[tuple[str, str], float] = field(default_factory=dict)  # (mode, column) -> ms
+    faults: dict[tuple[str, str], float] = field(default_factory=dict)  # page faults per call
     compile_s: float = float("nan")
     check: str = ""
 
@@ -238,11 +243,16 @@ def _run_case(case: Case, args: argparse.Namespace, compiled: bool) -> None:
         case.compile_s = time.perf_counter() - t
         fns["inductor"] = cf
     reps = 3 if args.quick else args.reps
+    warmup = 1 if args.quick else 2
     for mode in args.modes:
         for col, f in fns.items():
-            times = measure(_timers(f, inp, mode), reps=reps, warmup=1 if args.quick else 2,
+            f0 = minor_faults()
+            times = measure(_timers(f, inp, mode), reps=reps, warmup=warmup,
                             max_seconds=args.max_seconds)
+            f1 = minor_faults()
             case.times[(mode, col)] = median_ms(times)
+            if f0 is not None and f1 is not None:
+                case.faults[(mode, col)] = (f1 - f0) / (len(times) + warmup)
         copy = measure(lambda i: inp.xs[i % inp.k].detach().clone(), reps=reps,
                        max_seconds=args.max_seconds)
         case.times[(mode, "copy")] = median_ms(copy)
@@ -301,6 +311,15 @@ def _floor_ms(case: Case, mode: str, bw: float, elem: int) -> float:
     return FLOORS[mode] * math.prod(case.shape) * elem / (bw * 1e9) * 1e3
 
 
+def _faults(c: Case, mode: str) -> str:
+    """Page faults per call, ours / ATen: fresh output pages each cost a fault (several us on
+    a VM), which shows how much of a time is the allocator's."""
+    f = c.faults
+    if (mode, "ours") not in f or (mode, "aten") not in f:
+        return "n/a"
+    return f"{f[(mode, 'ours')]:.0f} / {f[(mode, 'aten')]:.0f}"
+
+
 def _tables(cases: list[Case], modes: list[str], bw: float, elem: int) -> str:
     out = []
     for mode in modes:
@@ -312,10 +331,11 @@ def _tables(cases: list[Case], modes: list[str], bw: float, elem: int) -> str:
                          t.get((mode, "inductor"), math.nan), t[(mode, "copy")],
                          c.ratio(mode, "aten"), c.ratio(mode, "inductor"),
                          t[(mode, "ours")] / t[(mode, "copy")],
-                         100 * floor_ms / t[(mode, "ours")]])
+                         100 * floor_ms / t[(mode, "ours")], _faults(c, mode)])
         out.append(f"\n### {mode} ({FLOORS[mode]}b floor)\n")
         out.append(fmt_table(["case", "ours ms", "ATen ms", "inductor ms", "copy ms",
-                              "ATen/ours", "inductor/ours", "ours/copy", "floor %"], rows))
+                              "ATen/ours", "inductor/ours", "ours/copy", "floor %",
+                              "faults ours/ATen"], rows))
     return "\n".join(out)
 
 
@@ -414,12 +434,14 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
             f.write("\n".join(header) + "\n" + text + "\n")
         with open(os.path.join(args.out, f"cpu-{stamp}.csv"), "w", newline="") as f:
             wr = csv.writer(f)
-            wr.writerow(["group", "case", "layout", "shape", "mode", *COLUMNS])
+            wr.writerow(["group", "case", "layout", "shape", "mode", *COLUMNS,
+                         "faults_ours", "faults_aten"])
             for c in cases:
                 for mode in args.modes:
                     wr.writerow([c.group, c.name, "cl" if c.channels_last else "cf",
                                  "x".join(map(str, c.shape)), mode,
-                                 *(c.times.get((mode, col), "") for col in COLUMNS)])
+                                 *(c.times.get((mode, col), "") for col in COLUMNS),
+                                 *(c.faults.get((mode, col), "") for col in ("ours", "aten"))])
     if args.plot:
         why = plot_bars(args.plot, "ATen time / ours (higher is better)",
                         [c.label for c in cases],

@@ -59,13 +59,23 @@ def _limit_from_env() -> int:
 _USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def _py_refs(entry: list) -> int:
+    return sys.getrefcount(entry[0])
+
+
+# What _py_refs reports when only a pool entry holds the storage object (the entry and the
+# call's own argument on the interpreters this was written on; measured, not assumed, since
+# newer interpreters borrow some references without counting them).
+_ALONE = _py_refs([torch.UntypedStorage(0), 0])
+
+
 def _is_free(entry: list) -> bool:
     """Whether only the pool can reach ``entry[0]``: no tensor uses the storage (C++ count 1,
     the pool's Python object) and no one else holds that Python object, which torch hands
     back from ``tensor.untyped_storage()`` (one Python object per storage) without counting
-    it in C++. ``sys.getrefcount`` sees the entry's reference and its own argument."""
+    it in C++."""
     assert _USE_COUNT is not None
-    return _USE_COUNT(entry[0]._cdata) == 1 and sys.getrefcount(entry[0]) == 2
+    return _USE_COUNT(entry[0]._cdata) == 1 and _py_refs(entry) == _ALONE
 
 
 class _Pool:

@@ -6,8 +6,10 @@ For each shape, one training step (forward + backward) of
 * ours: ``batchnorm.BatchNormAct2d(activation="relu")(x, r)`` for each requested backend;
 * ours in place: ``BatchNormAct2d(activation="leaky_relu", inplace=True)``;
 
-timed side by side in one run (medians of ``torch.utils.benchmark`` blocked autorange), plus
-the activation-sized bytes autograd saves for backward (``saved_tensors_hooks``).
+timed side by side in one run: the variants take turns, one call each per round, and each
+one's median over the rounds is reported (a shared machine's drift then hits every column
+alike, where timing one variant after the other let it pick a winner), plus the
+activation-sized bytes autograd saves for backward (``saved_tensors_hooks``).
 
 Usage::
 
@@ -21,9 +23,10 @@ import argparse
 import platform
 import statistics
 import sys
+import time
+from collections.abc import Callable
 
 import torch
-from torch.utils import benchmark
 
 import batchnorm
 from batchnorm.catalog import RESNET50_N32
@@ -43,9 +46,29 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def median_seconds(stmt, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="stmt()", globals={"stmt": stmt})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def interleaved_medians(stmts: dict[str, Callable[[], None]], min_run_time: float,
+                        dev: torch.device) -> dict[str, float]:
+    """Median seconds per call of each statement, timed in turns (one call of each per round)
+    for at least 5 rounds and about ``min_run_time`` seconds per statement."""
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for f in stmts.values():  # warm-up (compilation, allocator, caches)
+        f()
+        f()
+    times: dict[str, list[float]] = {k: [] for k in stmts}
+    start, rounds = time.perf_counter(), 0
+    while rounds < 5 or (time.perf_counter() - start < min_run_time * len(stmts)
+                         and rounds < 500):
+        for name, f in stmts.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - t)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure_shape(name: str, shape: tuple[int, ...], dev: torch.device, dtype: torch.dtype,
@@ -63,19 +86,23 @@ def measure_shape(name: str, shape: tuple[int, ...], dev: torch.device, dtype: t
             fn(x * 1.0 if copy_first else x).backward(dy)
         return run
 
-    t_eager = median_seconds(step(lambda h: torch.relu(eager_bn(h) + r)), min_run_time)
-    row, ratios = [name, f"{t_eager * 1e3:.2f}"], []
-    for be in backends:
-        m = batchnorm.BatchNormAct2d(c, activation="relu", backend=be, device=dev)
-        t = median_seconds(step(lambda h, m=m: m(h, r)), min_run_time)
-        ratios.append(t_eager / t)
-        row += [f"{t * 1e3:.2f}", f"{t_eager / t:.2f}"]
     # In-place mode refuses a leaf, so its input is x0 * 1.0 (as a conv output would be an
     # intermediate); that multiply and its backward are timed alone and subtracted.
     m_in = batchnorm.BatchNormAct2d(c, activation="leaky_relu", inplace=True,
                                     backend=backends[0], device=dev)
-    t_copy = median_seconds(step(lambda h: h, copy_first=True), min_run_time)
-    t_in = median_seconds(step(lambda h: m_in(h, r), copy_first=True), min_run_time) - t_copy
+    stmts = {"eager": step(lambda h: torch.relu(eager_bn(h) + r))}
+    for be in backends:
+        m = batchnorm.BatchNormAct2d(c, activation="relu", backend=be, device=dev)
+        stmts[be] = step(lambda h, m=m: m(h, r))
+    stmts["copy"] = step(lambda h: h, copy_first=True)
+    stmts["inplace"] = step(lambda h: m_in(h, r), copy_first=True)
+    t = interleaved_medians(stmts, min_run_time, dev)
+    t_eager = t["eager"]
+    row, ratios = [name, f"{t_eager * 1e3:.2f}"], []
+    for be in backends:
+        ratios.append(t_eager / t[be])
+        row += [f"{t[be] * 1e3:.2f}", f"{t_eager / t[be]:.2f}"]
+    t_in = t["inplace"] - t["copy"]
     row += [f"{t_in * 1e3:.2f}", f"{t_eager / t_in:.2f}"]
     m_relu = batchnorm.BatchNormAct2d(c, activation="relu", backend=backends[0], device=dev)
     xg = x0.detach().requires_grad_()

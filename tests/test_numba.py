@@ -294,11 +294,39 @@ def test_stream_copy_writes_exactly_its_range(dtype):
             assert np.array_equal(dst, expected), (o, n)
 
 
+def _marker(delay_s: float = 0.0, fail_in_worker: bool = False):
+    """A pool job in the kernels' protocol: claim units from ``ctl``, mark each, count it."""
+    import time
+
+    from batchnorm.backends.numba_kernels import _claim, _unit_done
+
+    def mark(out, t0, t1, ctl):
+        n = t1 - t0
+        k = _claim(ctl, n)
+        while k < n:
+            if fail_in_worker and threading.current_thread().name.startswith("batchnorm-numba"):
+                raise ValueError("worker unit failed")
+            out[t0 + k] += 1
+            time.sleep(delay_s)
+            _unit_done(ctl, False)
+            k = _claim(ctl, n)
+
+    return mark
+
+
+def test_pool_counters_match_the_kernels():
+    from batchnorm.backends import numba_backend, numba_kernels
+
+    assert numba_backend._CTL_SIZE == numba_kernels.CTL_SIZE
+    assert numba_backend._CTL_DONE == numba_kernels.CTL_DONE
+    assert numba_backend._MERGE_CHUNK == numba_kernels.MERGE_CHUNK
+
+
 @pytest.mark.parametrize("spin", [True, False], ids=["polling", "blocking"])
-def test_pool_covers_every_task_once_and_hands_back_errors(monkeypatch, spin):
-    """The pool's hand-off (workers polling between jobs, or blocking): every task of every
-    call runs exactly once, back-to-back calls included, and an exception raised in a
-    worker's range reaches the caller after all ranges finished."""
+def test_pool_covers_every_unit_once_and_hands_back_errors(monkeypatch, spin):
+    """The pool's hand-off (workers polling between jobs, or blocking): every unit of every
+    call runs exactly once, back-to-back calls included; a worker's exception in a unit
+    reaches the caller, and the pool works afterwards."""
     from batchnorm.backends import numba_backend
 
     if not spin:
@@ -306,25 +334,39 @@ def test_pool_covers_every_task_once_and_hands_back_errors(monkeypatch, spin):
         monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
     pool = numba_backend._Pool()
     marks = np.zeros(64, dtype=np.int64)
-
-    def mark(out, t0, t1):
-        out[t0:t1] += 1
-
+    mark = _marker()
     for calls in range(1, 201):
         pool.run(mark, (marks,), 64, 2)
         assert (marks == calls).all(), f"call {calls}: {marks}"
 
-    def fail_high(out, t0, t1):
-        out[t0:t1] += 1
-        if t0 > 0:
-            raise ValueError("worker range failed")
-
     marks[:] = 0
-    with pytest.raises(ValueError, match="worker range failed"):
-        pool.run(fail_high, (marks,), 64, 2)
-    assert (marks == 1).all()  # the caller's range ran, and the call waited for the worker
+    with pytest.raises(ValueError, match="worker unit failed"):
+        # the caller's units are slow, so the worker claims one before they run out
+        pool.run(_marker(delay_s=0.002, fail_in_worker=True), (marks,), 64, 2)
+    assert set(marks.tolist()) <= {0, 1} and marks.sum() < 64
+    marks[:] = 0
     pool.run(mark, (marks,), 64, 2)  # the pool still works afterwards
-    assert (marks == 2).all()
+    assert (marks == 1).all()
+
+
+def test_pool_call_does_not_wait_for_a_late_worker(monkeypatch):
+    """A worker that cannot start (here: held up before its job) leaves the units to the
+    caller, which returns without it; the late worker later finds nothing to do."""
+    from batchnorm.backends import numba_backend
+
+    monkeypatch.setattr(numba_backend, "_WORKER_SPIN", 0)
+    pool = numba_backend._Pool()
+    marks = np.zeros(16, dtype=np.int64)
+    pool.run(_marker(), (marks,), 16, 2)  # starts the worker
+    gate = threading.Event()
+    pool._jobs[0].put((lambda: gate.wait(), (), 0))  # the worker is now busy until the gate
+    marks[:] = 0
+    pool.run(_marker(), (marks,), 16, 2)
+    assert (marks == 1).all()  # the caller did every unit, without waiting for the worker
+    gate.set()
+    for calls in range(2, 5):
+        pool.run(_marker(), (marks,), 16, 2)
+        assert (marks == calls).all()
 
 
 def test_pool_worker_survives_a_failing_poll(monkeypatch):
@@ -338,14 +380,10 @@ def test_pool_worker_survives_a_failing_poll(monkeypatch):
 
     pool = numba_backend._Pool()
     marks = np.zeros(8, dtype=np.int64)
-
-    def mark(out, t0, t1):
-        out[t0:t1] += 1
-
     monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
     monkeypatch.setattr(numba_backend, "_kernels", lambda: Broken)
     for calls in range(1, 4):
-        pool.run(mark, (marks,), 8, 2)
+        pool.run(_marker(), (marks,), 8, 2)
         assert (marks == calls).all()
 
 

@@ -33,12 +33,13 @@ from .numba_kernels import (
     ROW_SEGMENT,
     STREAM_CHUNK,
     _chunk_end,
+    _claim,
     _combine,
-    _fence,
     _first_index,
     _given_coefs,
     _jit,
     _ld,
+    _merge_range,
     _piece,
     _span,
     _st,
@@ -46,6 +47,7 @@ from .numba_kernels import (
     _task_stats,
     _train_coefs,
     _u,
+    _unit_done,
     njit,
 )
 
@@ -515,15 +517,18 @@ def backward_pre(mean, invstd, weight, bias, co):
 @_jit(nogil=True)
 def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias,
                 rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, stream,
-                pm, pq, coef, phase, t0, t1):
+                pm, pq, coef, phase, t0, t1, ctl):
     """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
 
     ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
     otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: non-temporal
     stores for ``y`` (see ``numba_kernels._stream``).
     """
-    if phase == 0:
-        for t in range(t0, t1):
+    n = t1 - t0
+    k = _claim(ctl, n)
+    while k < n:
+        if phase == 0:
+            t = t0 + k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             cnt = 0.0
@@ -537,26 +542,27 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                 else:
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
-    elif phase == 1:
-        if do_stats:
-            mu, q = _combine(pm, pq, n_, s_, t0, t1)
-            _train_coefs(t0, t1, np.float64(n_ * s_), mu, q, t0, mean, m2, invstd, rmean, rvar,
-                         new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+        elif phase == 1:
+            a, b = _merge_range(t0 + k, c_)
+            if do_stats:
+                mu, q = _combine(pm, pq, n_, s_, a, b)
+                _train_coefs(a, b, np.float64(n_ * s_), mu, q, a, mean, m2, invstd, rmean,
+                             rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+            else:
+                _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
         else:
-            _given_coefs(t0, t1, mean, invstd, var_in, eps, weight, bias, coef)
-    else:
-        for t in range(t1 - 1, t0 - 1, -1):
+            t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
-    if stream:
-        _fence()
+        _unit_done(ctl, stream)
+        k = _claim(ctl, n)
 
 
 @_jit(nogil=True)
 def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, count,
                  do_reduce, do_apply, training, inplace, act, slope, stream, pm, pq, coef, phase,
-                 t0, t1):
+                 t0, t1, ctl):
     """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
 
     ``coef`` rows 0-6 come from :func:`backward_pre`. ``do_reduce``: ``sum_dz`` and
@@ -564,8 +570,11 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, c
     (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
     and, with a residual, ``dr = dz``. ``stream``: non-temporal stores for ``dx`` and ``dr``.
     """
-    if phase == 0:
-        for t in range(t0, t1):
+    n = t1 - t0
+    k = _claim(ctl, n)
+    while k < n:
+        if phase == 0:
+            t = t0 + k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_reduce:
@@ -576,13 +585,14 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, c
                 if do_apply:
                     _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, 0, n_, coef, act, slope,
                                  inplace, stream)
-    elif phase == 1:
-        _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, t0, t1)
-    else:
-        for t in range(t1 - 1, t0 - 1, -1):
+        elif phase == 1:
+            a, b = _merge_range(t0 + k, c_)
+            _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, a, b)
+        else:
+            t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
                          stream)
-    if stream:
-        _fence()
+        _unit_done(ctl, stream)
+        k = _claim(ctl, n)

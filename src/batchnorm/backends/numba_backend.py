@@ -81,6 +81,7 @@ _MAX_CHUNKS = 64
 _PARALLEL_MIN_NUMEL = 1 << 16
 # Merging per-part partials runs on several threads from this many (channels x parts) on.
 _PARALLEL_MERGE = 1 << 14
+_MERGE_CHUNK = 256  # numba_kernels.MERGE_CHUNK: channels per merge unit
 # Newly allocated outputs from this size on are advised to use huge pages (_advise_huge).
 _HUGE_MIN_BYTES = 1 << 23
 # Outputs from this size on are written with non-temporal (streaming) stores, which skip the
@@ -271,40 +272,48 @@ class _View:
 
 # Hand-off between the caller and the pool's workers. A blocked thread takes tens of us to
 # wake on the VMs this was measured on (a Python queue ping-pong between two threads: 55 us
-# median), which a split-batch call pays twice. So a worker that finishes a job polls, without
-# the GIL, for the next one for _WORKER_SPIN polls (well under a millisecond) before it blocks,
-# and the caller polls for its workers' completion for up to _CALLER_SPIN polls. The queues
-# stay the source of truth: a missed poll only costs the blocking wait. Measured on this
-# project's 2-core VM, a 2-thread call of a trivial kernel: 48 us blocking, 25 us polling (the
-# rest is the worker waiting for the GIL to unbox its arguments). BATCHNORM_NUMBA_SPIN=0 turns
-# polling off (workers then never spin).
+# median), so a worker that finishes a job polls, without the GIL, for the next one for
+# _WORKER_SPIN polls (well under a millisecond) before it blocks on its queue, and the caller
+# polls for the call's completion for up to _CALLER_SPIN polls between checks for a worker's
+# error. BATCHNORM_NUMBA_SPIN=0 turns polling off (workers then never spin).
 _SPIN = os.environ.get("BATCHNORM_NUMBA_SPIN", "1").strip() != "0"
 _WORKER_SPIN = 1 << 18 if _SPIN else 0
 _CALLER_SPIN = 1 << 22 if _SPIN else 0
 _SLOT = 8  # int64 values per cache line: each flag has a line of its own
+_MAX_THREADS = 64
+_CTL_SIZE = 16  # numba_kernels.CTL_SIZE; CTL_DONE below (kept here so that the pool does
+_CTL_DONE = 8   # not import numba until a kernel runs)
 
 
 class _Pool:
-    """Persistent worker threads running GIL-free kernels over disjoint task ranges.
+    """Persistent worker threads that share the units of one GIL-free kernel call.
 
-    The caller runs the first range itself. Idle workers poll briefly after a job (see
-    ``_WORKER_SPIN``), then block on a queue, so they do not compete with torch's OpenMP
-    threads between calls. If another thread is using the pool, the call runs serially in its
-    own thread.
+    Every thread of a call (the caller and up to ``nthreads - 1`` workers) runs the same
+    ``fn(*args, 0, units, ctl)``; the kernel claims units one at a time from counters in
+    ``ctl`` (see ``numba_kernels._claim``) and counts those it finishes, and the caller
+    returns once all are counted. So the call never waits for a worker that has not started:
+    a worker that is late (torch's OpenMP threads still spinning on the other cores after an
+    ATen op, which made 2-thread calls up to twice as slow as 1-thread ones when each worker
+    had a fixed share) finds fewer units left, or none. A late worker's job holds references
+    to every array it touches, so finishing after the call has returned is safe.
 
-    ``_flags`` (int64, one cache line per flag): slot 0 is the sequence number of the last
-    job posted; slot ``i + 1`` is the last job worker ``i`` finished.
+    Idle workers poll briefly after a job (``_WORKER_SPIN``), then block on a queue, so they
+    do not compete with torch's OpenMP threads between calls. If another thread is using the
+    pool, the call runs serially in its own thread. ``_flags[0]`` (int64) is the sequence
+    number of the last job posted, which polling workers watch.
+
+    A worker's exception reaches the caller if the call is still waiting for a unit (the
+    failed one); a worker that fails before claiming anything leaves the call to the others.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: list[queue.SimpleQueue] = []
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._flags = np.zeros(_SLOT * 64, dtype=np.int64)
+        self._errors: queue.SimpleQueue = queue.SimpleQueue()
+        self._flags = np.zeros(_SLOT, dtype=np.int64)
         self._seq = 0
 
-    def _work(self, index: int, jobs: queue.SimpleQueue) -> None:
-        slot = _SLOT * (index + 1)
+    def _work(self, jobs: queue.SimpleQueue) -> None:
         last = 0
         while True:
             if _WORKER_SPIN:
@@ -315,22 +324,20 @@ class _Pool:
             fn, args, seq = jobs.get()
             try:
                 fn(*args)
-                result: BaseException | None = None
-            except BaseException as exc:  # handed to the caller
-                result = exc
-            self._done.put(result)
-            self._flags[slot] = seq
+            except BaseException as exc:  # handed to the caller, if it still waits
+                self._errors.put((seq, exc))
             last = seq
 
-    def run(self, fn: Callable[..., None], args: tuple, ntasks: int, nthreads: int) -> None:
-        """``fn(*args, t0, t1)`` over [0, ntasks) split in ``nthreads`` contiguous ranges."""
-        p = min(nthreads, ntasks, len(self._flags) // _SLOT - 1)
+    def run(self, fn: Callable[..., None], args: tuple, units: int, nthreads: int) -> None:
+        """``fn(*args, 0, units, ctl)`` on up to ``nthreads`` threads sharing ``ctl``."""
+        ctl = np.zeros(_CTL_SIZE, dtype=np.int64)
+        p = min(nthreads, units, _MAX_THREADS)
         if p <= 1 or not self._lock.acquire(blocking=False):
-            fn(*args, 0, ntasks)
+            fn(*args, 0, units, ctl)
             return
         try:
-            while not self._done.empty():  # left over from a call interrupted while waiting
-                self._done.get_nowait()
+            while not self._errors.empty():  # from calls that finished without them
+                self._errors.get_nowait()
             while len(self._jobs) < p - 1:
                 if not self._jobs and (_CALLER_SPIN or _WORKER_SPIN):
                     try:  # compile (or load) the poll once, before any worker needs it
@@ -338,26 +345,26 @@ class _Pool:
                     except Exception:  # polling is an optimization; workers cope without
                         pass
                 jobs: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._work, args=(len(self._jobs), jobs), daemon=True,
+                threading.Thread(target=self._work, args=(jobs,), daemon=True,
                                  name=f"batchnorm-numba-{len(self._jobs) + 1}").start()
                 self._jobs.append(jobs)
             self._seq += 1
             seq = self._seq
-            for i in range(1, p):
-                self._jobs[i - 1].put((fn, (*args, ntasks * i // p, ntasks * (i + 1) // p), seq))
+            job = (*args, 0, units, ctl)
+            for i in range(p - 1):
+                self._jobs[i].put((fn, job, seq))
             self._flags[0] = seq  # after the puts: a polling worker then finds its job
-            error: BaseException | None = None
-            try:
-                fn(*args, 0, ntasks // p)
-            except BaseException as exc:
-                error = exc
-            if _CALLER_SPIN:
-                _kernels().spin_until(self._flags, _SLOT, _SLOT, p - 1, seq, _CALLER_SPIN)
-            for _ in range(p - 1):
-                exc = self._done.get()
-                error = error or exc
-            if error is not None:
-                raise error
+            fn(*job)
+            while ctl[_CTL_DONE] < units:
+                if _CALLER_SPIN and _kernels().spin_until(ctl, _CTL_DONE, 0, 1, units,
+                                                          _CALLER_SPIN):
+                    break
+                try:
+                    got, exc = self._errors.get(timeout=0.001)
+                except queue.Empty:
+                    continue
+                if got == seq:
+                    raise exc
         finally:
             self._lock.release()
 
@@ -391,7 +398,8 @@ def _launch(kernel: Callable[..., None], args: tuple, view: _View, x: Tensor,
         _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
     # merging partials is per channel: in parallel too when there is enough of it
     c = x.shape[1]
-    _POOL.run(kernel, (*args, 1), c, nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
+    _POOL.run(kernel, (*args, 1), -(-c // _MERGE_CHUNK),
+              nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
     if apply:
         _POOL.run(kernel, (*args, 2), view.tasks, nthreads)
 

@@ -82,6 +82,8 @@ ROW_TILE = 1024
 # Streamed outputs are computed in buffers of this many items (a multiple of 64 bytes for
 # every dtype; small enough for L1) and written out chunk by chunk.
 STREAM_CHUNK = 1024
+# Phase 1 (per-channel merge) is shared out in chunks of this many channels.
+MERGE_CHUNK = 256
 
 
 def _jit(**kwargs):
@@ -285,6 +287,45 @@ def _load_acquire(typingctx, arr, i):
         return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
 
     return sig, codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, i):
+    """``arr[i] += 1`` (int64) as one atomic operation; returns the old value."""
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]),
+                                  ir.Constant(ir.IntType(64), 1), "seq_cst")
+
+    return sig, codegen
+
+
+# Work sharing between the threads of one call (see numba_backend._Pool.run): every thread
+# runs the same kernel call over units [0, n) and claims units one at a time from a shared
+# counter, ctl[CTL_NEXT], then counts each one it finishes in ctl[CTL_DONE]. A thread that
+# starts late (a worker waiting for a core that torch's OpenMP threads are still spinning
+# on, say) then finds less or nothing left, instead of the others waiting for its fixed share.
+# Which thread runs a unit never changes what the unit computes.
+CTL_NEXT = 0
+CTL_DONE = 8  # its own cache line
+CTL_SIZE = 16
+
+
+@njit(inline="always")
+def _claim(ctl, n):
+    """The next unclaimed unit of [0, n), or n when all are taken."""
+    return min(_fetch_add(ctl, CTL_NEXT), n)
+
+
+@njit(inline="always")
+def _unit_done(ctl, stream):
+    """Count a finished unit; streamed (non-temporal) stores are drained first, so that a
+    thread that sees the count also sees the unit's output."""
+    if stream:
+        _fence()
+    _fetch_add(ctl, CTL_DONE)
 
 
 @_jit(nogil=True)
@@ -828,28 +869,37 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
         coef[3, c] = (-u / count if training else 0.0) - b * (mu - np.float64(hi))
 
 
+
+@njit(inline="always")
+def _merge_range(k, c_):
+    """Channels [a, b) of phase 1's unit k."""
+    return k * MERGE_CHUNK, min(c_, (k + 1) * MERGE_CHUNK)
+
+
 # ---- kernels ------------------------------------------------------------------------------
-# Serial over a task range [t0, t1), GIL released; the backend runs a phase on several
-# threads over disjoint ranges:
+# Units [t0, t1) of one phase, claimed one at a time from ``ctl`` (see _claim; GIL released):
+# the backend runs a phase on several threads that share its units:
 #   phase 0: reductions into per-part partials; with parts == 1 the whole job instead (each
 #            channel block reduced, then written while it is in cache);
-#   phase 1: merge the partials and compute per-channel coefficients of channels [t0, t1);
-#   phase 2: the elementwise pass (tasks walked backwards: the reduction touched the end
-#            of each thread's range last, so it may still be in cache; rows stay in
-#            ascending order within a task, which the prefetchers need).
+#   phase 1: merge the partials and compute per-channel coefficients, MERGE_CHUNK channels
+#            a unit;
+#   phase 2: the elementwise pass (tasks walked backwards: the reduction touched the last
+#            tasks last, so they may still be in cache; rows stay in ascending order within
+#            a task, which the prefetchers need).
 # Arguments shared by both kernels: flat ``x``/``y``/``dy``/``dx`` of the storage dtype; the
 # logical shape (n, c, s); tasks ``blocks`` x ``parts`` (task t: channel block t // parts,
 # batch part t % parts). Per-channel arrays are 1-D of the accumulation dtype (float32, or
 # float64 for float64 input); an optional one (weight, bias, running stats, var_in, dweight)
 # has size 0 when absent; outputs not asked for are never written. ``pm``/``pq`` (float64,
 # (parts, C)) hold the partials of each batch part, ``coef`` (compute dtype, (3 or 4, C)) the
-# elementwise pass's coefficients.
+# elementwise pass's coefficients, ``ctl`` (int64, CTL_SIZE, zeroed per phase) the unit
+# counters that the call's threads share.
 
 
 @_jit(nogil=True)
 def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias, rmean,
             rvar, new_rmean, new_rvar, eps, momentum, do_stats, do_apply, stream, pm, pq, coef,
-            phase, t0, t1):
+            phase, t0, t1, ctl):
     """BatchNorm forward.
 
     ``do_stats``: batch statistics -> ``mean``, ``m2``, ``invstd`` (and the running update
@@ -858,8 +908,11 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
     ``y = (x - mean) * invstd * weight + bias``. ``stream``: write ``y`` with non-temporal
     stores (for outputs much larger than the caches).
     """
-    if phase == 0:
-        for t in range(t0, t1):
+    n = t1 - t0
+    k = _claim(ctl, n)
+    while k < n:
+        if phase == 0:
+            t = t0 + k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_stats:
@@ -873,26 +926,27 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 if do_apply:
                     _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef, stream)
-    elif phase == 1:
-        if do_stats:
-            mu, q = _combine(pm, pq, n_, s_, t0, t1)
-            _train_coefs(t0, t1, np.float64(n_ * s_), mu, q, t0, mean, m2, invstd, rmean, rvar,
-                         new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+        elif phase == 1:
+            a, b = _merge_range(t0 + k, c_)
+            if do_stats:
+                mu, q = _combine(pm, pq, n_, s_, a, b)
+                _train_coefs(a, b, np.float64(n_ * s_), mu, q, a, mean, m2, invstd, rmean,
+                             rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+            else:
+                _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
         else:
-            _given_coefs(t0, t1, mean, invstd, var_in, eps, weight, bias, coef)
-    else:
-        for t in range(t1 - 1, t0 - 1, -1):
+            t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream)
-    if stream:
-        _fence()
+        _unit_done(ctl, stream)
+        k = _claim(ctl, n)
 
 
 @_jit(nogil=True)
 def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy, sum_dy_xmu,
              dweight, count, do_reduce, do_apply, training, stream, pm, pq, coef, phase, t0,
-             t1):
+             t1, ctl):
     """BatchNorm backward.
 
     ``do_reduce``: ``sum_dy`` and ``sum_dy_xmu = sum(dy * (x - mean))`` (and ``dweight =
@@ -902,8 +956,11 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
     number of values per channel the statistics came from (all ranks for SyncBatchNorm).
     ``stream``: write ``dx`` with non-temporal stores.
     """
-    if phase == 0:
-        for t in range(t0, t1):
+    n = t1 - t0
+    k = _claim(ctl, n)
+    while k < n:
+        if phase == 0:
+            t = t0 + k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_reduce:
@@ -914,13 +971,14 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
                             do_reduce, training, pm, pq, coef, c0, c1)
                 if do_apply:
                     _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef, stream)
-    elif phase == 1:
-        _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,
-                    training, pm, pq, coef, t0, t1)
-    else:
-        for t in range(t1 - 1, t0 - 1, -1):
+        elif phase == 1:
+            a, b = _merge_range(t0 + k, c_)
+            _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,
+                        training, pm, pq, coef, a, b)
+        else:
+            t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream)
-    if stream:
-        _fence()
+        _unit_done(ctl, stream)
+        k = _claim(ctl, n)

@@ -28,8 +28,11 @@ small pool, at most 63; one thread below 64K elements). The kernels release the 
 polls for its next job (without the GIL) for well under a millisecond after each one, which
 halves the hand-off between a call's phases, then blocks on a queue, so idle workers do not
 compete with torch's OpenMP pool; numba's own threading layer (a second OpenMP runtime here)
-is not used.
-Work is cut by the shape only, never by the thread count, so results do not depend on it.
+is not used. The threads of a call claim its tasks one at a time from shared counters, so a
+thread that starts late (its core still busy with torch's spinning OpenMP threads after an ATen
+op) takes fewer tasks instead of holding the call up.
+Work is cut by the shape only, never by the thread count or by which thread runs a task, so
+results do not depend on either.
 
 Compiled code is cached on disk (numba's ``cache=True``: next to the module, or in the user's
 cache directory when the package is read-only, or not at all when neither is writable); a

@@ -312,7 +312,7 @@ class _Pool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: list[queue.SimpleQueue] = []
-        self._errors: queue.SimpleQueue = queue.SimpleQueue()
+        self._reports: queue.SimpleQueue = queue.SimpleQueue()  # (seq, exception or None)
         self._flags = np.zeros(_SLOT, dtype=np.int64)
         self._seq = 0
 
@@ -325,10 +325,12 @@ class _Pool:
                 except Exception:
                     pass
             fn, args, seq = jobs.get()
+            result: BaseException | None = None
             try:
                 fn(*args)
             except BaseException as exc:  # handed to the caller, if it still waits
-                self._errors.put((seq, exc))
+                result = exc
+            self._reports.put((seq, result))  # also wakes a caller that does not poll
             last = seq
 
     def run(self, fn: Callable[..., None], args: tuple, units: int, nthreads: int) -> None:
@@ -339,8 +341,8 @@ class _Pool:
             fn(*args, 0, units, ctl)
             return
         try:
-            while not self._errors.empty():  # from calls that finished without them
-                self._errors.get_nowait()
+            while not self._reports.empty():  # from calls that finished without them
+                self._reports.get_nowait()
             while len(self._jobs) < p - 1:
                 if not self._jobs and (_CALLER_SPIN or _WORKER_SPIN):
                     try:  # compile (or load) the poll once, before any worker needs it
@@ -362,11 +364,11 @@ class _Pool:
                 if _CALLER_SPIN and _kernels().spin_until(ctl, _CTL_DONE, 0, 1, units,
                                                           _CALLER_SPIN):
                     break
-                try:
-                    got, exc = self._errors.get(timeout=0.001)
+                try:  # a worker's report: it finished (re-check the count) or failed
+                    got, exc = self._reports.get(timeout=0.001)
                 except queue.Empty:
                     continue
-                if got == seq:
+                if got == seq and exc is not None:
                     raise exc
         finally:
             self._lock.release()

@@ -206,7 +206,10 @@ def test_primitives_on_an_empty_input():
 
 @pytest.mark.parametrize(("name", "shape", "channels_last"),
                          _cases([("blocks", (16, 64, 16, 16)), ("few_channels", (32, 4, 24, 24)),
-                                 ("rows", (8192, 24))]))
+                                 ("rows", (8192, 24)),
+                                 # 16 row chunks x 1024 channels: the merge phase runs on
+                                 # both threads, in 4 chunks of channels
+                                 ("merge_chunks", (1024, 1024))]))
 def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
     """The work partition depends on the shape only: 1 and 2 threads agree bit for bit."""
     be = get_backend(BACKEND)
@@ -294,20 +297,15 @@ def test_stream_copy_writes_exactly_its_range(dtype):
             assert np.array_equal(dst, expected), (o, n)
 
 
-def _marker(delay_s: float = 0.0, fail_in_worker: bool = False):
+def _marker():
     """A pool job in the kernels' protocol: claim units from ``ctl``, mark each, count it."""
-    import time
-
     from batchnorm.backends.numba_kernels import _claim, _unit_done
 
     def mark(out, t0, t1, ctl):
         n = t1 - t0
         k = _claim(ctl, n)
         while k < n:
-            if fail_in_worker and threading.current_thread().name.startswith("batchnorm-numba"):
-                raise ValueError("worker unit failed")
             out[t0 + k] += 1
-            time.sleep(delay_s)
             _unit_done(ctl, False)
             k = _claim(ctl, n)
 
@@ -339,10 +337,24 @@ def test_pool_covers_every_unit_once_and_hands_back_errors(monkeypatch, spin):
         pool.run(mark, (marks,), 64, 2)
         assert (marks == calls).all(), f"call {calls}: {marks}"
 
+    # a worker fails in a unit it claimed: the caller holds back its own units until the
+    # worker has claimed one, so the failure is certain to happen while the call waits
+    claimed = threading.Event()
+    from batchnorm.backends.numba_kernels import _claim
+
+    def fail_in_worker(out, t0, t1, ctl):
+        worker = threading.current_thread().name.startswith("batchnorm-numba")
+        if not worker:
+            assert claimed.wait(10), "the worker never started"
+        k = _claim(ctl, t1 - t0)
+        if worker and k < t1 - t0:
+            claimed.set()
+            raise ValueError("worker unit failed")
+        _marker()(out, t0, t1, ctl)  # the caller marks the rest
+
     marks[:] = 0
     with pytest.raises(ValueError, match="worker unit failed"):
-        # the caller's units are slow, so the worker claims one before they run out
-        pool.run(_marker(delay_s=0.002, fail_in_worker=True), (marks,), 64, 2)
+        pool.run(fail_in_worker, (marks,), 64, 2)
     assert set(marks.tolist()) <= {0, 1} and marks.sum() < 64
     marks[:] = 0
     pool.run(mark, (marks,), 64, 2)  # the pool still works afterwards
@@ -361,9 +373,15 @@ def test_pool_call_does_not_wait_for_a_late_worker(monkeypatch):
     gate = threading.Event()
     pool._jobs[0].put((lambda: gate.wait(), (), 0))  # the worker is now busy until the gate
     marks[:] = 0
-    pool.run(_marker(), (marks,), 16, 2)
-    assert (marks == 1).all()  # the caller did every unit, without waiting for the worker
+    # in a thread of its own, so that waiting for the worker fails the test instead of hanging
+    caller = threading.Thread(target=pool.run, args=(_marker(), (marks,), 16, 2))
+    caller.start()
+    caller.join(10)
+    waited = caller.is_alive()
     gate.set()
+    caller.join()
+    assert not waited, "the call waited for a worker that had not started"
+    assert (marks == 1).all()  # the caller did every unit
     for calls in range(2, 5):
         pool.run(_marker(), (marks,), 16, 2)
         assert (marks == calls).all()

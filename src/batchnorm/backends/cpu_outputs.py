@@ -79,7 +79,7 @@ def _is_free(entry: list) -> bool:
 
 
 class _Pool:
-    """Storages by size; an entry is ``[storage, tick of its last hand-out]``."""
+    """Storages by size; an entry is ``[storage, tick of its last hand-out, data pointer]``."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -98,31 +98,42 @@ class _Pool:
             if not _is_free(entry):
                 continue
             del entries[i]
-            if entry[0].nbytes() != nbytes:  # resized through a tensor: no longer this size
+            st = entry[0]
+            if st.nbytes() != nbytes or st.data_ptr() != entry[2] or st.is_shared():
+                # resized through a tensor, or moved to shared memory to be sent to another
+                # process (torch.multiprocessing), which may still read it: not ours any more
                 self.total -= nbytes
                 continue
             entries.append(entry)
             self.tick += 1
             entry[1] = self.tick
-            return entry[0]
+            return st
+        if not entries:
+            del self.by_size[nbytes]
         return None
 
     def make_room(self, nbytes: int) -> bool:
-        """Drop least recently used free storages until ``nbytes`` more fit the limit."""
+        """Drop least recently used free storages until ``nbytes`` more fit the limit; drop
+        nothing when even dropping every free one would not make it fit."""
         if self.total + nbytes <= self.limit:
             return True
         free = sorted((entry[1], size, entry) for size, entries in self.by_size.items()
                       for entry in entries if _is_free(entry))
+        if self.total - sum(size for _, size, _ in free) + nbytes > self.limit:
+            return False
         for _, size, entry in free:
             if self.total + nbytes <= self.limit:
                 break
-            self.by_size[size].remove(entry)
+            entries = self.by_size[size]
+            entries.remove(entry)
+            if not entries:
+                del self.by_size[size]
             self.total -= size
-        return self.total + nbytes <= self.limit
+        return True
 
     def add(self, st: torch.UntypedStorage, nbytes: int) -> None:
         self.tick += 1
-        self.by_size.setdefault(nbytes, []).append([st, self.tick])
+        self.by_size.setdefault(nbytes, []).append([st, self.tick, st.data_ptr()])
         self.total += nbytes
 
     def clear(self) -> None:

@@ -305,8 +305,9 @@ class _Pool:
     pool, the call runs serially in its own thread. ``_flags[0]`` (int64) is the sequence
     number of the last job posted, which polling workers watch.
 
-    A worker's exception reaches the caller if the call is still waiting for a unit (the
-    failed one); a worker that fails before claiming anything leaves the call to the others.
+    A worker's exception reaches the caller when it arrives while the call waits (a unit the
+    worker claimed and did not finish keeps the call waiting for it); one that arrives after
+    the call is complete, from a worker that failed before claiming anything, is dropped.
     """
 
     def __init__(self) -> None:
@@ -330,6 +331,9 @@ class _Pool:
                 fn(*args)
             except BaseException as exc:  # handed to the caller, if it still waits
                 result = exc
+            # drop the job's references now: they keep the call's arrays (and so its recycled
+            # outputs) alive, which an idle worker must not do until its next job
+            del fn, args
             self._reports.put((seq, result))  # also wakes a caller that does not poll
             last = seq
 
@@ -360,10 +364,10 @@ class _Pool:
                 self._jobs[i].put((fn, job, seq))
             self._flags[0] = seq  # after the puts: a polling worker then finds its job
             fn(*job)
-            while ctl[_CTL_DONE] < units:
-                if _CALLER_SPIN and _kernels().spin_until(ctl, _CTL_DONE, 0, 1, units,
-                                                          _CALLER_SPIN):
-                    break
+            if (ctl[_CTL_DONE] < units and _CALLER_SPIN
+                    and _kernels().spin_until(ctl, _CTL_DONE, 0, 1, units, _CALLER_SPIN)):
+                return
+            while ctl[_CTL_DONE] < units:  # a worker is still in a unit: block on reports
                 try:  # a worker's report: it finished (re-check the count) or failed
                     got, exc = self._reports.get(timeout=0.001)
                 except queue.Empty:

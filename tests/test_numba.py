@@ -387,6 +387,21 @@ def test_pool_call_does_not_wait_for_a_late_worker(monkeypatch):
         assert (marks == calls).all()
 
 
+def test_pool_close_stops_the_workers():
+    """close() (registered at exit: a worker coming back from a numba call while Python
+    finalizes aborts the process) ends every worker; later calls run on the caller."""
+    from batchnorm.backends import numba_backend
+
+    pool = numba_backend._Pool()
+    marks = np.zeros(16, dtype=np.int64)
+    pool.run(_marker(), (marks,), 16, 2)
+    assert pool._threads and all(t.is_alive() for t in pool._threads)
+    pool.close()
+    assert not any(t.is_alive() for t in pool._threads)
+    pool.run(_marker(), (marks,), 16, 2)
+    assert (marks == 2).all()
+
+
 def test_pool_worker_survives_a_failing_poll(monkeypatch):
     """Polling is an optimization: if it raises in a worker, the job still runs (no hang)."""
     from batchnorm.backends import numba_backend

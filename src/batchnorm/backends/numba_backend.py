@@ -42,6 +42,7 @@ reports.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import math
 import os
@@ -316,6 +317,8 @@ class _Pool:
         self._reports: queue.SimpleQueue = queue.SimpleQueue()  # (seq, exception or None)
         self._flags = np.zeros(_SLOT, dtype=np.int64)
         self._seq = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
 
     def _work(self, jobs: queue.SimpleQueue) -> None:
         last = 0
@@ -325,7 +328,10 @@ class _Pool:
                     _kernels().spin_until(self._flags, 0, 0, 1, last + 1, _WORKER_SPIN)
                 except Exception:
                     pass
-            fn, args, seq = jobs.get()
+            item = jobs.get()
+            if item is None:  # close()
+                return
+            fn, args, seq = item
             result: BaseException | None = None
             try:
                 fn(*args)
@@ -341,7 +347,7 @@ class _Pool:
         """``fn(*args, 0, units, ctl)`` on up to ``nthreads`` threads sharing ``ctl``."""
         ctl = np.zeros(_CTL_SIZE, dtype=np.int64)
         p = min(nthreads, units, _MAX_THREADS)
-        if p <= 1 or not self._lock.acquire(blocking=False):
+        if p <= 1 or self._closed or not self._lock.acquire(blocking=False):
             fn(*args, 0, units, ctl)
             return
         try:
@@ -354,8 +360,10 @@ class _Pool:
                     except Exception:  # polling is an optimization; workers cope without
                         pass
                 jobs: queue.SimpleQueue = queue.SimpleQueue()
-                threading.Thread(target=self._work, args=(jobs,), daemon=True,
-                                 name=f"batchnorm-numba-{len(self._jobs) + 1}").start()
+                thread = threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                          name=f"batchnorm-numba-{len(self._jobs) + 1}")
+                thread.start()
+                self._threads.append(thread)
                 self._jobs.append(jobs)
             self._seq += 1
             seq = self._seq
@@ -378,7 +386,35 @@ class _Pool:
             self._lock.release()
 
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the workers and wait for them (calls after this run on the calling thread).
+
+        Run at interpreter exit: a daemon thread that comes back from a GIL-free numba call
+        while Python finalizes is stopped inside numba's C++ dispatcher, and that aborts the
+        process ("terminate called without an active exception"); a worker may still be in
+        a late share of a finished call, or polling, at that moment.
+        """
+        got = self._lock.acquire(timeout=timeout)
+        try:
+            self._closed = True
+            for jobs in self._jobs:
+                jobs.put(None)
+            self._flags[0] = 1 << 62  # ends every worker's poll
+            for thread in self._threads:
+                thread.join(timeout)
+        finally:
+            if got:
+                self._lock.release()
+
+
 _POOL = _Pool()
+
+
+def _close_pool() -> None:
+    _POOL.close()
+
+
+atexit.register(_close_pool)
 
 
 def _reset_pool_after_fork() -> None:

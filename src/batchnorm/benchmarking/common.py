@@ -50,6 +50,39 @@ def measure(fn: Callable[[int], Any], *, reps: int = 20, warmup: int = 2,
     return times
 
 
+def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmup: int = 2,
+                  max_seconds: float = 3.0) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Wall times (seconds) of several statements timed in turns: each round calls every one
+    once, so that a shared machine's drift, and the state one leaves behind for the next (the
+    caches, torch's OpenMP threads still spinning after an ATen op, the allocator's free
+    lists), falls on all of them alike, as it does between the layers of a network. Call ``k``
+    of statement ``j`` gets ``i = k * len(fns) + j`` (consecutive calls rotate inputs). At
+    least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement.
+
+    Returns ``(times, faults)``: per statement, its times and its minor page faults per call
+    (NaN where they cannot be counted)."""
+    names = list(fns)
+    for w in range(warmup):
+        for j, name in enumerate(names):
+            fns[name](w * len(names) + j)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    faults = dict.fromkeys(names, 0)
+    start = time.perf_counter()
+    for k in range(reps):
+        for j, name in enumerate(names):
+            f0 = minor_faults()
+            t = time.perf_counter()
+            fns[name]((warmup + k) * len(names) + j)
+            times[name].append(time.perf_counter() - t)
+            f1 = minor_faults()
+            if f0 is not None and f1 is not None:
+                faults[name] += f1 - f0
+        if k >= 2 and time.perf_counter() - start > max_seconds * len(names):
+            break
+    counted = minor_faults() is not None
+    return times, {n: faults[n] / len(times[n]) if counted else math.nan for n in names}
+
+
 def median_ms(times: Sequence[float]) -> float:
     return statistics.median(times) * 1e3
 

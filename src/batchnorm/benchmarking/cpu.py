@@ -20,7 +20,11 @@ dx, dweight, dbias), both (``fwdbwd``) and eval forward (``eval``). Columns:
 * ``copy``: ``x.clone()`` of the same tensor.
 
 Times are medians of repeated calls that rotate through enough input copies (``--rotate-mb``,
-default 64 MB, twice a 32 MB last-level cache) that every call reads from memory. ``floor %``
+default 64 MB, twice a 32 MB last-level cache) that every call reads from memory. The columns
+of a mode are timed in turns (one call of each per round, :func:`~.common.measure_turns`), so
+that each runs after the others as a layer runs between other layers: our calls then meet
+torch's OpenMP threads still spinning after an ATen op, and every column meets the same
+machine drift. ``floor %``
 is the fewest bytes a mode must move (training forward 2b: read x, write y; backward 3b: read
 x and dy, write dx; both 5b; eval 2b; b = bytes of x) at the copy bandwidth measured in the
 same run (``out.copy_(x)`` of 256 MiB, bytes read + written), divided by our time: 100% is
@@ -57,8 +61,8 @@ from .common import (
     load_average,
     machine_lines,
     measure,
+    measure_turns,
     median_ms,
-    minor_faults,
     plot_bars,
     progress,
 )
@@ -205,7 +209,9 @@ def _timers(f: Callable[..., torch.Tensor], inp: _Inputs, mode: str) -> Callable
             with torch.no_grad():
                 f(inp.xs[i % k], rm, rv, w, b, False)
         return ev
-    ys = [f(x, rm, rv, w, b, True) for x in inp.xs]  # bwd: graphs built once, retained
+    # bwd: graphs built once, retained; with running buffers of their own, since ATen's graph
+    # saves them and the other columns' forward calls (timed in turns) update the shared ones
+    ys = [f(x, rm.clone(), rv.clone(), w, b, True) for x in inp.xs]
 
     def bw(i: int) -> None:
         torch.autograd.grad(ys[i % k], (inp.xs[i % k], w, b), inp.dys[i % k], retain_graph=True)
@@ -245,17 +251,15 @@ def _run_case(case: Case, args: argparse.Namespace, compiled: bool) -> None:
     reps = 3 if args.quick else args.reps
     warmup = 1 if args.quick else 2
     for mode in args.modes:
-        for col, f in fns.items():
-            f0 = minor_faults()
-            times = measure(_timers(f, inp, mode), reps=reps, warmup=warmup,
-                            max_seconds=args.max_seconds)
-            f1 = minor_faults()
-            case.times[(mode, col)] = median_ms(times)
-            if f0 is not None and f1 is not None:
-                case.faults[(mode, col)] = (f1 - f0) / (len(times) + warmup)
-        copy = measure(lambda i: inp.xs[i % inp.k].detach().clone(), reps=reps,
-                       max_seconds=args.max_seconds)
-        case.times[(mode, "copy")] = median_ms(copy)
+        stmts: dict[str, Callable[[int], None]] = {
+            col: _timers(f, inp, mode) for col, f in fns.items()}
+        stmts["copy"] = lambda i: inp.xs[i % inp.k].detach().clone()
+        times, faults = measure_turns(stmts, reps=reps, warmup=warmup,
+                                      max_seconds=args.max_seconds)
+        for col, ts in times.items():
+            case.times[(mode, col)] = median_ms(ts)
+            if col != "copy" and math.isfinite(faults[col]):
+                case.faults[(mode, col)] = faults[col]
 
 
 def _first_call(dtype: str) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from batchnorm import benchmarking
-from batchnorm.benchmarking.common import fmt_table, geomean, measure
+from batchnorm.benchmarking.common import fmt_table, geomean, measure, measure_turns
 
 pytest.importorskip("numba", reason="the CPU benchmark times the numba backend")
 
@@ -49,3 +49,15 @@ def test_helpers():
     assert geomean([2.0, 8.0]) == pytest.approx(4.0)
     table = fmt_table(["a", "b"], [["x", 1.23456], ["yy", float("nan")]])
     assert table.splitlines()[0].startswith("| a") and "1.23" in table and "n/a" in table
+
+
+def test_measure_turns_interleaves_and_rotates():
+    """One call of each statement per round, in order; call k of statement j gets
+    k * len(fns) + j (warm-up rounds first), so that consecutive calls rotate inputs."""
+    calls = []
+    fns = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    times, faults = measure_turns(fns, reps=4, warmup=1, max_seconds=10.0)
+    assert calls == [("a", 0), ("b", 1)] + [(n, 2 * k + j) for k in range(1, 5)
+                                              for j, n in enumerate("ab")]
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
+    assert set(faults) == {"a", "b"} and all(f >= 0 or f != f for f in faults.values())

@@ -34,12 +34,12 @@ from .numba_kernels import (
     STREAM_CHUNK,
     _chunk_end,
     _claim,
-    _combine,
     _first_index,
     _given_coefs,
     _jit,
     _ld,
     _merge_range,
+    _merge_unit,
     _piece,
     _span,
     _st,
@@ -543,13 +543,8 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
         elif phase == 1:
-            a, b = _merge_range(t0 + k, c_)
-            if do_stats:
-                mu, q = _combine(pm, pq, n_, s_, a, b)
-                _train_coefs(a, b, np.float64(n_ * s_), mu, q, a, mean, m2, invstd, rmean,
-                             rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
-            else:
-                _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
+            _merge_unit(t0 + k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
+                        rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
         else:
             t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)

@@ -876,6 +876,19 @@ def _merge_range(k, c_):
     return k * MERGE_CHUNK, min(c_, (k + 1) * MERGE_CHUNK)
 
 
+@njit
+def _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean, rvar,
+                new_rmean, new_rvar, eps, momentum, weight, bias, coef):
+    """The forward's phase-1 unit k: merge the parts' statistics of its channels and write
+    their coefficients (or, without statistics, the coefficients from the given ones)."""
+    a, b = _merge_range(k, c_)
+    if do_stats:
+        mu, q = _combine(pm, pq, n_, s_, a, b)
+        _train_coefs(a, b, np.float64(n_ * s_), mu, q, a, mean, m2, invstd, rmean, rvar,
+                     new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+    else:
+        _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
+
 # ---- kernels ------------------------------------------------------------------------------
 # Units [t0, t1) of one phase, claimed one at a time from ``ctl`` (see _claim; GIL released):
 # the backend runs a phase on several threads that share its units:
@@ -927,13 +940,8 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
                 if do_apply:
                     _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef, stream)
         elif phase == 1:
-            a, b = _merge_range(t0 + k, c_)
-            if do_stats:
-                mu, q = _combine(pm, pq, n_, s_, a, b)
-                _train_coefs(a, b, np.float64(n_ * s_), mu, q, a, mean, m2, invstd, rmean,
-                             rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
-            else:
-                _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
+            _merge_unit(t0 + k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
+                        rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
         else:
             t = t1 - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)

@@ -39,6 +39,7 @@ __all__ = [
     "empty_out_like",
     "layout_of",
     "match_layout",
+    "out_strides",
     "reduce_dims",
     "running_update",
     "safe_invstd",
@@ -78,20 +79,29 @@ def layout_of(x: Tensor) -> str:
     return "other"
 
 
+def out_strides(x: Tensor) -> list[int]:
+    """Dense strides in ``x``'s memory layout: channels-last order for a channels-last input
+    (any rank), contiguous otherwise. The layout every kernel writes its outputs in."""
+    d = x.dim()
+    order = [0, *range(2, d), 1] if layout_of(x) == "cl" else list(range(d))
+    strides = [0] * d
+    step = 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= x.shape[dim]
+    return strides
+
+
 def empty_out_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """An uninitialized output in the layout the kernels write for input ``x``.
+    """An uninitialized output in the layout the kernels write for input ``x``
+    (:func:`out_strides`).
 
     Channels-last input gives channels-last output (any rank); everything else gives a
     contiguous output. Real kernels and fake (meta) implementations both allocate through this
     function so that their strides agree under ``torch.compile``.
     """
     dtype = x.dtype if dtype is None else dtype
-    if layout_of(x) == "cl":
-        perm = (0, *range(2, x.dim()), 1)
-        shape = [x.shape[p] for p in perm]
-        inverse = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return torch.empty(shape, dtype=dtype, device=x.device).permute(inverse)
-    return torch.empty(x.shape, dtype=dtype, device=x.device)
+    return torch.empty_strided(x.shape, out_strides(x), dtype=dtype, device=x.device)
 
 
 def as_kernel_layout(x: Tensor) -> Tensor:

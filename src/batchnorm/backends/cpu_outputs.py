@@ -168,8 +168,8 @@ def empty_cache() -> None:
 
 
 def new_storage(nbytes: int, on_new: Callable[[torch.UntypedStorage], None] | None = None
-                ) -> tuple[torch.UntypedStorage, bool]:
-    """A storage of ``nbytes`` for an output: ``(storage, recycled)``.
+                ) -> torch.UntypedStorage:
+    """A storage of ``nbytes`` for an output.
 
     A recycled storage comes from the pool (its memory already mapped and faulted in);
     otherwise a new one is allocated, ``on_new`` is called on it (to advise huge pages, say),
@@ -181,7 +181,7 @@ def new_storage(nbytes: int, on_new: Callable[[torch.UntypedStorage], None] | No
         with _POOL.lock:
             st = _POOL.take(nbytes)
             if st is not None:
-                return st, True
+                return st
     st = torch.UntypedStorage(nbytes)
     if on_new is not None:
         on_new(st)
@@ -189,7 +189,7 @@ def new_storage(nbytes: int, on_new: Callable[[torch.UntypedStorage], None] | No
         with _POOL.lock:
             if _POOL.make_room(nbytes):
                 _POOL.add(st, nbytes)
-    return st, False
+    return st
 
 
 def _reset_after_fork() -> None:

@@ -57,7 +57,14 @@ import torch
 from torch import Tensor
 
 from . import cpu_outputs
-from .base import ForwardResult, acc_dtype, as_kernel_layout, empty_out_like, layout_of
+from .base import (
+    ForwardResult,
+    acc_dtype,
+    as_kernel_layout,
+    empty_out_like,
+    layout_of,
+    out_strides,
+)
 from .numba_act import NumbaActMixin
 from .torch_backend import TorchBackend
 
@@ -85,7 +92,6 @@ _MAX_CHUNKS = 64
 _PARALLEL_MIN_NUMEL = 1 << 16
 # Merging per-part partials runs on several threads from this many (channels x parts) on.
 _PARALLEL_MERGE = 1 << 14
-_MERGE_CHUNK = 256  # numba_kernels.MERGE_CHUNK: channels per merge unit
 # Newly allocated outputs from this size on are advised to use huge pages (_advise_huge).
 _HUGE_MIN_BYTES = 1 << 23
 # Outputs from this size on are written with non-temporal (streaming) stores, which skip the
@@ -186,18 +192,6 @@ def _advise_huge(ptr: int, nbytes: int) -> None:
         _MADVISE(start, end - start, _MADV_HUGEPAGE)
 
 
-def _out_strides(x: Tensor) -> list[int]:
-    """Strides of :func:`~.base.empty_out_like` (x's memory layout, dense)."""
-    d = x.dim()
-    order = [0, *range(2, d), 1] if layout_of(x) == "cl" else list(range(d))
-    strides = [0] * d
-    step = 1
-    for dim in reversed(order):
-        strides[dim] = step
-        step *= x.shape[dim]
-    return strides
-
-
 def _new_output(x: Tensor) -> Tensor:
     """An uninitialized output like ``x`` (:func:`~.base.empty_out_like` layout), from the
     recycled buffers of :mod:`.cpu_outputs` from 1 MiB on; a newly allocated large one is
@@ -205,8 +199,8 @@ def _new_output(x: Tensor) -> Tensor:
     nbytes = x.numel() * x.element_size()
     if nbytes < cpu_outputs.MIN_BYTES:
         return empty_out_like(x)
-    st, _ = cpu_outputs.new_storage(nbytes, lambda s: _advise_huge(s.data_ptr(), nbytes))
-    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, _out_strides(x))
+    st = cpu_outputs.new_storage(nbytes, lambda s: _advise_huge(s.data_ptr(), nbytes))
+    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, out_strides(x))
 
 
 class _View:
@@ -285,8 +279,6 @@ _WORKER_SPIN = 1 << 18 if _SPIN else 0
 _CALLER_SPIN = 1 << 22 if _SPIN else 0
 _SLOT = 8  # int64 values per cache line: each flag has a line of its own
 _MAX_THREADS = 64
-_CTL_SIZE = 16  # numba_kernels.CTL_SIZE; CTL_DONE below (kept here so that the pool does
-_CTL_DONE = 8   # not import numba until a kernel runs)
 
 
 class _Pool:
@@ -345,7 +337,8 @@ class _Pool:
 
     def run(self, fn: Callable[..., None], args: tuple, units: int, nthreads: int) -> None:
         """``fn(*args, 0, units, ctl)`` on up to ``nthreads`` threads sharing ``ctl``."""
-        ctl = np.zeros(_CTL_SIZE, dtype=np.int64)
+        k = _kernels()
+        ctl = np.zeros(k.CTL_SIZE, dtype=np.int64)
         p = min(nthreads, units, _MAX_THREADS)
         if p <= 1 or self._closed or not self._lock.acquire(blocking=False):
             fn(*args, 0, units, ctl)
@@ -372,10 +365,11 @@ class _Pool:
                 self._jobs[i].put((fn, job, seq))
             self._flags[0] = seq  # after the puts: a polling worker then finds its job
             fn(*job)
-            if (ctl[_CTL_DONE] < units and _CALLER_SPIN
-                    and _kernels().spin_until(ctl, _CTL_DONE, 0, 1, units, _CALLER_SPIN)):
+            done = k.CTL_DONE
+            if (ctl[done] < units and _CALLER_SPIN
+                    and k.spin_until(ctl, done, 0, 1, units, _CALLER_SPIN)):
                 return
-            while ctl[_CTL_DONE] < units:  # a worker is still in a unit: block on reports
+            while ctl[done] < units:  # a worker is still in a unit: block on reports
                 try:  # a worker's report: it finished (re-check the count) or failed
                     got, exc = self._reports.get(timeout=0.001)
                 except queue.Empty:
@@ -443,7 +437,7 @@ def _launch(kernel: Callable[..., None], args: tuple, view: _View, x: Tensor,
         _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
     # merging partials is per channel: in parallel too when there is enough of it
     c = x.shape[1]
-    _POOL.run(kernel, (*args, 1), -(-c // _MERGE_CHUNK),
+    _POOL.run(kernel, (*args, 1), -(-c // _kernels().MERGE_CHUNK),
               nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
     if apply:
         _POOL.run(kernel, (*args, 2), view.tasks, nthreads)

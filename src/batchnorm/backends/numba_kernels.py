@@ -869,7 +869,6 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
         coef[3, c] = (-u / count if training else 0.0) - b * (mu - np.float64(hi))
 
 
-
 @njit(inline="always")
 def _merge_range(k, c_):
     """Channels [a, b) of phase 1's unit k."""
@@ -888,6 +887,7 @@ def _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean
                      new_rmean, new_rvar, eps, momentum, weight, bias, coef)
     else:
         _given_coefs(a, b, mean, invstd, var_in, eps, weight, bias, coef)
+
 
 # ---- kernels ------------------------------------------------------------------------------
 # Units [t0, t1) of one phase, claimed one at a time from ``ctl`` (see _claim; GIL released):

@@ -23,12 +23,12 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 import batchnorm
+from batchnorm.benchmarking.common import measure_turns
 from batchnorm.catalog import RESNET50_N32
 
 
@@ -48,26 +48,12 @@ def saved_bytes(fn) -> int:
 
 def interleaved_medians(stmts: dict[str, Callable[[], None]], min_run_time: float,
                         dev: torch.device) -> dict[str, float]:
-    """Median seconds per call of each statement, timed in turns (one call of each per round)
-    for at least 5 rounds and about ``min_run_time`` seconds per statement."""
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    for f in stmts.values():  # warm-up (compilation, allocator, caches)
-        f()
-        f()
-    times: dict[str, list[float]] = {k: [] for k in stmts}
-    start, rounds = time.perf_counter(), 0
-    while rounds < 5 or (time.perf_counter() - start < min_run_time * len(stmts)
-                         and rounds < 500):
-        for name, f in stmts.items():
-            sync()
-            t = time.perf_counter()
-            f()
-            sync()
-            times[name].append(time.perf_counter() - t)
-        rounds += 1
+    """Median seconds per call of each statement, timed in turns (one call of each per round,
+    :func:`batchnorm.benchmarking.common.measure_turns`) for about ``min_run_time`` seconds
+    per statement."""
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+    times, _ = measure_turns({k: (lambda i, f=f: f()) for k, f in stmts.items()}, reps=500,
+                             warmup=2, max_seconds=min_run_time, sync=sync)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

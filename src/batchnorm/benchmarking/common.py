@@ -51,13 +51,15 @@ def measure(fn: Callable[[int], Any], *, reps: int = 20, warmup: int = 2,
 
 
 def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmup: int = 2,
-                  max_seconds: float = 3.0) -> tuple[dict[str, list[float]], dict[str, float]]:
+                  max_seconds: float = 3.0, sync: Callable[[], Any] | None = None
+                  ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Wall times (seconds) of several statements timed in turns: each round calls every one
     once, so that a shared machine's drift, and the state one leaves behind for the next (the
     caches, torch's OpenMP threads still spinning after an ATen op, the allocator's free
     lists), falls on all of them alike, as it does between the layers of a network. Call ``k``
     of statement ``j`` gets ``i = k * len(fns) + j`` (consecutive calls rotate inputs). At
-    least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement.
+    least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement. ``sync``
+    (``torch.cuda.synchronize``, say) runs before and after each timed call.
 
     Returns ``(times, faults)``: per statement, its times and its minor page faults per call
     (NaN where they cannot be counted)."""
@@ -70,9 +72,13 @@ def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmu
     start = time.perf_counter()
     for k in range(reps):
         for j, name in enumerate(names):
+            if sync is not None:
+                sync()
             f0 = minor_faults()
             t = time.perf_counter()
             fns[name]((warmup + k) * len(names) + j)
+            if sync is not None:
+                sync()
             times[name].append(time.perf_counter() - t)
             f1 = minor_faults()
             if f0 is not None and f1 is not None:

@@ -107,13 +107,12 @@ def test_eager_fast_path_equals_custom_op_path(backend):
     b = torch.randn(4).requires_grad_()
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     dy = torch.randn(3, 4, 5, 2)
-    outs, grads = [], []
-    for fn in (ops.batch_norm_train, ops.forward_train):
-        y, mean, invstd, nrm, nrv = fn(x, w, b, rm, rv, 0.1, 1e-5, backend)
-        (gx, gw, gb) = torch.autograd.grad(y, (x, w, b), dy)
-        outs.append((y, mean, invstd, nrm, nrv))
-        grads.append((gx, gw, gb))
-    for a, e in zip(outs[0] + grads[0], outs[1] + grads[1]):
+    # the fast path updates the running buffers in place; the op returns the new ones
+    rm_fast, rv_fast = rm.clone(), rv.clone()
+    y_fast = ops.batch_norm_train(x, w, b, rm_fast, rv_fast, 0.1, 1e-5, backend)
+    y_op, _, _, nrm, nrv = ops.forward_train(x, w, b, rm, rv, 0.1, 1e-5, backend)
+    grads = [torch.autograd.grad(y, (x, w, b), dy) for y in (y_fast, y_op)]
+    for a, e in zip((y_fast, rm_fast, rv_fast, *grads[0]), (y_op, nrm, nrv, *grads[1])):
         assert torch.equal(a, e)
     ys = [fn(x, w, b, rm, rv, 1e-5, backend) for fn in (ops.batch_norm_eval, ops.forward_eval)]
     ge = [torch.autograd.grad(y, (x, w, b), dy) for y in ys]

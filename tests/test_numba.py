@@ -211,7 +211,10 @@ def test_primitives_on_an_empty_input():
                                  # both threads, in 4 chunks of channels
                                  ("merge_chunks", (1024, 1024))]))
 def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
-    """The work partition depends on the shape only: 1 and 2 threads agree bit for bit."""
+    """The work partition depends on the shape only: 1 and 2 threads (torch's OpenMP ones or
+    the pool's) agree bit for bit."""
+    from batchnorm.backends import numba_backend as nb
+
     be = get_backend(BACKEND)
     x = make_input(shape, channels_last=channels_last)
     dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0)
@@ -221,16 +224,20 @@ def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
     before = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2):
+        for n, threads in ((1, None), (2, "openmp"), (2, "pool")):
             torch.set_num_threads(n)
-            fwd = be.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
-            bwd = be.backward(dy, x, w, fwd[1], fwd[2], True, (True, True, True))
-            ev = be.forward_eval(x, w, b, rm, rv, 1e-5)
+            with pytest.MonkeyPatch.context() as mp:
+                if threads == "pool":  # our own worker threads instead of torch's OpenMP ones
+                    mp.setattr(nb, "_OPENMP", None)
+                fwd = be.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
+                bwd = be.backward(dy, x, w, fwd[1], fwd[2], True, (True, True, True))
+                ev = be.forward_eval(x, w, b, rm, rv, 1e-5)
             outs.append((*fwd, *bwd, ev))
     finally:
         torch.set_num_threads(before)
-    for a, e in zip(*outs):
-        assert torch.equal(a, e), f"{name}: 1 and 2 threads differ"
+    for out in outs[1:]:
+        for a, e in zip(outs[0], out):
+            assert torch.equal(a, e), f"{name}: 1 and 2 threads differ"
 
 
 def _all_outputs(be, x, dy, w, b):
@@ -297,19 +304,39 @@ def test_stream_copy_writes_exactly_its_range(dtype):
             assert np.array_equal(dst, expected), (o, n)
 
 
-def _marker():
-    """A pool job in the kernels' protocol: claim units from ``ctl``, mark each, count it."""
-    from batchnorm.backends.numba_kernels import _claim, _unit_done
+class _FakeCall:
+    """A packed call in the pool's protocol, in Python: ``run`` claims units from the
+    buffer's counters under a lock and marks each (``hook(k, worker)`` runs first)."""
 
-    def mark(out, t0, t1, ctl):
-        n = t1 - t0
-        k = _claim(ctl, n)
-        while k < n:
-            out[t0 + k] += 1
-            _unit_done(ctl, False)
-            k = _claim(ctl, n)
+    def __init__(self, units, hook=None):
+        from batchnorm.backends.numba_kernels import CTL_SIZE
 
-    return mark
+        self.buf = np.zeros(CTL_SIZE, dtype=np.int64)
+        self.units = units
+        self.marks = np.zeros(units, dtype=np.int64)
+        self.hook = hook
+        self._lock = threading.Lock()
+
+    def run(self):
+        from batchnorm.backends.numba_kernels import CTL_DONE, CTL_NEXT
+
+        worker = threading.current_thread().name.startswith("batchnorm-numba")
+        while True:
+            with self._lock:
+                k = int(self.buf[CTL_NEXT])
+                self.buf[CTL_NEXT] += 1
+            if k >= self.units:
+                return
+            if self.hook is not None:
+                self.hook(k, worker)
+            self.marks[k] += 1
+            with self._lock:
+                self.buf[CTL_DONE] += 1
+
+    def done(self):
+        from batchnorm.backends.numba_kernels import CTL_DONE
+
+        return int(self.buf[CTL_DONE])
 
 
 @pytest.mark.parametrize("spin", [True, False], ids=["polling", "blocking"])
@@ -323,34 +350,53 @@ def test_pool_covers_every_unit_once_and_hands_back_errors(monkeypatch, spin):
         monkeypatch.setattr(numba_backend, "_WORKER_SPIN", 0)
         monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
     pool = numba_backend._Pool()
-    marks = np.zeros(64, dtype=np.int64)
-    mark = _marker()
-    for calls in range(1, 201):
-        pool.run(mark, (marks,), 64, 2)
-        assert (marks == calls).all(), f"call {calls}: {marks}"
+    for calls in range(200):
+        call = _FakeCall(64)
+        pool.run(call, 64, 2)
+        assert (call.marks == 1).all(), f"call {calls}: {call.marks}"
 
-    # a worker fails in a unit it claimed: the caller holds back its own units until the
-    # worker has claimed one, so the failure is certain to happen while the call waits
+    # a worker fails in a unit it claimed: the caller holds back until the worker has
+    # claimed one, so the failure is certain to happen while the call waits
     claimed = threading.Event()
-    from batchnorm.backends.numba_kernels import _claim
 
-    def fail_in_worker(out, t0, t1, ctl):
-        worker = threading.current_thread().name.startswith("batchnorm-numba")
-        if not worker:
-            assert claimed.wait(10), "the worker never started"
-        k = _claim(ctl, t1 - t0)
-        if worker and k < t1 - t0:
+    def fail_in_worker(k, worker):
+        if worker:
             claimed.set()
             raise ValueError("worker unit failed")
-        _marker()(out, t0, t1, ctl)  # the caller marks the rest
+        assert claimed.wait(10), "the worker never started"
 
-    marks[:] = 0
+    call = _FakeCall(64, fail_in_worker)
     with pytest.raises(ValueError, match="worker unit failed"):
-        pool.run(fail_in_worker, (marks,), 64, 2)
-    assert set(marks.tolist()) <= {0, 1} and marks.sum() < 64
-    marks[:] = 0
-    pool.run(mark, (marks,), 64, 2)  # the pool still works afterwards
-    assert (marks == 1).all()
+        pool.run(call, 64, 2)
+    assert call.done() < 64
+    call = _FakeCall(64)
+    pool.run(call, 64, 2)  # the pool still works afterwards
+    assert (call.marks == 1).all()
+
+
+def test_pool_call_stops_waiting_when_every_worker_is_back():
+    """A unit that fails without a Python exception (inside compiled code, which prints it):
+    once every worker has reported, the pool returns with the count short instead of
+    waiting for it forever."""
+    from batchnorm.backends import numba_backend
+    from batchnorm.backends.numba_kernels import CTL_DONE
+
+    claimed = threading.Event()
+    pool = numba_backend._Pool()
+
+    def lose_a_unit(k, worker):
+        if worker:
+            claimed.set()
+            call.buf[CTL_DONE] -= 1  # counted below as done: the net effect is a lost unit
+        elif not claimed.wait(10):
+            raise AssertionError("the worker never started")
+
+    call = _FakeCall(8, lose_a_unit)
+    caller = threading.Thread(target=pool.run, args=(call, 8, 2))
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive(), "the pool waited for a unit that no worker was running"
+    assert call.done() < 8
 
 
 def test_pool_call_does_not_wait_for_a_late_worker(monkeypatch):
@@ -360,38 +406,43 @@ def test_pool_call_does_not_wait_for_a_late_worker(monkeypatch):
 
     monkeypatch.setattr(numba_backend, "_WORKER_SPIN", 0)
     pool = numba_backend._Pool()
-    marks = np.zeros(16, dtype=np.int64)
-    pool.run(_marker(), (marks,), 16, 2)  # starts the worker
+    pool.run(_FakeCall(16), 16, 2)  # starts the worker
     gate = threading.Event()
-    pool._jobs[0].put((lambda: gate.wait(), (), 0))  # the worker is now busy until the gate
-    marks[:] = 0
+
+    class Busy:
+        def run(self):
+            gate.wait()
+
+    pool._jobs[0].put((Busy(), 0))  # the worker is now busy until the gate
+    call = _FakeCall(16)
     # in a thread of its own, so that waiting for the worker fails the test instead of hanging
-    caller = threading.Thread(target=pool.run, args=(_marker(), (marks,), 16, 2))
+    caller = threading.Thread(target=pool.run, args=(call, 16, 2))
     caller.start()
     caller.join(10)
     waited = caller.is_alive()
     gate.set()
     caller.join()
     assert not waited, "the call waited for a worker that had not started"
-    assert (marks == 1).all()  # the caller did every unit
-    for calls in range(2, 5):
-        pool.run(_marker(), (marks,), 16, 2)
-        assert (marks == calls).all()
+    assert (call.marks == 1).all()  # the caller did every unit
+    for _ in range(3):
+        call = _FakeCall(16)
+        pool.run(call, 16, 2)
+        assert (call.marks == 1).all()
 
 
 def test_pool_close_stops_the_workers():
-    """close() (registered at exit: a worker coming back from a numba call while Python
-    finalizes aborts the process) ends every worker; later calls run on the caller."""
+    """close() (registered at exit: a worker coming back from a GIL-free call while Python
+    finalizes can abort the process) ends every worker; later calls run on the caller."""
     from batchnorm.backends import numba_backend
 
     pool = numba_backend._Pool()
-    marks = np.zeros(16, dtype=np.int64)
-    pool.run(_marker(), (marks,), 16, 2)
+    pool.run(_FakeCall(16), 16, 2)
     assert pool._threads and all(t.is_alive() for t in pool._threads)
     pool.close()
     assert not any(t.is_alive() for t in pool._threads)
-    pool.run(_marker(), (marks,), 16, 2)
-    assert (marks == 2).all()
+    call = _FakeCall(16)
+    pool.run(call, 16, 2)
+    assert (call.marks == 1).all()
 
 
 def test_pool_worker_survives_a_failing_poll(monkeypatch):
@@ -406,12 +457,76 @@ def test_pool_worker_survives_a_failing_poll(monkeypatch):
             raise RuntimeError("no polling here")
 
     pool = numba_backend._Pool()
-    marks = np.zeros(8, dtype=np.int64)
     monkeypatch.setattr(numba_backend, "_CALLER_SPIN", 0)
     monkeypatch.setattr(numba_backend, "_kernels", lambda: Broken)
-    for calls in range(1, 4):
-        pool.run(_marker(), (marks,), 8, 2)
-        assert (marks == calls).all()
+    for _ in range(3):
+        call = _FakeCall(8)
+        pool.run(call, 8, 2)
+        assert (call.marks == 1).all()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the failure
+@pytest.mark.parametrize("threads", ["one", "openmp", "pool"])
+def test_packed_calls_run_every_unit_once_and_raise_on_a_failed_unit(monkeypatch, threads):
+    """A packed call's phase on one thread, on torch's OpenMP threads and on the pool: every
+    unit runs once; a unit that fails inside compiled code (numba prints the error and the
+    entry returns) makes the call raise instead of returning a partial result."""
+    import _packed_kernels
+    from batchnorm.backends import numba_backend as nb
+    from batchnorm.backends.numba_entry import PackedCall, entry_for
+
+    if threads == "openmp" and nb._openmp() is None:
+        pytest.skip("torch runs without an OpenMP runtime here")
+    if threads == "pool":
+        monkeypatch.setattr(nb, "_OPENMP", None)
+    nthreads = 1 if threads == "one" else 2
+    entry = entry_for(_packed_kernels, "mark", torch.float32)
+    for phase in (0, 2):
+        out = torch.zeros(200)
+        nb._run_phase(PackedCall(entry, [out, -1]), phase, 200, nthreads)
+        assert torch.equal(out, torch.full((200,), 1.0 + phase))
+    out = torch.zeros(200)
+    with pytest.raises(RuntimeError, match="units of phase 0 completed"):
+        nb._run_phase(PackedCall(entry, [out, 150]), 0, 200, nthreads)
+
+
+def test_packed_call_checks_its_arguments():
+    import _packed_kernels
+    from batchnorm.backends.numba_entry import PackedCall, entry_for
+
+    entry = entry_for(_packed_kernels, "mark", torch.float32)
+    with pytest.raises(TypeError, match="takes 2 packed arguments, got 1"):
+        PackedCall(entry, [torch.zeros(3)])
+
+
+def test_openmp_runtime_is_torchs():
+    """Where torch runs on OpenMP, the phases run in the runtime libtorch_cpu calls (found
+    through its own ``omp_get_max_threads``), never in another one in the process."""
+    import ctypes
+    import os
+
+    from batchnorm.backends import numba_backend as nb
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        assert nb._torch_openmp() is None
+        return
+    fn = nb._torch_openmp()
+    assert fn is not None
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    torch_omp = [line.split()[-1] for line in maps.splitlines()
+                 if "omp" in line.split()[-1] and line.split()[-1].startswith(lib_dir)]
+    if torch_omp:  # torch ships its runtime: it must be the one we call
+        lib = ctypes.CDLL(torch_omp[0], mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+        assert ctypes.cast(fn, ctypes.c_void_p).value == ctypes.cast(
+            lib.GOMP_parallel, ctypes.c_void_p).value
+
+
+def test_openmp_can_be_turned_off(monkeypatch):
+    from batchnorm.backends import numba_backend as nb
+
+    monkeypatch.setenv("BATCHNORM_NUMBA_OPENMP", "0")
+    assert nb._torch_openmp() is None
 
 
 def test_spin_until_sees_the_flags_or_gives_up():
@@ -464,16 +579,27 @@ def test_half_outputs_round_like_torch(dtype):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
-def test_kernels_read_the_input_in_place(channels_last):
-    """No hidden copies: the kernel's array is the input's own memory, for both layouts;
-    other strides are converted once and still give the right numbers."""
-    from batchnorm.backends.numba_backend import _View
+def test_kernels_read_the_input_in_place(monkeypatch, channels_last):
+    """No hidden copies: the kernel reads the input's own memory and writes the tensor that
+    is returned, for both layouts; other strides are converted once and still give the right
+    numbers."""
+    from batchnorm.backends import numba_backend as nb
+    from batchnorm.backends.numba_entry import ARGS
 
+    seen = []
+    run_phase = nb._run_phase
+
+    def spy(call, *args):
+        seen.append((int(call.buf[ARGS]), int(call.buf[ARGS + 2]), call.values))
+        return run_phase(call, *args)
+
+    monkeypatch.setattr(nb, "_run_phase", spy)
     x = make_input((4, 6, 5, 7), channels_last=channels_last)
-    view = _View(x)
-    assert view.of(x).ctypes.data == x.data_ptr()
-    y = empty_out_like(x)
-    assert view.of(y).ctypes.data == y.data_ptr()
+    y = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
+    assert seen and seen[0][0] == x.data_ptr() and seen[0][1] == y.data_ptr()
+    assert seen[0][2][0] is x and seen[0][2][1] is y
+    assert y.stride() == empty_out_like(x).stride()
+    monkeypatch.undo()
     sliced = make_input((4, 12, 5, 7))[:, ::2]
     _check_against_reference(tuple(sliced.shape), torch.float32, False, True)
     y2 = batchnorm.batch_norm(sliced, None, None, training=True, backend=BACKEND)
@@ -599,15 +725,6 @@ def test_torch_export_with_numba_backend(training):
     assert any("batchnorm" in op for op in ops), ops
     if not training:
         assert_close(exported.module()(x), net(x), *TOLERANCES[torch.float32], "exported y")
-
-
-def test_numpy_views_of_half_types_are_bit_patterns():
-    from batchnorm.backends.numba_backend import _np
-
-    for dtype, np_dtype in ((torch.float16, np.uint16), (torch.bfloat16, np.int16)):
-        t = torch.randn(5).to(dtype)
-        a = _np(t)
-        assert a.dtype == np_dtype and a.ctypes.data == t.data_ptr()
 
 
 def test_kernels_compile_uncached_where_no_cache_directory_works():

@@ -71,14 +71,9 @@ def _batch_norm_unchecked(
     if not training:
         assert running_mean is not None and running_var is not None
         return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, backend)
-    y, _, _, new_mean, new_var = ops.batch_norm_train(
+    return ops.batch_norm_train(
         input, weight, bias, running_mean, running_var, float(momentum), float(eps), backend
     )
-    if running_mean is not None and running_var is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    return y
 
 
 def batch_norm_act(

@@ -192,8 +192,8 @@ def _grads(
     dx, dw, db = bwd(dy, x, weight, mean, invstd, training, mask, ctx.backend)
     return (
         dx if mask[0] else None,
-        dw.to(ctx.weight_dtype) if mask[1] else None,
-        db.to(ctx.bias_dtype) if mask[2] else None,
+        (dw if dw.dtype == ctx.weight_dtype else dw.to(ctx.weight_dtype)) if mask[1] else None,
+        (db if db.dtype == ctx.bias_dtype else db.to(ctx.bias_dtype)) if mask[2] else None,
     )
 
 
@@ -245,16 +245,19 @@ def _traced(x: Tensor) -> bool:
 
 
 class _EagerTrain(torch.autograd.Function):
+    """The eager training forward: returns ``y`` only (each further output of an
+    autograd.Function costs several microseconds) and updates the running buffers itself."""
+
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
         output = _forward_train_impl(*inputs)
         _setup_train(ctx, inputs, output)
         ctx.eager = True
-        ctx.mark_non_differentiable(*output[1:])
-        return output
+        _copy_running(inputs[3], inputs[4], output[3], output[4])
+        return output[0]
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple:  # type: ignore[override]
         return _backward_train(ctx, dy)
 
 
@@ -275,6 +278,15 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _copy_running(running_mean: Tensor | None, running_var: Tensor | None,
+                  new_mean: Tensor, new_var: Tensor) -> None:
+    """Write the updated running statistics into the buffers (when tracked)."""
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+
+
 def batch_norm_train(
     x: Tensor,
     weight: Tensor | None,
@@ -284,14 +296,18 @@ def batch_norm_train(
     momentum: float,
     eps: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``forward_train`` through the custom op when traced, else the eager fast path."""
+) -> Tensor:
+    """Training forward: returns ``y`` and updates the running buffers in place (when given),
+    through the custom op when traced, else the eager fast path."""
     args = (x, weight, bias, running_mean, running_var, momentum, eps, backend)
     if _traced(x):
-        return forward_train(*args)
-    if _needs_grad(x, weight, bias):
+        y, _, _, new_mean, new_var = forward_train(*args)
+    elif _needs_grad(x, weight, bias):
         return _EagerTrain.apply(*args)
-    return _forward_train_impl(*args)
+    else:
+        y, _, _, new_mean, new_var = _forward_train_impl(*args)
+    _copy_running(running_mean, running_var, new_mean, new_var)
+    return y
 
 
 def batch_norm_eval(

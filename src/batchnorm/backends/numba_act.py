@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,12 +47,6 @@ def _nb() -> Any:
     return numba_backend
 
 
-def _kernels() -> Any:
-    from . import numba_act_kernels
-
-    return numba_act_kernels
-
-
 def _codes() -> dict[str, int]:
     return {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 
@@ -72,11 +65,9 @@ class NumbaActMixin:
         return residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)
 
     @staticmethod
-    def _res_array(residual: Tensor | None, x: Tensor, view: Any) -> np.ndarray:
-        """The residual in ``x``'s layout as the kernel's flat array (size 0 for None)."""
-        if residual is None:
-            return np.empty(0, dtype=view.of(x).dtype)
-        return view.of(match_layout(residual, x))
+    def _residual(residual: Tensor | None, x: Tensor) -> Tensor | None:
+        """The residual in ``x``'s memory layout (a packed ``s1`` argument; None: none)."""
+        return None if residual is None else match_layout(residual, x)
 
     def forward_act(
         self,
@@ -111,34 +102,34 @@ class NumbaActMixin:
                 activation, slope, out,
             )
         nb = _nb()
-        view = nb._View(x, reduce=training)
+        view = nb._view(x, training)
         acc = acc_dtype(x)
         c = x.shape[1]
-        none = nb._NONE[acc]
-        m2 = torch.empty(c, dtype=acc)
-        new_rm = new_rv = None
-        rm = rv = nrm = nrv = none
+        new_rm = new_rv = rm = rv = None
         if training:
             mean, invstd = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
             if running_mean is not None and running_var is not None:
-                rm, rv = nb._vec(running_mean, acc), nb._vec(running_var, acc)
+                rm, rv = nb._chan(running_mean, acc), nb._chan(running_var, acc)
                 new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-                nrm, nrv = new_rm.numpy(), new_rv.numpy()
         else:
             assert running_mean is not None and running_var is not None
-            mean = running_mean.detach().to(acc)
+            mean = nb._chan(running_mean.detach(), acc)
             invstd = safe_invstd(running_var.detach().to(acc), eps)
-        mean_np, invstd_np = mean.contiguous().numpy(), invstd.contiguous().numpy()
-        args = (
-            view.of(x), self._res_array(residual, x, view), view.of(out), *view.args(),
-            mean_np, m2.numpy(), invstd_np, none, nb._vec(weight, acc), nb._vec(bias, acc),
-            rm, rv, nrm, nrv, float(eps), float(momentum), training, _codes()[activation],
-            float(slope), nb._streamed(out), *view.partials(), np.empty((3, c), dtype=none.dtype),
-        )
-        nb._launch(_kernels().forward_act, args, view, x, training, True)
+        parts = view.parts
+        tmp = nb._Scratch(2 * parts * c, 4 * c, acc)
+        nb._launch("numba_act_kernels.forward_act", x, [
+            x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
+            tmp.acc(3 * c, c), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm,
+            rv, new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
+            nb._streamed(out), tmp.f64(0, parts, c), tmp.f64(parts * c, parts, c),
+            tmp.acc(0, 3, c),
+        ], view, training, True, keep=tmp)
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None
-            new_rm, new_rv = new_rm.to(running_mean.dtype), new_rv.to(running_var.dtype)
+            if new_rm.dtype != running_mean.dtype:
+                new_rm = new_rm.to(running_mean.dtype)
+            if new_rv.dtype != running_var.dtype:
+                new_rv = new_rv.to(running_var.dtype)
         return out, mean, invstd, new_rm, new_rv
 
     def backward_act(
@@ -184,19 +175,16 @@ class NumbaActMixin:
         dx = nb._new_output(saved) if do_apply else None
         dres = nb._new_output(saved) if do_apply and residual is not None else None
         if do_reduce or do_apply:
-            k = _kernels()
-            view = nb._View(saved, reduce=do_reduce)
-            coef = np.empty((9, c), dtype=nb._NONE[acc].dtype)
-            k.backward_pre(nb._vec(mean, acc), nb._vec(invstd, acc), nb._vec(weight, acc),
-                           nb._vec(bias, acc), coef)
-            empty = np.empty(0, dtype=view.of(saved).dtype)
-            args = (
-                view.of(dy), view.of(saved), self._res_array(residual, saved, view),
-                empty if dx is None else view.of(dx), empty if dres is None else view.of(dres),
-                *view.args(), sum_dz.numpy(), sum_dzx.numpy(), float(saved.numel() // c),
-                do_reduce, do_apply, training, inplace, _codes()[activation], float(slope),
-                nb._streamed(dx, view), *view.partials(), coef,
-            )
-            nb._launch(k.backward_act, args, view, saved, do_reduce, do_apply)
+            view = nb._view(saved, do_reduce)
+            parts = view.parts
+            tmp = nb._Scratch(2 * parts * c, 9 * c, acc)
+            nb._launch("numba_act_kernels.backward_act", saved, [
+                dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
+                parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
+                nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
+                do_apply, training, inplace, _codes()[activation], slope,
+                nb._streamed(dx, view), tmp.f64(0, parts, c), tmp.f64(parts * c, parts, c),
+                tmp.acc(0, 9, c),
+            ], view, do_reduce, do_apply, keep=tmp, first=3)
         return (dx if need_dx else None, sum_dzx if need_dw else None,
                 sum_dz if need_db else None, dres if need_dr else None)

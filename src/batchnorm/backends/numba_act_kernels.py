@@ -36,7 +36,6 @@ from .numba_kernels import (
     _claim,
     _first_index,
     _given_coefs,
-    _jit,
     _ld,
     _merge_range,
     _merge_unit,
@@ -51,7 +50,7 @@ from .numba_kernels import (
     njit,
 )
 
-__all__ = ["ACT_CODES", "backward_act", "backward_pre", "forward_act"]
+__all__ = ["ACT_CODES", "PACKED", "backward_act", "forward_act"]
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 _ELEM_MATH = {"contract"}
@@ -495,10 +494,10 @@ def _bwd_finish(co, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1)
 
 
 @njit
-def backward_pre(mean, invstd, weight, bias, co):
-    """Coefficient rows 0-6 from the saved statistics and the affine parameters (float64
-    math, rounded once to the compute dtype)."""
-    for c in range(co.shape[1]):
+def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
+    """Coefficient rows 0-6 of channels [c0, c1) from the saved statistics and the affine
+    parameters (float64 math, rounded once to the compute dtype)."""
+    for c in range(c0, c1):
         mu = np.float64(mean[c])
         inv = np.float64(invstd[c])
         w = np.float64(weight[c]) if weight.size > 0 else 1.0
@@ -512,23 +511,29 @@ def backward_pre(mean, invstd, weight, bias, co):
 
 
 # ---- kernels (same phases and arguments as numba_kernels.forward / backward) ---------------
+# Their packed arguments (numba_entry), in order: s = storage-dtype array, a = accumulation-
+# dtype array, d = float64 array (with the rank), i int, f float, b bool.
+PACKED = {
+    "forward_act": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f b d2 d2 a2",
+    "backward_act": "s1 s1 s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b i f b d2 d2 a2",
+}
 
 
-@_jit(nogil=True)
+@njit(inline="always")
 def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias,
                 rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, stream,
-                pm, pq, coef, phase, t0, t1, ctl):
+                pm, pq, coef, phase, units, ctl):
     """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
 
     ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
     otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: non-temporal
     stores for ``y`` (see ``numba_kernels._stream``).
     """
-    n = t1 - t0
+    n = units
     k = _claim(ctl, n)
     while k < n:
         if phase == 0:
-            t = t0 + k
+            t = k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             cnt = 0.0
@@ -543,10 +548,10 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
         elif phase == 1:
-            _merge_unit(t0 + k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
+            _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
                         rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
         else:
-            t = t1 - 1 - k
+            t = units - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
@@ -554,22 +559,24 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
         k = _claim(ctl, n)
 
 
-@_jit(nogil=True)
-def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, count,
-                 do_reduce, do_apply, training, inplace, act, slope, stream, pm, pq, coef, phase,
-                 t0, t1, ctl):
+@njit(inline="always")
+def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weight, bias,
+                 sum_dz, sum_dzx, count, do_reduce, do_apply, training, inplace, act, slope,
+                 stream, pm, pq, coef, phase, units, ctl):
     """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
 
-    ``coef`` rows 0-6 come from :func:`backward_pre`. ``do_reduce``: ``sum_dz`` and
+    Phase 3 (run first, ``MERGE_CHUNK`` channels a unit) writes ``coef`` rows 0-6 from the
+    saved ``mean``, ``invstd`` and the affine parameters; phases 0-2 as the forward's.
+    ``do_reduce``: ``sum_dz`` and
     ``sum_dzx = sum(dz * xhat)`` (else they are inputs). ``do_apply``: ``dx = w * invstd *
     (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
     and, with a residual, ``dr = dz``. ``stream``: non-temporal stores for ``dx`` and ``dr``.
     """
-    n = t1 - t0
+    n = units
     k = _claim(ctl, n)
     while k < n:
         if phase == 0:
-            t = t0 + k
+            t = k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_reduce:
@@ -581,10 +588,13 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, sum_dz, sum_dzx, c
                     _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, 0, n_, coef, act, slope,
                                  inplace, stream)
         elif phase == 1:
-            a, b = _merge_range(t0 + k, c_)
+            a, b = _merge_range(k, c_)
             _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, a, b)
+        elif phase == 3:
+            a, b = _merge_range(k, c_)
+            _backward_pre(mean, invstd, weight, bias, coef, a, b)
         else:
-            t = t1 - 1 - k
+            t = units - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,

@@ -7,11 +7,12 @@ normalizes it while it is still in cache. Channels-last inputs need every row re
 any is normalized, so their kernel runs in three phases (chunk partials, merge, elementwise).
 The four primitives that SyncBatchNorm composes are the same kernels with parts switched off.
 
-Inputs are read in place through ``.numpy()`` views: channels-first contiguous tensors as
-``(N, C, S)``, channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)`` as ``(rows, C)``. Any other
-strides are copied once, on purpose, to channels-first (:func:`~.base.as_kernel_layout`).
-float16 and bfloat16 are passed as their bit patterns (uint16 / int16 arrays) and computed in
-float32; statistics are float32 (float64 for float64 input), as everywhere in this package.
+Every kernel call is packed once and run through a C-callable entry (:mod:`.numba_entry`):
+inputs are read in place by address, channels-first contiguous tensors as ``(N, C, S)``,
+channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)`` as ``(rows, C)``. Any other strides are
+copied once, on purpose, to channels-first (:func:`~.base.as_kernel_layout`). float16 and
+bfloat16 are read as their bit patterns and computed in float32; statistics are float32
+(float64 for float64 input), as everywhere in this package.
 
 Outputs of ``_STREAM_MIN_BYTES`` (16 MiB, ``$BATCHNORM_NUMBA_STREAM_MIN_BYTES``) and more are
 written with non-temporal stores, which skip the read-for-ownership a plain store makes of
@@ -23,14 +24,15 @@ Outputs of 1 MiB and more are recycled (:mod:`.cpu_outputs`): a buffer nothing r
 more is handed out again instead of fresh memory from the allocator, whose pages would be
 faulted in on every call.
 
-Threads: a call runs on ``torch.get_num_threads()`` threads (the caller plus workers of a
-small pool, at most 63; one thread below 64K elements). The kernels release the GIL; a worker
-polls for its next job (without the GIL) for well under a millisecond after each one, which
-halves the hand-off between a call's phases, then blocks on a queue, so idle workers do not
-compete with torch's OpenMP pool; numba's own threading layer (a second OpenMP runtime here)
-is not used. The threads of a call claim its tasks one at a time from shared counters, so a
-thread that starts late (its core still busy with torch's spinning OpenMP threads after an ATen
-op) takes fewer tasks instead of holding the call up.
+Threads: a call runs on ``torch.get_num_threads()`` threads (one below 64K elements). Where
+torch runs on OpenMP, a parallel phase is an OpenMP parallel region of torch's own runtime
+(``GOMP_parallel`` on the packed entry): the threads ATen's ops use, which after an op are
+still spinning and take the phase within microseconds, and no thread of ours competes with
+them for a core. Elsewhere (or with ``BATCHNORM_NUMBA_OPENMP=0``) a small pool of our own
+threads runs it (at most 63 workers, polling briefly for the next job, then blocking).
+numba's own threading layer is not used. The threads of a call claim its tasks one at a time
+from shared counters, so a thread that starts late takes fewer tasks instead of holding the
+call up.
 Work is cut by the shape only, never by the thread count or by which thread runs a task, so
 results do not depend on either.
 
@@ -119,31 +121,46 @@ _AUTO_MIN_NUMEL_CF = 1 << 17
 _AUTO_MIN_NUMEL_CL = 1 << 20
 
 
+_MODULES: dict[str, Any] = {}
+
+
 def _kernels() -> Any:
-    from . import numba_kernels
+    """The kernels module, imported on first use (it needs numba; the backend module itself
+    loads anywhere)."""
+    k = _MODULES.get("kernels")
+    if k is None:
+        from . import numba_entry, numba_kernels
 
-    return numba_kernels
-
-
-def _np(t: Tensor) -> np.ndarray:
-    """A zero-copy NumPy view of a CPU tensor; half types as their bit patterns."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
-    if t.dtype == torch.float16:
-        return t.numpy().view(np.uint16)
-    return t.numpy()
+        k = _MODULES["kernels"] = numba_kernels
+        _MODULES["entry"] = numba_entry
+    return k
 
 
-_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+def _chan(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    """A per-channel tensor as the kernels read it (a packed ``a1`` argument): contiguous, of
+    the accumulation dtype; None stays None (an empty array)."""
+    if t is None or (t.dtype == acc and t.is_contiguous()):
+        return t
+    return t.detach().to(acc).contiguous()
 
 
-def _vec(t: Tensor | None, acc: torch.dtype) -> np.ndarray:
-    """A per-channel vector in the accumulation dtype (size 0 for None)."""
-    if t is None:
-        return _NONE[acc]
-    t = t.detach()
-    return (t if t.dtype == acc else t.to(acc)).numpy()
+class _Scratch:
+    """One allocation for a call's scratch arrays: ``n64`` float64 values, then ``nacc`` of
+    the accumulation dtype, handed to the kernels as packed ``(address, *shape)`` pieces."""
+
+    __slots__ = ("acc_addr", "acc_size", "addr", "tensor")
+
+    def __init__(self, n64: int, nacc: int, acc: torch.dtype) -> None:
+        self.acc_size = 8 if acc == torch.float64 else 4
+        self.tensor = torch.empty(8 * n64 + self.acc_size * nacc, dtype=torch.uint8)
+        self.addr = self.tensor.data_ptr()
+        self.acc_addr = self.addr + 8 * n64
+
+    def f64(self, offset: int, *shape: int) -> tuple[int, ...]:
+        return (self.addr + 8 * offset, *shape)
+
+    def acc(self, offset: int, *shape: int) -> tuple[int, ...]:
+        return (self.acc_addr + self.acc_size * offset, *shape)
 
 
 def _madvise_setup() -> Callable[[int, int, int], int] | None:
@@ -216,7 +233,8 @@ class _View:
     * Channels first with a reduction: a block spans about ``_BLOCK_ELEMS`` contiguous
       values of each batch row, so that memory streams in long pieces, and when possible at
       most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in cache;
-      the batch is split when there are fewer than ``_MIN_TASKS`` blocks, which inputs above
+      the batch is split when there are fewer than ``_MIN_TASKS`` blocks (and more than one thread
+      could run; not below ``_PARALLEL_MIN_NUMEL``), which inputs above
       ``_SPLIT_MAX_BYTES`` avoid with shorter pieces (down to ``_BLOCK_ELEMS_MIN``).
     * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
       that each task is one contiguous piece of memory.
@@ -245,35 +263,92 @@ class _View:
             per_block = min(per_block, max(1, _TASK_ELEMS // (n * s)))
             self.blocks = math.ceil(c / min(c, per_block))
             self.parts = 1
-            if self.blocks < _MIN_TASKS:
+            # (one thread below _PARALLEL_MIN_NUMEL: no split, one phase)
+            if self.blocks < _MIN_TASKS and x.numel() >= _PARALLEL_MIN_NUMEL:
                 self.parts = max(1, min(n, math.ceil(_MIN_TASKS / self.blocks)))
 
     @property
     def tasks(self) -> int:
         return self.blocks * self.parts
 
-    def of(self, t: Tensor) -> np.ndarray:
-        """``t`` (same shape and layout as the input) as the kernel's flat array; ``view``
-        (not ``reshape``) so that an output can never silently become a copy."""
-        if self.channels_last:
-            t = t.permute(0, *range(2, t.dim()), 1)
-        return _np(t.view(-1))
 
-    def args(self) -> tuple[int, int, int, int, int]:
-        return (*self.dims, self.blocks, self.parts)
-
-    def partials(self) -> tuple[np.ndarray, np.ndarray]:
-        """float64 scratch for per-part statistics or sums, (parts, C)."""
-        shape = (self.parts, self.dims[1])
-        return np.empty(shape), np.empty(shape)
+_VIEWS: dict[tuple, _View] = {}
 
 
-# Hand-off between the caller and the pool's workers. A blocked thread takes tens of us to
+def _view(x: Tensor, reduce: bool = True) -> _View:
+    """``_View(x, reduce)``, remembered per shape, layout and element size."""
+    key = (x.shape, x.element_size(), layout_of(x) == "cl", reduce)
+    v = _VIEWS.get(key)
+    if v is None:
+        if len(_VIEWS) > 4096:
+            _VIEWS.clear()
+        v = _VIEWS[key] = _View(x, reduce)
+    return v
+
+
+# Threads of a parallel phase. Where torch runs on OpenMP (its CPU builds on Linux do), a
+# phase is an OpenMP parallel region of torch's own runtime: GOMP_parallel(entry, buffer,
+# nthreads, 0), which is what ``#pragma omp parallel`` compiles to (see numba_entry). The
+# threads are then the ones ATen's ops use, still spinning after the last op, so no thread
+# of ours competes with them for a core, and the hand-off takes microseconds. Measured on
+# this project's 2-core VM, a trivial phase: GOMP_parallel 4 us, the pool below 25-50 us; and
+# next to ATen ops, 2-thread calls through the pool ran at 1-thread speed, because torch's
+# OpenMP thread kept the second core spinning. BATCHNORM_NUMBA_OPENMP=0 uses the pool.
+
+
+def _torch_openmp() -> Callable[..., None] | None:
+    """``GOMP_parallel`` of the OpenMP runtime that torch's CPU library calls, or None (torch
+    without OpenMP, a runtime without the GNU entry points, or BATCHNORM_NUMBA_OPENMP=0).
+
+    The runtime is found through torch itself: the address that ``omp_get_max_threads``
+    resolves to from libtorch_cpu, and the library file that holds it (``dladdr``), so that
+    another OpenMP runtime in the process (numba's, say) is never taken for torch's."""
+    if os.environ.get("BATCHNORM_NUMBA_OPENMP", "1").strip() == "0":
+        return None
+    try:
+        if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            return None
+        lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+        names = [n for n in os.listdir(lib_dir) if n.startswith("libtorch_cpu.")]
+        mode = getattr(os, "RTLD_NOLOAD", 0) | getattr(os, "RTLD_LAZY", 1)
+        torch_cpu = ctypes.CDLL(os.path.join(lib_dir, names[0]), mode=mode)
+        addr = ctypes.cast(torch_cpu.omp_get_max_threads, ctypes.c_void_p).value
+
+        class _DlInfo(ctypes.Structure):
+            _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                        ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+        info = _DlInfo()
+        dladdr = ctypes.CDLL(None).dladdr
+        dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        if not addr or not dladdr(addr, ctypes.byref(info)) or not info.fname:
+            return None
+        runtime = ctypes.CDLL(info.fname.decode(), mode=mode)
+        fn = runtime.GOMP_parallel
+    except (OSError, AttributeError, IndexError, RuntimeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    fn.restype = None
+    return fn
+
+
+_UNSET: Any = object()
+_OPENMP: Any = _UNSET
+
+
+def _openmp() -> Callable[..., None] | None:
+    global _OPENMP
+    if _OPENMP is _UNSET:
+        _OPENMP = _torch_openmp()
+    return _OPENMP
+
+
+# Without OpenMP: a small pool of our own threads. A blocked thread takes tens of us to
 # wake on the VMs this was measured on (a Python queue ping-pong between two threads: 55 us
 # median), so a worker that finishes a job polls, without the GIL, for the next one for
 # _WORKER_SPIN polls (well under a millisecond) before it blocks on its queue, and the caller
 # polls for the call's completion for up to _CALLER_SPIN polls between checks for a worker's
-# error. BATCHNORM_NUMBA_SPIN=0 turns polling off (workers then never spin).
+# report. BATCHNORM_NUMBA_SPIN=0 turns polling off (workers then never spin).
 _SPIN = os.environ.get("BATCHNORM_NUMBA_SPIN", "1").strip() != "0"
 _WORKER_SPIN = 1 << 18 if _SPIN else 0
 _CALLER_SPIN = 1 << 22 if _SPIN else 0
@@ -282,25 +357,25 @@ _MAX_THREADS = 64
 
 
 class _Pool:
-    """Persistent worker threads that share the units of one GIL-free kernel call.
+    """Persistent worker threads that share the units of one phase of a packed call.
 
-    Every thread of a call (the caller and up to ``nthreads - 1`` workers) runs the same
-    ``fn(*args, 0, units, ctl)``; the kernel claims units one at a time from counters in
-    ``ctl`` (see ``numba_kernels._claim``) and counts those it finishes, and the caller
-    returns once all are counted. So the call never waits for a worker that has not started:
-    a worker that is late (torch's OpenMP threads still spinning on the other cores after an
-    ATen op, which made 2-thread calls up to twice as slow as 1-thread ones when each worker
-    had a fixed share) finds fewer units left, or none. A late worker's job holds references
-    to every array it touches, so finishing after the call has returned is safe.
+    Every thread of a phase (the caller and up to ``nthreads - 1`` workers) calls the same
+    entry on the same buffer (:meth:`~.numba_entry.PackedCall.run`, GIL released); the kernel
+    claims units one at a time from the buffer's counters (see ``numba_kernels._claim``) and
+    counts those it finishes, and the caller returns once all are counted. So the call never
+    waits for a worker that has not started: a worker that is late finds fewer units left, or
+    none. A job holds the call (its buffer and every array it points into), so a late worker
+    finishing after the call has returned is safe.
 
     Idle workers poll briefly after a job (``_WORKER_SPIN``), then block on a queue, so they
-    do not compete with torch's OpenMP threads between calls. If another thread is using the
-    pool, the call runs serially in its own thread. ``_flags[0]`` (int64) is the sequence
-    number of the last job posted, which polling workers watch.
+    do not compete with torch's threads between calls. If another thread is using the pool,
+    the phase runs serially in its own thread. ``_flags[0]`` (int64) is the sequence number
+    of the last job posted, which polling workers watch.
 
-    A worker's exception reaches the caller when it arrives while the call waits (a unit the
-    worker claimed and did not finish keeps the call waiting for it); one that arrives after
-    the call is complete, from a worker that failed before claiming anything, is dropped.
+    Every worker reports each job it ran. The caller stops waiting when every unit is done,
+    or when every worker of the phase has reported with units still missing (a unit that
+    failed inside the kernel: the caller then raises); a worker's Python exception is
+    re-raised in the caller.
     """
 
     def __init__(self) -> None:
@@ -323,25 +398,23 @@ class _Pool:
             item = jobs.get()
             if item is None:  # close()
                 return
-            fn, args, seq = item
+            call, seq = item
             result: BaseException | None = None
             try:
-                fn(*args)
+                call.run()
             except BaseException as exc:  # handed to the caller, if it still waits
                 result = exc
             # drop the job's references now: they keep the call's arrays (and so its recycled
             # outputs) alive, which an idle worker must not do until its next job
-            del fn, args
+            del call, item
             self._reports.put((seq, result))  # also wakes a caller that does not poll
             last = seq
 
-    def run(self, fn: Callable[..., None], args: tuple, units: int, nthreads: int) -> None:
-        """``fn(*args, 0, units, ctl)`` on up to ``nthreads`` threads sharing ``ctl``."""
-        k = _kernels()
-        ctl = np.zeros(k.CTL_SIZE, dtype=np.int64)
+    def run(self, call: Any, units: int, nthreads: int) -> None:
+        """The current phase of ``call`` (``units`` units) on up to ``nthreads`` threads."""
         p = min(nthreads, units, _MAX_THREADS)
         if p <= 1 or self._closed or not self._lock.acquire(blocking=False):
-            fn(*args, 0, units, ctl)
+            call.run()
             return
         try:
             while not self._reports.empty():  # from calls that finished without them
@@ -360,33 +433,34 @@ class _Pool:
                 self._jobs.append(jobs)
             self._seq += 1
             seq = self._seq
-            job = (*args, 0, units, ctl)
             for i in range(p - 1):
-                self._jobs[i].put((fn, job, seq))
+                self._jobs[i].put((call, seq))
             self._flags[0] = seq  # after the puts: a polling worker then finds its job
-            fn(*job)
-            done = k.CTL_DONE
-            if (ctl[done] < units and _CALLER_SPIN
-                    and k.spin_until(ctl, done, 0, 1, units, _CALLER_SPIN)):
+            call.run()
+            k = _kernels()
+            if (call.done() < units and _CALLER_SPIN
+                    and k.spin_until(call.buf, k.CTL_DONE, 0, 1, units, _CALLER_SPIN)):
                 return
-            while ctl[done] < units:  # a worker is still in a unit: block on reports
+            pending = p - 1
+            while call.done() < units and pending:  # a worker is still in a unit
                 try:  # a worker's report: it finished (re-check the count) or failed
                     got, exc = self._reports.get(timeout=0.001)
                 except queue.Empty:
                     continue
-                if got == seq and exc is not None:
-                    raise exc
+                if got == seq:
+                    pending -= 1
+                    if exc is not None:
+                        raise exc
         finally:
             self._lock.release()
-
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the workers and wait for them (calls after this run on the calling thread).
 
-        Run at interpreter exit: a daemon thread that comes back from a GIL-free numba call
-        while Python finalizes is stopped inside numba's C++ dispatcher, and that aborts the
-        process ("terminate called without an active exception"); a worker may still be in
-        a late share of a finished call, or polling, at that moment.
+        Run at interpreter exit: a daemon thread that comes back from a GIL-free call while
+        Python finalizes can abort the process ("terminate called without an active
+        exception" was seen from numba's dispatcher); a worker may still be in a late share
+        of a finished call, or polling, at that moment.
         """
         got = self._lock.acquire(timeout=timeout)
         try:
@@ -425,22 +499,48 @@ def _threads(x: Tensor) -> int:
     return 1 if x.numel() < _PARALLEL_MIN_NUMEL else max(1, torch.get_num_threads())
 
 
-def _launch(kernel: Callable[..., None], args: tuple, view: _View, x: Tensor,
-            reduce: bool, apply: bool) -> None:
-    """Run a kernel's phases: one (each task holds whole channels), or reduce -> merge ->
-    apply."""
+def _run_phase(call: Any, phase: int, units: int, nthreads: int) -> None:
+    """One phase of a packed call on up to ``nthreads`` threads: torch's OpenMP threads, or
+    the pool's; raises if a unit did not complete (the kernel failed in it)."""
+    call.start(phase, units)
+    p = min(nthreads, units, _MAX_THREADS)
+    omp = _openmp() if p > 1 else None
+    if p <= 1:
+        call.run()
+    elif omp is not None:
+        omp(call.entry.address, call.address, p, 0)
+    else:
+        _POOL.run(call, units, p)
+    done = call.done()
+    if done != units:
+        raise RuntimeError(f"numba kernel {call.entry.name}: {done} of {units} units of phase "
+                           f"{phase} completed (see the error printed above)")
+
+
+def _launch(kernel: str, x: Tensor, values: list[Any], view: _View, reduce: bool,
+            apply: bool, keep: tuple = (), first: int | None = None) -> None:
+    """Run kernel ``kernel`` (``"module.name"``, see :func:`.numba_entry.entry_for`) on
+    packed ``values`` for input ``x``: phase ``first`` when given (a per-channel setup), then
+    one phase (each task holds whole channels) or reduce -> merge -> apply. ``keep``: what
+    the ``(address, *shape)`` values point into (kept alive with the call)."""
+    k = _kernels()
+    entry = _MODULES["entry"]
+    module, name = kernel.split(".")
+    call = entry.PackedCall(entry.entry_for(module, name, x.dtype), values, keep)
     nthreads = _threads(x)
+    c = x.shape[1]
+    merge_units = -(-c // k.MERGE_CHUNK)
+    if first is not None:
+        _run_phase(call, first, merge_units, nthreads if c >= _PARALLEL_MERGE else 1)
     if view.parts == 1:
-        _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
+        _run_phase(call, 0, view.tasks, nthreads)
         return
     if reduce:
-        _POOL.run(kernel, (*args, 0), view.tasks, nthreads)
+        _run_phase(call, 0, view.tasks, nthreads)
     # merging partials is per channel: in parallel too when there is enough of it
-    c = x.shape[1]
-    _POOL.run(kernel, (*args, 1), -(-c // _kernels().MERGE_CHUNK),
-              nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
+    _run_phase(call, 1, merge_units, nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
     if apply:
-        _POOL.run(kernel, (*args, 2), view.tasks, nthreads)
+        _run_phase(call, 2, view.tasks, nthreads)
 
 
 class NumbaBackend(NumbaActMixin, TorchBackend):
@@ -489,42 +589,40 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         momentum: float = 0.0,
         eps: float = 0.0,
         apply: bool = True,
-    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None,
+               Tensor | None]:
         """One forward kernel call. Statistics are computed when ``mean`` is None, else
         ``mean`` with ``invstd`` (or ``var`` and ``eps``) normalize.
 
         Returns ``(y or None, mean, m2, invstd, new_running_mean, new_running_var)`` (the
-        running pair in the accumulation dtype, None when not tracked).
+        running pair in the accumulation dtype, None when not tracked; ``invstd`` None when
+        ``var`` was given; ``m2`` only without ``apply``, else None).
         """
         x = as_kernel_layout(x)
         do_stats = mean is None
-        view = _View(x, reduce=do_stats)
+        view = _view(x, do_stats)
         acc = acc_dtype(x)
         c = x.shape[1]
-        none = _NONE[acc]
         y = _new_output(x) if apply else None
-        m2 = torch.empty(c, dtype=acc)
         if do_stats:
             mean, invstd = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-        elif invstd is None:
-            invstd = torch.empty(0, dtype=acc)
-        assert mean is not None and invstd is not None
-        mean, invstd = mean.to(acc), invstd.to(acc)
-        new_rm = new_rv = None
-        rm = rv = nrm = nrv = none
+        else:
+            assert mean is not None
+            mean, invstd = _chan(mean, acc), _chan(invstd, acc)
+        new_rm = new_rv = rm = rv = None
         if running is not None:
-            rm, rv = _vec(running[0], acc), _vec(running[1], acc)
+            rm, rv = _chan(running[0], acc), _chan(running[1], acc)
             new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
-            nrm, nrv = new_rm.numpy(), new_rv.numpy()
-        kernel = _kernels().forward
-        args = (
-            view.of(x), view.of(y if y is not None else x), *view.args(), mean.numpy(),
-            m2.numpy(), invstd.numpy(), _vec(var, acc), _vec(weight, acc), _vec(bias, acc), rm,
-            rv, nrm, nrv, float(eps), float(momentum), do_stats, apply, _streamed(y),
-            *view.partials(),
-            np.empty((3, c), dtype=none.dtype),
-        )
-        _launch(kernel, args, view, x, do_stats, apply)
+        parts = view.parts
+        tmp = _Scratch(2 * parts * c, 4 * c, acc)
+        # M2 is an output of the stats primitive only; otherwise scratch
+        m2 = None if apply else torch.empty(c, dtype=acc)
+        _launch("numba_kernels.forward", x, [
+            x, y, *view.dims, view.blocks, parts, mean, tmp.acc(3 * c, c) if m2 is None else m2,
+            invstd, _chan(var, acc), _chan(weight, acc), _chan(bias, acc), rm, rv, new_rm,
+            new_rv, eps, momentum, do_stats, apply, _streamed(y), tmp.f64(0, parts, c),
+            tmp.f64(parts * c, parts, c), tmp.acc(0, 3, c),
+        ], view, do_stats, apply, keep=tmp)
         return y, mean, m2, invstd, new_rm, new_rv
 
     def _backward(
@@ -549,25 +647,24 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         if dy.stride() != x.stride():
             dy = empty_out_like(x).copy_(dy)
         do_reduce = sums is None
-        view = _View(x, reduce=do_reduce)
+        view = _view(x, do_reduce)
         acc = acc_dtype(x)
         c = x.shape[1]
         if sums is None:
-            sums = (torch.empty(c, dtype=acc), torch.empty(c, dtype=acc))
-        sum_dy, sum_dy_xmu = sums[0].to(acc), sums[1].to(acc)
+            sum_dy, sum_dy_xmu = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+        else:
+            sum_dy, sum_dy_xmu = _chan(sums[0], acc), _chan(sums[1], acc)
         dx = _new_output(x) if apply else None
         dw = torch.empty(c, dtype=acc) if dweight else None
-        kernel = _kernels().backward
-        none = _NONE[acc]
-        args = (
-            view.of(dy), view.of(x), view.of(dx if dx is not None else x), *view.args(),
-            _vec(mean, acc), _vec(invstd, acc), _vec(weight, acc), sum_dy.numpy(),
-            sum_dy_xmu.numpy(), none if dw is None else dw.numpy(),
-            float(count or x.numel() // c), do_reduce, apply, training, _streamed(dx, view),
-            *view.partials(),
-            np.empty((4, c), dtype=none.dtype),
-        )
-        _launch(kernel, args, view, x, do_reduce, apply)
+        parts = view.parts
+        tmp = _Scratch(2 * parts * c, 4 * c, acc)
+        _launch("numba_kernels.backward", x, [
+            dy, x, dx, *view.dims, view.blocks, parts, _chan(mean, acc), _chan(invstd, acc),
+            _chan(weight, acc), sum_dy, sum_dy_xmu, dw, float(count or x.numel() // c),
+            do_reduce, apply, training, _streamed(dx, view), tmp.f64(0, parts, c),
+            tmp.f64(parts * c, parts, c), tmp.acc(0, 4, c),
+        ], view, do_reduce, apply, keep=tmp)
+        assert sum_dy is not None and sum_dy_xmu is not None
         return dx, sum_dy, sum_dy_xmu, dw
 
     # ---- primitives -----------------------------------------------------------------------
@@ -576,6 +673,7 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
             zeros = torch.zeros(x.shape[1], dtype=acc_dtype(x))
             return zeros, zeros.clone()
         _, mean, m2, _, _, _ = self._forward(x, apply=False)
+        assert m2 is not None
         return mean, m2
 
     def apply(
@@ -634,7 +732,10 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         assert y is not None
         if running is not None:
             assert new_rm is not None and new_rv is not None
-            new_rm, new_rv = new_rm.to(running[0].dtype), new_rv.to(running[1].dtype)
+            if new_rm.dtype != running[0].dtype:
+                new_rm = new_rm.to(running[0].dtype)
+            if new_rv.dtype != running[1].dtype:
+                new_rv = new_rv.to(running[1].dtype)
         return y, mean, invstd, new_rm, new_rv
 
     def forward_eval(

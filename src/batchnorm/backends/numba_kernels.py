@@ -17,12 +17,13 @@ The inner loops come in two shapes:
 There is one forward kernel (statistics, running-stat update and normalization, each
 switchable) and one backward kernel (reduction and input gradient, each switchable), so the
 four primitives of :mod:`batchnorm.backends.base` and the fused entry points all run the same
-compiled code. Kernels are serial over a task range and release the GIL; the backend runs them
-on ``torch.get_num_threads()`` threads, in phases when the reduction must finish before the
-elementwise pass (with one batch part per task there is a single phase: each channel block is
-reduced and then written while it is still in cache, so x is read from memory once).
-Specializations: one per storage dtype (float32, float64, float16 bits as uint16, bfloat16
-bits as int16), two kernels each.
+compiled code. A kernel is run through its packed entry (:mod:`.numba_entry`, which compiles
+it: the kernels themselves are ``inline="always"``) by every thread of a phase, each claiming
+units from shared counters; the backend runs it on ``torch.get_num_threads()`` threads, in
+phases when the reduction must finish before the elementwise pass (with one batch part per
+task there is a single phase: each channel block is reduced and then written while it is
+still in cache, so x is read from memory once). Specializations: one entry per kernel and
+storage dtype (float32, float64, float16 bits as uint16, bfloat16 bits as int16).
 
 Numerics:
 
@@ -53,7 +54,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["backward", "forward", "spin_until"]
+__all__ = ["PACKED", "backward", "forward", "spin_until"]
 
 
 def njit(*args, **kwargs):
@@ -890,8 +891,8 @@ def _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean
 
 
 # ---- kernels ------------------------------------------------------------------------------
-# Units [t0, t1) of one phase, claimed one at a time from ``ctl`` (see _claim; GIL released):
-# the backend runs a phase on several threads that share its units:
+# Units [0, units) of one phase, claimed one at a time from ``ctl`` (see _claim): every
+# thread of a phase runs the kernel, and they share its units:
 #   phase 0: reductions into per-part partials; with parts == 1 the whole job instead (each
 #            channel block reduced, then written while it is in cache);
 #   phase 1: merge the partials and compute per-channel coefficients, MERGE_CHUNK channels
@@ -899,6 +900,12 @@ def _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean
 #   phase 2: the elementwise pass (tasks walked backwards: the reduction touched the last
 #            tasks last, so they may still be in cache; rows stay in ascending order within
 #            a task, which the prefetchers need).
+# Their packed arguments (see numba_entry), in order: s = storage-dtype array, a =
+# accumulation-dtype array, d = float64 array (each with its rank), i int, f float, b bool.
+PACKED = {
+    "forward": "s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b b b d2 d2 a2",
+    "backward": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b d2 d2 a2",
+}
 # Arguments shared by both kernels: flat ``x``/``y``/``dy``/``dx`` of the storage dtype; the
 # logical shape (n, c, s); tasks ``blocks`` x ``parts`` (task t: channel block t // parts,
 # batch part t % parts). Per-channel arrays are 1-D of the accumulation dtype (float32, or
@@ -909,10 +916,10 @@ def _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean
 # counters that the call's threads share.
 
 
-@_jit(nogil=True)
+@njit(inline="always")
 def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias, rmean,
             rvar, new_rmean, new_rvar, eps, momentum, do_stats, do_apply, stream, pm, pq, coef,
-            phase, t0, t1, ctl):
+            phase, units, ctl):
     """BatchNorm forward.
 
     ``do_stats``: batch statistics -> ``mean``, ``m2``, ``invstd`` (and the running update
@@ -921,11 +928,11 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
     ``y = (x - mean) * invstd * weight + bias``. ``stream``: write ``y`` with non-temporal
     stores (for outputs much larger than the caches).
     """
-    n = t1 - t0
+    n = units
     k = _claim(ctl, n)
     while k < n:
         if phase == 0:
-            t = t0 + k
+            t = k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_stats:
@@ -940,10 +947,10 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
                 if do_apply:
                     _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef, stream)
         elif phase == 1:
-            _merge_unit(t0 + k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
+            _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
                         rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
         else:
-            t = t1 - 1 - k
+            t = units - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream)
@@ -951,10 +958,10 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
         k = _claim(ctl, n)
 
 
-@_jit(nogil=True)
+@njit(inline="always")
 def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy, sum_dy_xmu,
-             dweight, count, do_reduce, do_apply, training, stream, pm, pq, coef, phase, t0,
-             t1, ctl):
+             dweight, count, do_reduce, do_apply, training, stream, pm, pq, coef, phase,
+             units, ctl):
     """BatchNorm backward.
 
     ``do_reduce``: ``sum_dy`` and ``sum_dy_xmu = sum(dy * (x - mean))`` (and ``dweight =
@@ -964,11 +971,11 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
     number of values per channel the statistics came from (all ranks for SyncBatchNorm).
     ``stream``: write ``dx`` with non-temporal stores.
     """
-    n = t1 - t0
+    n = units
     k = _claim(ctl, n)
     while k < n:
         if phase == 0:
-            t = t0 + k
+            t = k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             if do_reduce:
@@ -980,11 +987,11 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
                 if do_apply:
                     _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef, stream)
         elif phase == 1:
-            a, b = _merge_range(t0 + k, c_)
+            a, b = _merge_range(k, c_)
             _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,
                         training, pm, pq, coef, a, b)
         else:
-            t = t1 - 1 - k
+            t = units - 1 - k
             c0, c1 = _span(c_, blocks, t // parts)
             n0, n1 = _span(n_, parts, t % parts)
             _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream)

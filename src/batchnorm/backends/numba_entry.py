@@ -1,0 +1,309 @@
+"""Packed kernel calls: every numba kernel of this package behind one C-callable entry.
+
+A kernel call (``numba_kernels.forward``, ``backward`` and the fused-activation ones) takes
+about thirty arguments and runs in up to three phases, on up to ``torch.get_num_threads()``
+threads. Calling the numba dispatcher once per phase and thread with NumPy views of every
+tensor cost tens of microseconds of Python per call (a tensor's ``.numpy()`` alone is about
+2 us on this project's VM), and its threads had to be this package's own. Instead the host:
+
+1. packs the arguments once into an int64 buffer (:class:`PackedCall`): a tensor as its data
+   address and shape (``data_ptr()``, no NumPy view), an integer or boolean as itself, a float
+   as its IEEE bits;
+2. runs each phase through a ``void entry(int64 *buffer)`` compiled with ``numba.cfunc``
+   (:func:`entry_for`), which rebuilds the arrays with ``numba.carray`` and calls the kernel.
+
+That entry is a plain C function pointer, so the threads that share a phase can be torch's
+own OpenMP threads: ``GOMP_parallel(entry, buffer, nthreads, 0)``, the call that ``#pragma
+omp parallel`` compiles to, in the OpenMP runtime torch already runs (see ``numba_backend``).
+After an ATen op those threads are still spinning, waiting for torch's next parallel region;
+our phase becomes that region, so the hand-off takes microseconds and no thread competes with
+another for a core. Without OpenMP the package's own worker threads call the same entry.
+
+Buffer layout (int64 slots): ``[0, CTL_SIZE)`` the work-sharing counters that the kernels
+claim units from (``numba_kernels._claim``), then ``PHASE`` and ``UNITS`` (this phase's units
+are ``[0, units)``), ``CHECK`` (the layout's checksum, compared by the entry, so that a buffer
+is never read with another layout) and the arguments from ``ARGS`` on.
+
+A kernel declares its packed arguments as a string of kinds, one per argument, in order
+(``PACKED`` in its module): ``s1`` a 1-D array of the storage dtype (float32, float64, or the
+bits of float16 as uint16 and of bfloat16 as int16), ``a1``/``a2`` a 1-D/2-D array of the
+accumulation dtype (float64 for float64 storage, else float32), ``d2`` a 2-D float64 array,
+``i`` an integer, ``f`` a float, ``b`` a boolean. Its signature is those arguments followed by
+``(phase, units, ctl)``, 30 parameters at most (CPython compiles a call with more arguments
+as ``f(*args)``, which numba cannot inline). An array is passed as a C-contiguous tensor of
+that dtype, None (an empty array), or ``(address, *shape)`` (a piece of a scratch
+allocation).
+
+Each entry is compiled once per kernel and storage dtype and cached on disk like the kernels
+(the cache key includes the kernels' source files, whose changes numba's own cache would not
+notice here). The kernels are ``inline="always"`` functions: compiled inside their entries
+only, not a second time on their own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib
+import os
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import carray, cfunc, types
+from numba.extending import intrinsic, overload
+
+from .numba_kernels import CTL_DONE, CTL_NEXT, CTL_SIZE
+
+__all__ = ["ARGS", "CHECK", "PHASE", "UNITS", "PackedCall", "entry_for"]
+
+PHASE = CTL_SIZE
+UNITS = CTL_SIZE + 1
+CHECK = CTL_SIZE + 2
+ARGS = CTL_SIZE + 8  # the arguments start on a cache line of their own
+
+_ARRAY, _INT, _FLOAT, _BOOL = 0, 1, 2, 3
+_MAX_PACKED = 27
+_STORAGE = {torch.float32: types.float32, torch.float64: types.float64,
+            torch.float16: types.uint16, torch.bfloat16: types.int16}
+
+
+def _parse(kinds: str) -> tuple[tuple[int, int, str], ...]:
+    """``"s1 a1 i"`` -> ``((_ARRAY, 1, "s"), (_ARRAY, 1, "a"), (_INT, 0, ""))``."""
+    out = []
+    for k in kinds.split():
+        if k[0] in "sad" and len(k) == 2 and k[1] in "12":
+            out.append((_ARRAY, int(k[1]), k[0]))
+        elif k in ("i", "f", "b"):
+            out.append(({"i": _INT, "f": _FLOAT, "b": _BOOL}[k], 0, ""))
+        else:
+            raise ValueError(f"unknown packed argument kind {k!r} in {kinds!r}")
+    return tuple(out)
+
+
+def _slots(spec: tuple[tuple[int, int, str], ...]) -> int:
+    return sum(1 + rank for _, rank, _ in spec)
+
+
+def _checksum(spec: tuple[tuple[int, int, str], ...], storage: types.Type) -> int:
+    h = _slots(spec) * 131 + list(_STORAGE.values()).index(storage)
+    for kind, rank, letter in spec:
+        h = (h * 1000003 + 16 * kind + 4 * rank + " sad".index(letter or " ")) % (1 << 61)
+    return h
+
+
+# ---- intrinsics ---------------------------------------------------------------------------
+
+
+@intrinsic
+def _voidp(typingctx, addr):
+    """An int64 address as a ``void *`` (for ``numba.carray``)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, v):
+    """The float64 whose IEEE bits are the int64 ``v``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+# ---- entries ------------------------------------------------------------------------------
+# An entry is a closure over one integer, the key of its (kernel, storage dtype) in _SPECS;
+# numba's cache tells closures apart by the values they close over, so each key is cached on
+# its own, and the key hashes the kernels' source files too (see _kernel_stamp).
+
+_SPECS: dict[int, tuple[Any, tuple[tuple[int, int, str], ...], types.Type]] = {}
+
+
+def _unpack_call(data, key):
+    """Unpack the buffer at ``data`` and call the kernel of ``_SPECS[key]``."""
+
+
+@overload(_unpack_call)
+def _unpack_call_impl(data, key):
+    if not isinstance(key, types.IntegerLiteral):
+        return None  # numba retries with the literal value
+    kernel, spec, storage = _SPECS[key.literal_value]
+    if len(spec) > _MAX_PACKED:
+        raise TypeError(f"a packed kernel takes at most {_MAX_PACKED} arguments before "
+                        f"(phase, units, ctl), got {len(spec)}: CPython compiles a longer "
+                        "call as f(*args), which numba cannot inline")
+    acc = types.float64 if storage == types.float64 else types.float32
+    dtypes = {"s": storage, "a": acc, "d": types.float64}
+    ns: dict[str, Any] = {"np": np, "carray": carray, "_voidp": _voidp,
+                          "_bits_float": _bits_float, "kernel": kernel}
+    args = []
+    slot = ARGS
+    for j, (kind, rank, letter) in enumerate(spec):
+        if kind == _ARRAY:
+            ns[f"dt{j}"] = np.dtype(str(dtypes[letter])).type
+            shape = "".join(f"p[{slot + 1 + d}], " for d in range(rank))
+            args.append(f"carray(_voidp(p[{slot}]), ({shape}), dt{j})")
+        elif kind == _BOOL:
+            args.append(f"p[{slot}] != 0")
+        elif kind == _INT:
+            args.append(f"p[{slot}]")
+        else:
+            args.append(f"_bits_float(p[{slot}])")
+        slot += 1 + rank
+    src = "\n".join([
+        "def impl(data, key):",
+        f"    p = carray(data, ({slot},), np.int64)",
+        f"    if p[{CHECK}] != {_checksum(spec, storage)}:",
+        "        return",  # another layout: do nothing (the host sees no unit done)
+        f"    ctl = carray(data, ({CTL_SIZE},), np.int64)",
+        f"    kernel({', '.join(args)}, p[{PHASE}], p[{UNITS}], ctl)",
+    ])
+    exec(src, ns)
+    return ns["impl"]
+
+
+def _make_entry(key: int) -> Any:
+    def entry(data):
+        _unpack_call(data, key)
+
+    return entry
+
+
+def _file_stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return f"{path}:?"
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _kernel_stamp(kernel: Any) -> str:
+    """Sizes and times of the kernels' source files and of ``kernel``'s own: a cached entry
+    embeds the kernel's code, and numba checks only the entry's own file (this one) before
+    reusing it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(os.path.join(here, name) for name in os.listdir(here)
+                   if name.startswith("numba_") and name.endswith("kernels.py"))
+    paths.append(kernel.py_func.__code__.co_filename)
+    return ";".join(_file_stamp(p) for p in paths)
+
+
+_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_SIG = types.void(types.voidptr)
+
+
+class Entry:
+    """A compiled entry: its C address, a ctypes function to call it on this thread, and the
+    packed layout it reads."""
+
+    __slots__ = ("address", "check", "fn", "name", "spec")
+
+    def __init__(self, name: str, spec: tuple, check: int, address: int) -> None:
+        self.name = name
+        self.spec = spec
+        self.check = check
+        self.address = address
+        self.fn = _CFUNC(address)
+
+
+_ENTRIES: dict[tuple[str, str, torch.dtype], Entry] = {}
+
+
+def entry_for(module: str | ModuleType, name: str, dtype: torch.dtype) -> Entry:
+    """The entry of kernel ``name`` of ``module`` (a module of this package by its short
+    name, or a module object; the kernel is declared in its ``PACKED``) for inputs of
+    ``dtype``; compiled, or loaded from numba's cache, on first use."""
+    mod_name = module if isinstance(module, str) else module.__name__
+    found = _ENTRIES.get((mod_name, name, dtype))
+    if found is not None:
+        return found
+    mod = (importlib.import_module(f"{__package__}.{module}") if isinstance(module, str)
+           else module)
+    kernel = getattr(mod, name)
+    spec = _parse(mod.PACKED[name])
+    storage = _STORAGE[dtype]
+    digest = hashlib.sha256(
+        f"{mod_name}.{name}|{spec}|{storage}|{_kernel_stamp(kernel)}".encode()).hexdigest()
+    key = int(digest[:15], 16)
+    _SPECS[key] = (kernel, spec, storage)
+    fn = _make_entry(key)
+    try:
+        compiled = cfunc(_SIG, cache=True, error_model="numpy")(fn)
+    except RuntimeError:  # no writable cache directory: compile uncached (as kernels do)
+        compiled = cfunc(_SIG, cache=False, error_model="numpy")(fn)
+    found = Entry(f"{mod_name}.{name}", spec, _checksum(spec, storage), compiled.address)
+    _ENTRIES[(mod_name, name, dtype)] = found
+    return found
+
+
+class PackedCall:
+    """One kernel call: its packed arguments and entry. :meth:`start` sets up a phase and
+    :meth:`run` runs it on the calling thread (units no other thread claims); the threads of
+    a parallel phase are the caller's business (``numba_backend._run_phase``).
+
+    Args:
+        entry: from :func:`entry_for`.
+        values: the kernel's packed arguments, in its ``PACKED`` order (see the module
+            docstring for what each kind takes).
+        keep: whatever the ``(address, *shape)`` values point into. The call holds it and
+            ``values``, so that every array the buffer points into lives as long as the call
+            (a worker of the pool may finish after the caller has returned).
+    """
+
+    __slots__ = ("address", "buf", "entry", "keep", "values")
+
+    def __init__(self, entry: Entry, values: Sequence[Any], keep: Any = ()) -> None:
+        spec = entry.spec
+        if len(values) != len(spec):
+            raise TypeError(f"{entry.name} takes {len(spec)} packed arguments, "
+                            f"got {len(values)}")
+        ints: list[int] = []
+        floats: list[tuple[int, float]] = []
+        for (kind, rank, _), v in zip(spec, values):
+            if kind == _ARRAY:
+                if v is None:
+                    ints += [0] * (rank + 1)
+                elif isinstance(v, tuple):
+                    ints += v
+                else:
+                    ints.append(v.data_ptr())
+                    ints += v.shape if rank > 1 else (v.numel(),)
+            elif kind == _FLOAT:
+                floats.append((ARGS + len(ints), v))
+                ints.append(0)
+            else:
+                ints.append(int(v))
+        buf = np.empty(ARGS + len(ints), dtype=np.int64)
+        buf[ARGS:] = ints
+        if floats:
+            fbuf = buf.view(np.float64)
+            for slot, v in floats:
+                fbuf[slot] = v
+        buf[CHECK] = entry.check
+        self.entry = entry
+        self.values = values
+        self.keep = keep
+        self.buf = buf
+        self.address = buf.ctypes.data
+
+    def start(self, phase: int, units: int) -> None:
+        """Set up ``phase`` over ``units`` units (zeroed counters)."""
+        buf = self.buf
+        buf[CTL_NEXT] = 0
+        buf[CTL_DONE] = 0
+        buf[PHASE] = phase
+        buf[UNITS] = units
+
+    def run(self) -> None:
+        """Run the current phase's units on this thread (those no other thread claims)."""
+        self.entry.fn(self.address)
+
+    def done(self) -> int:
+        return int(self.buf[CTL_DONE])

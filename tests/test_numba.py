@@ -737,3 +737,37 @@ def test_kernels_compile_uncached_where_no_cache_directory_works():
     exec(compile("def f(a):\n    return a + 1\n", "<generated>", "exec"), ns)
     f = _jit()(ns["f"])
     assert f(1) == 2
+
+
+def _forked_child(x, q):
+    y = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
+    q.put(y.numpy().copy())  # compared in the parent: torch's own parallel ops hang here
+
+
+def test_forked_child_runs_without_openmp():
+    """After a fork, GNU libgomp's threads are gone and a parallel region in the child hangs
+    (torch's own ops too): a forked child runs its 2-thread calls on a fresh pool of ours."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make_input((16, 32, 24, 24))
+        expected = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        child = ctx.Process(target=_forked_child, args=(x, q))
+        child.start()
+        try:  # read before joining: the child exits only once its result is out of the pipe
+            got = q.get(timeout=120)
+        except Exception:
+            got = None
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+        assert got is not None, "the forked child hung (or failed)"
+        assert torch.equal(torch.from_numpy(got), expected)
+    finally:
+        torch.set_num_threads(before)

@@ -486,8 +486,11 @@ atexit.register(_close_pool)
 
 
 def _reset_pool_after_fork() -> None:
-    global _POOL
+    # A forked child gets a fresh pool, and no OpenMP: GNU libgomp's threads do not survive a
+    # fork, and a parallel region in a child whose parent ran one hangs (torch's own ops too).
+    global _POOL, _OPENMP
     _POOL = _Pool()
+    _OPENMP = None
 
 
 if hasattr(os, "register_at_fork"):

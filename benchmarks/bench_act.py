@@ -79,7 +79,7 @@ def measure_shape(name: str, shape: tuple[int, ...], dev: torch.device, dtype: t
     # (subtracting the producer timed alone went negative where its page faults varied).
     m_in = batchnorm.BatchNormAct2d(c, activation="leaky_relu", inplace=True,
                                     backend=backends[0], device=dev)
-    eager = lambda h: torch.relu(eager_bn(h) + r)  # noqa: E731
+    eager = lambda h: torch.relu(eager_bn(h) + r)
     stmts = {"eager": step(eager)}
     for be in backends:
         m = batchnorm.BatchNormAct2d(c, activation="relu", backend=be, device=dev)

@@ -311,7 +311,7 @@ class _FakeCall:
     def __init__(self, units, hook=None):
         from batchnorm.backends.numba_kernels import CTL_SIZE
 
-        self.buf = np.zeros(CTL_SIZE, dtype=np.int64)
+        self.array = np.zeros(CTL_SIZE, dtype=np.int64)
         self.units = units
         self.marks = np.zeros(units, dtype=np.int64)
         self.hook = hook
@@ -323,20 +323,20 @@ class _FakeCall:
         worker = threading.current_thread().name.startswith("batchnorm-numba")
         while True:
             with self._lock:
-                k = int(self.buf[CTL_NEXT])
-                self.buf[CTL_NEXT] += 1
+                k = int(self.array[CTL_NEXT])
+                self.array[CTL_NEXT] += 1
             if k >= self.units:
                 return
             if self.hook is not None:
                 self.hook(k, worker)
             self.marks[k] += 1
             with self._lock:
-                self.buf[CTL_DONE] += 1
+                self.array[CTL_DONE] += 1
 
     def done(self):
         from batchnorm.backends.numba_kernels import CTL_DONE
 
-        return int(self.buf[CTL_DONE])
+        return int(self.array[CTL_DONE])
 
 
 @pytest.mark.parametrize("spin", [True, False], ids=["polling", "blocking"])
@@ -387,7 +387,7 @@ def test_pool_call_stops_waiting_when_every_worker_is_back():
     def lose_a_unit(k, worker):
         if worker:
             claimed.set()
-            call.buf[CTL_DONE] -= 1  # counted below as done: the net effect is a lost unit
+            call.array[CTL_DONE] -= 1  # counted below as done: the net effect is a lost unit
         elif not claimed.wait(10):
             raise AssertionError("the worker never started")
 

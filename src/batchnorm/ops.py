@@ -282,7 +282,11 @@ def _copy_running(running_mean: Tensor | None, running_var: Tensor | None,
                   new_mean: Tensor, new_var: Tensor) -> None:
     """Write the updated running statistics into the buffers (when tracked)."""
     if running_mean is not None and running_var is not None:
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # (an autograd.Function's forward runs without grad)
+            with torch.no_grad():
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+        else:
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
 

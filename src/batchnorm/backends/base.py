@@ -102,7 +102,7 @@ def empty_out_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """
     dtype = x.dtype if dtype is None else dtype
     if x.is_contiguous():  # the common case, without computing strides in Python
-        return torch.empty(x.shape, dtype=dtype, device=x.device)
+        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
     return torch.empty_strided(x.shape, out_strides(x), dtype=dtype, device=x.device)
 
 

@@ -213,7 +213,7 @@ def _new_output(x: Tensor) -> Tensor:
     """An uninitialized output like ``x`` (:func:`~.base.empty_out_like` layout), from the
     recycled buffers of :mod:`.cpu_outputs` from 1 MiB on; a newly allocated large one is
     advised to use huge pages (``_advise_huge``)."""
-    nbytes = x.numel() * x.element_size()
+    nbytes = x.nbytes
     if nbytes < cpu_outputs.MIN_BYTES:
         return empty_out_like(x)
     st = cpu_outputs.new_storage(nbytes, lambda s: _advise_huge(s.data_ptr(), nbytes))
@@ -439,7 +439,7 @@ class _Pool:
             call.run()
             k = _kernels()
             if (call.done() < units and _CALLER_SPIN
-                    and k.spin_until(call.buf, k.CTL_DONE, 0, 1, units, _CALLER_SPIN)):
+                    and k.spin_until(call.array, k.CTL_DONE, 0, 1, units, _CALLER_SPIN)):
                 return
             pending = p - 1
             while call.done() < units and pending:  # a worker is still in a unit

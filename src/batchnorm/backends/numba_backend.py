@@ -118,7 +118,7 @@ _STREAM_MIN_BYTES = _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24)
 # "auto" picks numba for training from this many elements on (measured crossover, see
 # preferred_for); channels-first and channels-last differ.
 _AUTO_MIN_NUMEL_CF = 1 << 17
-_AUTO_MIN_NUMEL_CL = 1 << 20
+_AUTO_MIN_NUMEL_CL = 1 << 22
 
 
 _MODULES: dict[str, Any] = {}
@@ -570,9 +570,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
 
     def preferred_for(self, x: Tensor, training: bool) -> bool:
         """Training on inputs large enough for the fused kernels to beat ATen
-        (``batchnorm bench --crossover``): from about 128K elements channels-first, 1M
-        channels-last. Below, the fixed cost of a call (about 50 us of Python) dominates. Eval
-        is a single elementwise pass that ATen already runs at copy speed: it stays native."""
+        (``batchnorm bench --crossover``, 1 and 2 threads): from about 128K elements
+        channels-first, 4M channels-last (ATen's channels-last kernels read x twice too, and
+        at 2M we were still 0.95x). Below, the fixed cost of a call (tens of microseconds of
+        Python) dominates. Eval is a single elementwise pass that ATen already runs at copy
+        speed: it stays native."""
         if not training or x.dtype not in _DTYPES:
             return False
         limit = _AUTO_MIN_NUMEL_CL if layout_of(x) == "cl" else _AUTO_MIN_NUMEL_CF

@@ -217,7 +217,16 @@ def _new_output(x: Tensor) -> Tensor:
     if nbytes < cpu_outputs.MIN_BYTES:
         return empty_out_like(x)
     st = cpu_outputs.new_storage(nbytes, lambda s: _advise_huge(s.data_ptr(), nbytes))
-    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, out_strides(x))
+    key = (x.shape, x.stride())
+    strides = _OUT_STRIDES.get(key)
+    if strides is None:
+        if len(_OUT_STRIDES) > 4096:
+            _OUT_STRIDES.clear()
+        strides = _OUT_STRIDES[key] = out_strides(x)
+    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, strides)
+
+
+_OUT_STRIDES: dict[tuple, list[int]] = {}  # out_strides per (shape, strides) of the input
 
 
 class _View:
@@ -325,7 +334,7 @@ def _torch_openmp() -> Callable[..., None] | None:
             return None
         runtime = ctypes.CDLL(info.fname.decode(), mode=mode)
         fn = runtime.GOMP_parallel
-    except (OSError, AttributeError, IndexError, RuntimeError):
+    except Exception:  # any platform where this lookup does not work: our own threads
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     fn.restype = None

@@ -507,19 +507,19 @@ def test_openmp_runtime_is_torchs():
 
     from batchnorm.backends import numba_backend as nb
 
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        assert nb._torch_openmp() is None
-        return
     fn = nb._torch_openmp()
-    assert fn is not None
-    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    torch_omp = [line.split()[-1] for line in maps.splitlines()
-                 if "omp" in line.split()[-1] and line.split()[-1].startswith(lib_dir)]
-    if torch_omp:  # torch ships its runtime: it must be the one we call
-        lib = ctypes.CDLL(torch_omp[0], mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
-        assert ctypes.cast(fn, ctypes.c_void_p).value == ctypes.cast(
-            lib.GOMP_parallel, ctypes.c_void_p).value
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        assert fn is None, "torch runs without OpenMP, yet a GOMP_parallel was found"
+    else:
+        assert fn is not None, "torch runs on OpenMP, but its GOMP_parallel was not found"
+        maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+        lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+        torch_omp = [line.split()[-1] for line in maps.splitlines()
+                     if "omp" in line.split()[-1] and line.split()[-1].startswith(lib_dir)]
+        if torch_omp:  # torch ships its runtime (its Linux wheels do): the one we must call
+            lib = ctypes.CDLL(torch_omp[0], mode=getattr(os, "RTLD_NOLOAD", 0) | os.RTLD_LAZY)
+            assert ctypes.cast(fn, ctypes.c_void_p).value == ctypes.cast(
+                lib.GOMP_parallel, ctypes.c_void_p).value
 
 
 def test_openmp_can_be_turned_off(monkeypatch):

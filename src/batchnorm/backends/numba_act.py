@@ -116,13 +116,12 @@ class NumbaActMixin:
             mean = nb._chan(running_mean.detach(), acc)
             invstd = safe_invstd(running_var.detach().to(acc), eps)
         parts = view.parts
-        tmp = nb._Scratch(2 * parts * c, 4 * c, acc)
+        tmp = nb._Scratch(parts, c, 4, acc)
         nb._launch("numba_act_kernels.forward_act", x, [
             x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
-            tmp.acc(3 * c, c), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm,
-            rv, new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
-            nb._streamed(out), tmp.f64(0, parts, c), tmp.f64(parts * c, parts, c),
-            tmp.acc(0, 3, c),
+            tmp.rows(3, 0), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm, rv,
+            new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
+            nb._streamed(out), *tmp.partials(), tmp.rows(0, 3),
         ], view, training, True, keep=tmp)
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None
@@ -177,14 +176,13 @@ class NumbaActMixin:
         if do_reduce or do_apply:
             view = nb._view(saved, do_reduce)
             parts = view.parts
-            tmp = nb._Scratch(2 * parts * c, 9 * c, acc)
+            tmp = nb._Scratch(parts, c, 9, acc)
             nb._launch("numba_act_kernels.backward_act", saved, [
                 dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
                 parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
                 nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
                 do_apply, training, inplace, _codes()[activation], slope,
-                nb._streamed(dx, view), tmp.f64(0, parts, c), tmp.f64(parts * c, parts, c),
-                tmp.acc(0, 9, c),
+                nb._streamed(dx, view), *tmp.partials(), tmp.rows(0, 9),
             ], view, do_reduce, do_apply, keep=tmp, first=3)
         return (dx if need_dx else None, sum_dzx if need_dw else None,
                 sum_dz if need_db else None, dres if need_dr else None)

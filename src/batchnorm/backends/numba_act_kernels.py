@@ -511,8 +511,7 @@ def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
 
 
 # ---- kernels (same phases and arguments as numba_kernels.forward / backward) ---------------
-# Their packed arguments (numba_entry), in order: s = storage-dtype array, a = accumulation-
-# dtype array, d = float64 array (with the rank), i int, f float, b bool.
+# Their packed arguments, in order (kinds as in numba_kernels.PACKED, see numba_entry).
 PACKED = {
     "forward_act": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f b d2 d2 a2",
     "backward_act": "s1 s1 s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b i f b d2 d2 a2",

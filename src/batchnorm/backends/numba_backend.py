@@ -125,8 +125,9 @@ _MODULES: dict[str, Any] = {}
 
 
 def _kernels() -> Any:
-    """The kernels module, imported on first use (it needs numba; the backend module itself
-    loads anywhere)."""
+    """The kernels module, imported on first use together with :mod:`.numba_entry`
+    (``_MODULES["entry"]``, used by :func:`_launch`): both need numba, and the backend module
+    itself loads anywhere."""
     k = _MODULES.get("kernels")
     if k is None:
         from . import numba_entry, numba_kernels
@@ -145,22 +146,29 @@ def _chan(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
 
 
 class _Scratch:
-    """One allocation for a call's scratch arrays: ``n64`` float64 values, then ``nacc`` of
-    the accumulation dtype, handed to the kernels as packed ``(address, *shape)`` pieces."""
+    """One allocation for a call's scratch arrays, handed to the kernels as packed
+    ``(address, *shape)`` pieces: the float64 per-part partials ``pm`` and ``pq``, each
+    ``(parts, C)``, then ``rows`` rows of ``C`` values of the accumulation dtype (the
+    per-channel coefficients, and any other per-channel scratch)."""
 
-    __slots__ = ("acc_addr", "acc_size", "addr", "tensor")
+    __slots__ = ("acc_addr", "acc_size", "c", "parts", "tensor")
 
-    def __init__(self, n64: int, nacc: int, acc: torch.dtype) -> None:
+    def __init__(self, parts: int, c: int, rows: int, acc: torch.dtype) -> None:
+        self.parts, self.c = parts, c
         self.acc_size = 8 if acc == torch.float64 else 4
-        self.tensor = torch.empty(8 * n64 + self.acc_size * nacc, dtype=torch.uint8)
-        self.addr = self.tensor.data_ptr()
-        self.acc_addr = self.addr + 8 * n64
+        self.tensor = torch.empty(16 * parts * c + self.acc_size * rows * c, dtype=torch.uint8)
+        self.acc_addr = self.tensor.data_ptr() + 16 * parts * c
 
-    def f64(self, offset: int, *shape: int) -> tuple[int, ...]:
-        return (self.addr + 8 * offset, *shape)
+    def partials(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """``pm`` and ``pq``, packed ``d2`` arguments."""
+        base, n = self.tensor.data_ptr(), self.parts * self.c
+        return (base, self.parts, self.c), (base + 8 * n, self.parts, self.c)
 
-    def acc(self, offset: int, *shape: int) -> tuple[int, ...]:
-        return (self.acc_addr + self.acc_size * offset, *shape)
+    def rows(self, first: int, k: int) -> tuple[int, ...]:
+        """Rows ``[first, first + k)`` as a packed ``a2`` argument (``a1`` when ``k`` is 0:
+        one row, 1-D)."""
+        addr = self.acc_addr + self.acc_size * first * self.c
+        return (addr, self.c) if k == 0 else (addr, k, self.c)
 
 
 def _madvise_setup() -> Callable[[int, int, int], int] | None:
@@ -628,14 +636,14 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
             rm, rv = _chan(running[0], acc), _chan(running[1], acc)
             new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
         parts = view.parts
-        tmp = _Scratch(2 * parts * c, 4 * c, acc)
+        tmp = _Scratch(parts, c, 4, acc)
         # M2 is an output of the stats primitive only; otherwise scratch
         m2 = None if apply else torch.empty(c, dtype=acc)
         _launch("numba_kernels.forward", x, [
-            x, y, *view.dims, view.blocks, parts, mean, tmp.acc(3 * c, c) if m2 is None else m2,
+            x, y, *view.dims, view.blocks, parts, mean, tmp.rows(3, 0) if m2 is None else m2,
             invstd, _chan(var, acc), _chan(weight, acc), _chan(bias, acc), rm, rv, new_rm,
-            new_rv, eps, momentum, do_stats, apply, _streamed(y), tmp.f64(0, parts, c),
-            tmp.f64(parts * c, parts, c), tmp.acc(0, 3, c),
+            new_rv, eps, momentum, do_stats, apply, _streamed(y), *tmp.partials(),
+            tmp.rows(0, 3),
         ], view, do_stats, apply, keep=tmp)
         return y, mean, m2, invstd, new_rm, new_rv
 
@@ -671,12 +679,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         dx = _new_output(x) if apply else None
         dw = torch.empty(c, dtype=acc) if dweight else None
         parts = view.parts
-        tmp = _Scratch(2 * parts * c, 4 * c, acc)
+        tmp = _Scratch(parts, c, 4, acc)
         _launch("numba_kernels.backward", x, [
             dy, x, dx, *view.dims, view.blocks, parts, _chan(mean, acc), _chan(invstd, acc),
             _chan(weight, acc), sum_dy, sum_dy_xmu, dw, float(count or x.numel() // c),
-            do_reduce, apply, training, _streamed(dx, view), tmp.f64(0, parts, c),
-            tmp.f64(parts * c, parts, c), tmp.acc(0, 4, c),
+            do_reduce, apply, training, _streamed(dx, view), *tmp.partials(), tmp.rows(0, 4),
         ], view, do_reduce, apply, keep=tmp)
         assert sum_dy is not None and sum_dy_xmu is not None
         return dx, sum_dy, sum_dy_xmu, dw

@@ -156,6 +156,33 @@ def test_gradcheck_float64(backend, activation, inplace, training):
     assert torch.autograd.gradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["gelu", "elu", "silu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradgradcheck_float64(backend, activation, training):
+    c = 3
+    x = make_input((3, c, 4), torch.float64).requires_grad_()
+    r = make_input((3, c, 4), torch.float64, shift=0.0).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x_, r_, w_, b_):
+        return batch_norm_act(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,
+                              activation=activation, residual=r_, backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_in_place_raises(backend):
+    x0 = make_input((4, 3, 5)).requires_grad_()
+    y = batch_norm_act(x0 * 1.0, None, None, training=True, activation="leaky_relu",
+                       inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match=r"double backward .* inplace=True"):
+        torch.autograd.grad(y.square().sum(), x0, create_graph=True)
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of the distinct activation-sized storages autograd saves while ``fn`` runs
     (per-channel vectors, C values each, are left out: both sides save a handful)."""

@@ -38,6 +38,60 @@ def test_gradcheck_without_affine(backend):
         lambda x_: batchnorm.batch_norm(x_, None, None, training=True, backend=backend), (x,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_gradgradcheck_float64(backend, training, channels_last):
+    """create_graph=True differentiates a composite of the layer: second derivatives exact."""
+    c = 3
+    x = make_input((3, c, 2, 2), torch.float64, channels_last).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+    def fn(x_, w_, b_):
+        return batchnorm.batch_norm(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,
+                                    backend=backend)
+
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_matches_torch(backend):
+    """A gradient penalty through training BN (float32): the same as through torch.nn's."""
+    x = make_input((4, 3, 5)).requires_grad_()
+    w = (torch.rand(3) + 0.5).requires_grad_()
+    results = []
+    for fn in (lambda: batchnorm.batch_norm(x, None, None, w, None, True, backend=backend),
+               lambda: torch.nn.functional.batch_norm(x, None, None, w, None, True)):
+        (gx,) = torch.autograd.grad(fn().pow(3).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), (x, w)))
+    for got, want, name in zip(results[0], results[1], ("x", "weight")):
+        assert_close(got, want, 1e-4, 1e-4, f"second derivative wrt {name}")
+
+
+def test_compiled_backward_runs_the_kernels():
+    """The create_graph path must not leak into ordinary (compiled) backward passes."""
+    from batchnorm.backends import get_backend
+
+    be = get_backend("native")
+    calls = []
+    original = type(be).backward
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    m = torch.compile(batchnorm.BatchNorm2d(3, backend="native"), backend="aot_eager")
+    x = make_input((2, 3, 4, 4)).requires_grad_()
+    try:
+        type(be).backward = spy
+        m(x).square().sum().backward()
+    finally:
+        type(be).backward = original
+    assert calls, "the compiled backward did not call the backend's backward"
+
+
 def _model(backend: str, channels_last: bool = False, momentum2: float | None = None
            ) -> torch.nn.Module:
     torch.manual_seed(0)

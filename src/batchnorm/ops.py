@@ -14,7 +14,12 @@ Three ops, all functional (no input is mutated, so autograd, ``torch.compile`` a
   -> (dx, dweight, dbias)``; outputs not asked for are empty.
 
 The backend name is a plain string argument, resolved before the call (never ``"auto"`` here).
-Double backward is not supported through these ops.
+
+Double backward: a backward run with ``create_graph=True`` (grad mode on inside the backward)
+does not call the kernels, whose outputs carry no graph; it recomputes the layer as
+differentiable torch ops (:func:`_composite_forward`) and differentiates that, so second
+derivatives (gradient penalties, Hessian-vector products) are exact. The in-place activated
+mode, whose input is gone by then, raises instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import torch
 from torch import Tensor
 
 from .backends import get_backend
-from .backends.base import acc_dtype, empty_out_like, match_layout, safe_invstd
+from .backends.activations import act_forward
+from .backends.base import (
+    acc_dtype,
+    bcast,
+    empty_out_like,
+    match_layout,
+    reduce_dims,
+    safe_invstd,
+)
 
 __all__ = [
     "BatchNormActFunction",
@@ -178,6 +191,56 @@ def _backward_fake(dy, x, weight, mean, invstd, training, output_mask, backend):
     )
 
 
+def _composite_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    eps: float,
+    activation: str = "identity",
+    slope: float = 0.0,
+) -> Tensor:
+    r"""``act(BN(x) + residual)`` as differentiable torch ops in the accumulation dtype: the
+    graph a ``create_graph=True`` backward differentiates.
+
+    In training the statistics are recomputed from ``x`` (biased variance, two-pass), so that
+    their dependence on ``x`` is part of the graph; in eval ``mean``/``invstd`` are the
+    constants the forward saved (from the running buffers).
+    """
+    acc = acc_dtype(x)
+    xf = x.to(acc)
+    if training:
+        var, m = torch.var_mean(xf, dim=reduce_dims(x), correction=0, keepdim=True)
+        z = (xf - m) * torch.rsqrt(var + eps)
+    else:
+        z = (xf - bcast(mean, x)) * bcast(invstd, x)
+    if weight is not None:
+        z = z * bcast(weight.to(acc), x)
+    if bias is not None:
+        z = z + bcast(bias.to(acc), x)
+    if residual is not None:
+        z = z + residual.to(acc)
+    return act_forward(z, activation, slope)
+
+
+def _grads_with_graph(
+    dy: Tensor, y: Tensor, inputs: tuple[Tensor | None, ...], mask: tuple[bool, ...]
+) -> list[Tensor | None]:
+    """``d<y, dy>/d input`` for the inputs in ``mask``, themselves differentiable
+    (``create_graph=True``); None where not asked for."""
+    wanted = [t for t, m in zip(inputs, mask) if m and t is not None]
+    got = iter(torch.autograd.grad(y, wanted, dy.to(y.dtype), create_graph=True,
+                                   allow_unused=True) if wanted else ())
+    out: list[Tensor | None] = []
+    for t, m in zip(inputs, mask):
+        g = next(got) if m and t is not None else None
+        out.append(torch.zeros_like(t) if g is None and m and t is not None else g)
+    return out
+
+
 def _grads(
     ctx: Any, dy: Tensor, training: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -186,6 +249,13 @@ def _grads(
             bool(ctx.needs_input_grad[2])]
     if not any(mask):
         return None, None, None
+    if torch.is_grad_enabled() and x.numel() > 0:
+        # create_graph=True: differentiate the composite instead (see the module docstring).
+        y = _composite_forward(x, weight, None, None, mean, invstd, training, ctx.eps)
+        dx, dw = _grads_with_graph(dy, y, (x, weight), (mask[0], mask[1]))
+        db = dy.to(y.dtype).sum(reduce_dims(x)) if mask[2] else None
+        return (dx, dw if dw is None else dw.to(ctx.weight_dtype),
+                db if db is None else db.to(ctx.bias_dtype))
     # Under torch.compile/export the custom op keeps the backward opaque; eagerly the
     # implementation is called directly (same code, no dispatcher round trip).
     bwd = _backward_impl if getattr(ctx, "eager", False) else backward
@@ -201,7 +271,7 @@ def _setup_train(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, weight, bias = inputs[:3]
     _, mean, invstd, _, _ = output
     ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.backend = inputs[7]
+    ctx.backend, ctx.eps = inputs[7], inputs[6]
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -220,7 +290,7 @@ def _setup_eval(ctx: Any, inputs: tuple, output: Tensor) -> None:
     mean = running_mean.detach().to(acc)
     invstd = safe_invstd(running_var.detach().to(acc), eps)
     ctx.save_for_backward(x, weight, mean, invstd)
-    ctx.backend = backend
+    ctx.backend, ctx.eps = backend, eps
     ctx.weight_dtype = weight.dtype if weight is not None else None
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
@@ -392,15 +462,27 @@ class BatchNormActFunction(torch.autograd.Function):
         ctx.save_for_backward(out if inplace else x, w, bias, mean, invstd, residual)
         ctx.cfg = (training, activation, slope, inplace, backend,
                    None if weight is None else weight.dtype,
-                   None if bias is None else bias.dtype)
+                   None if bias is None else bias.dtype, eps)
         return out
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         saved, w, bias, mean, invstd, residual = ctx.saved_tensors
-        training, activation, slope, inplace, backend, wdt, bdt = ctx.cfg
+        training, activation, slope, inplace, backend, wdt, bdt, eps = ctx.cfg
         needs = ctx.needs_input_grad
         mask = (bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[5]))
+        if torch.is_grad_enabled() and saved.numel() > 0:
+            # create_graph=True: differentiate the composite (see the module docstring).
+            if inplace:
+                raise RuntimeError(
+                    "double backward (create_graph=True) is not supported with inplace=True: "
+                    "the input was overwritten by the output; use inplace=False"
+                )
+            y = _composite_forward(saved, w, bias, residual, mean, invstd, training, eps,
+                                   activation, slope)
+            dx, dw, db, dres = _grads_with_graph(dy, y, (saved, w, bias, residual), mask)
+            return (dx, dw if dw is None else dw.to(wdt), db if db is None else db.to(bdt),
+                    None, None, dres, *([None] * 7))
         if saved.numel() == 0:
             c = saved.shape[1]
             zeros = saved.new_zeros((c,), dtype=acc_dtype(saved))

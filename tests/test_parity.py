@@ -221,3 +221,29 @@ def test_auto_resolves_to_an_available_backend_and_matches():
 def test_channels_last_helpers():
     x = to_channels_last(make_input((2, 3, 4)))
     assert is_channels_last(x) and not x.is_contiguous()
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5, 6])
+def test_layout_of_matches_its_definition(rank):
+    """layout_of's fast checks against the definition: "cf" when contiguous, "cl" when the
+    channels-innermost permutation is contiguous, else "other", over every dim order, with
+    and without size-1 dims, and for sliced (gapped) tensors."""
+    from batchnorm.backends.base import layout_of
+
+    def definition(t):
+        if t.is_contiguous():
+            return "cf"
+        if t.dim() >= 3 and t.permute(0, *range(2, t.dim()), 1).is_contiguous():
+            return "cl"
+        return "other"
+
+    seen = set()
+    for sizes in ([2, 3, 4, 5, 2, 3][:rank], [2, 1, 3, 1, 2, 2][:rank], [1, 3, 1, 4, 1, 2][:rank]):
+        for order in itertools.permutations(range(rank)):
+            base = torch.empty([sizes[d] for d in order])
+            x = base.permute(*[order.index(d) for d in range(rank)])
+            for t in (x, x[:, :, ::2] if rank >= 3 else x[:, ::2]):
+                want = definition(t)
+                seen.add(want)
+                assert layout_of(t) == want, (sizes, order, t.stride())
+    assert seen >= ({"cf", "cl", "other"} if rank >= 3 else {"cf", "other"})

@@ -74,9 +74,24 @@ def layout_of(x: Tensor) -> str:
     """
     if x.is_contiguous():
         return "cf"
-    if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
-        return "cl"
-    return "other"
+    # On every call's path: torch's own checks for ranks 4 and 5 (a permuted view costs
+    # several times more), the same rule by hand for the others: channels innermost, then the
+    # spatial dims last to first, then the batch, dims of size 1 not counting.
+    d = x.dim()
+    if d == 4:
+        return "cl" if x.is_contiguous(memory_format=torch.channels_last) else "other"
+    if d == 5:
+        return "cl" if x.is_contiguous(memory_format=torch.channels_last_3d) else "other"
+    if d < 3:
+        return "other"
+    shape, strides = x.shape, x.stride()
+    expected = 1
+    for dim in (1, *range(d - 1, 1, -1), 0):
+        if shape[dim] != 1:
+            if strides[dim] != expected:
+                return "other"
+            expected *= shape[dim]
+    return "cl"
 
 
 def out_strides(x: Tensor) -> list[int]:

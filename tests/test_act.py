@@ -136,6 +136,52 @@ def test_inplace_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_memory_conflicts_raise_and_disjoint_views_work(backend):
+    """In place, the input's memory must be its own: an expanded input, or a residual that
+    aliases it (x-hat is recomputed from y and the residual), raise before anything runs; a
+    residual in another part of the same storage is fine."""
+    base = make_input((4, 6, 3, 2))
+    with pytest.raises(RuntimeError, match="share one memory location"):
+        batch_norm_act(make_input((1, 3, 3, 2)).expand(4, 3, 3, 2), None, None, training=True,
+                       activation="elu", inplace=True, backend=backend)
+    for residual in (base[:, :3], base[:, 1:4]):
+        with pytest.raises(RuntimeError, match="residual shares its memory"):
+            batch_norm_act(base[:, :3], None, None, training=True, activation="leaky_relu",
+                           residual=residual, inplace=True, backend=backend)
+    # disjoint halves of one storage: the in-place result equals the out-of-place one
+    leaf = base.clone().requires_grad_()
+    want = batch_norm_act(leaf[:2], None, None, training=True, activation="leaky_relu",
+                          residual=leaf[2:], backend=backend)
+    g_want = torch.autograd.grad(want.square().sum(), leaf)[0]
+    t = leaf * 1.0
+    got = batch_norm_act(t[:2], None, None, training=True, activation="leaky_relu",
+                         residual=t[2:], inplace=True, backend=backend)
+    g_got = torch.autograd.grad(got.square().sum(), leaf)[0]
+    assert_close(got, want, *TOLERANCES[torch.float32], "disjoint in-place y")
+    assert_close(g_got, g_want, 1e-4, 1e-4, "disjoint in-place grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_errors_leave_the_counter(backend):
+    """BatchNormAct's own checks (activation, residual, in place) run before the counter."""
+    m = batchnorm.BatchNormAct2d(3, activation="elu", inplace=True, backend=backend)
+    x = make_input((4, 3, 2, 2))
+    calls = [
+        (RuntimeError, "share one memory location",
+         lambda: m(make_input((1, 3, 2, 2)).expand(4, 3, 2, 2))),
+        (RuntimeError, "leaf tensor", lambda: m(x.clone().requires_grad_())),
+        (TypeError, "floating-point", lambda: m(x.clone(), torch.zeros(4, 3, 2, 2).long())),
+        (ValueError, "residual must match", lambda: m(x.clone(), torch.zeros(4, 3, 2, 1))),
+        (RuntimeError, "residual shares", lambda: m(x, x)),
+    ]
+    for exc, match, call in calls:
+        with pytest.raises(exc, match=match):
+            call()
+        assert m.num_batches_tracked.item() == 0, match
+        assert torch.equal(m.running_mean, torch.zeros(3)), match
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("activation", "inplace"),
                          [("gelu", False), ("leaky_relu", False), ("elu", True),
                           ("leaky_relu", True)])

@@ -110,19 +110,49 @@ def batch_norm_act(
             invertible activation (identity, leaky_relu with a positive slope, elu). To keep the
             affine invertible, weights with ``|gamma| < 1e-6`` are used as ``±1e-6`` (0 as
             ``+1e-6``) in this mode; all other weights are used exactly. ``input`` must not be
-            a leaf that requires grad; if another op saved ``input`` for its backward,
-            autograd's version check raises at backward time. Half-precision ``elu`` in place
-            recomputes x-hat through ``log1p(y)``, which is ill-conditioned where the output
-            saturates near -1: there x-hat (and dx) carry an error of about eps / (1 + y).
+            a leaf that requires grad, an expanded tensor, or overlap ``residual`` in memory
+            (each raises before anything runs); if another op saved ``input`` for its
+            backward, autograd's version check raises at backward time. Precision: x-hat is
+            recomputed as ``(act^-1(y) - residual - beta) / gamma`` from the output stored in
+            the input's dtype, so its error is of order ``u * |z| / |gamma|`` (``u`` the
+            dtype's unit roundoff: 6e-8 float32, 5e-4 float16, 4e-3 bfloat16; ``z`` the
+            pre-activation, residual included): channels whose ``|gamma|`` is not much larger
+            than ``u * |z|`` get inaccurate gradients (in bfloat16, ``|gamma| ~ 1e-2`` next to
+            ``|z| ~ 1`` can flip the sign of ``dweight``); use ``inplace=False`` there.
+            Half-precision ``elu`` also recomputes through ``log1p(y)``, ill-conditioned where
+            the output saturates near -1: x-hat (and dx) carry an error of about eps / (1 + y).
         backend: as :func:`batch_norm`. ``"torch"`` without ``inplace`` is the composite
             reference: ``act(batch_norm(...) + residual)`` in plain differentiable torch ops.
 
     Shape:
         Input and residual ``(N, C, *)``; output the same shape, dtype and memory layout.
     """
-    from .backends.activations import act_forward, check_activation
-
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_act_args(input, residual, activation, negative_slope, inplace)
+    return _batch_norm_act_unchecked(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+        negative_slope, residual, inplace, resolve_backend(backend, input, training),
+    )
+
+
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    """The bytes ``[first, end)`` that a non-empty tensor's elements lie in."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_act_args(
+    input: Tensor,
+    residual: Tensor | None,
+    activation: str,
+    negative_slope: float,
+    inplace: bool,
+) -> None:
+    """The checks :func:`batch_norm_act` adds to :func:`batch_norm`'s (the modules run them
+    before their counter ticks): the activation, the residual, and what in-place mode needs
+    of the input's memory."""
+    from .backends.activations import check_activation
+
     check_activation(activation, negative_slope, inplace)
     if residual is not None:
         if not isinstance(residual, Tensor) or not residual.is_floating_point():
@@ -132,12 +162,51 @@ def batch_norm_act(
                 f"residual must match the input's shape and device: got {tuple(residual.shape)} "
                 f"on {residual.device}, expected {tuple(input.shape)} on {input.device}"
             )
-    if inplace and input.is_leaf and input.requires_grad:
+    if not inplace:
+        return
+    if input.is_leaf and input.requires_grad:
         raise RuntimeError(
             "inplace=True overwrites the input, but the input is a leaf tensor that requires "
             "grad; pass inplace=False or an intermediate tensor"
         )
-    name = resolve_backend(backend, input, training)
+    if input.numel() == 0:
+        return
+    if any(st == 0 and n > 1 for n, st in zip(input.shape, input.stride())):
+        raise RuntimeError(
+            "inplace=True writes the output into the input, but several of the input's "
+            f"elements share one memory location (strides {tuple(input.stride())}, an "
+            "expanded tensor); pass inplace=False or a tensor with its own memory"
+        )
+    if residual is not None and residual.numel() > 0:
+        a0, a1 = _byte_span(input)
+        b0, b1 = _byte_span(residual)
+        if a0 < b1 and b0 < a1:
+            # (a conservative test: interleaved views of one storage count as overlapping)
+            raise RuntimeError(
+                "inplace=True overwrites the input, but the residual shares its memory (their "
+                "byte ranges overlap; the residual is needed to recompute x-hat in backward); "
+                "pass inplace=False or a residual that does not alias the input"
+            )
+
+
+def _batch_norm_act_unchecked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    residual: Tensor | None,
+    inplace: bool,
+    name: str,
+) -> Tensor:
+    """:func:`batch_norm_act` after validation; ``name`` is a concrete backend."""
+    from .backends.activations import act_forward
+
     if name == "torch" and not inplace:
         y = _batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, name)

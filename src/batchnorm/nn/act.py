@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..backends.activations import act_forward, check_activation
-from ..functional import batch_norm_act
+from ..functional import _batch_norm_act_unchecked, check_act_args
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -74,18 +74,13 @@ class BatchNormAct(BatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; in training also updates the running statistics."""
-        # Activation and residual are checked before _prepare ticks the counter.
-        check_activation(self.activation, self.negative_slope, self.inplace)
-        if residual is not None and residual.shape != input.shape:
-            raise ValueError(
-                f"residual must match the input's shape: got {tuple(residual.shape)}, "
-                f"expected {tuple(input.shape)}"
-            )
+        # The activation's, residual's and in-place checks run before _prepare ticks the
+        # counter; _prepare runs BatchNorm's.
+        check_act_args(input, residual, self.activation, self.negative_slope, self.inplace)
         running_mean, running_var, bn_training, momentum, backend = self._prepare(input)
-        return batch_norm_act(
+        return _batch_norm_act_unchecked(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-            self.eps, activation=self.activation, negative_slope=self.negative_slope,
-            residual=residual, inplace=self.inplace, backend=backend,
+            self.eps, self.activation, self.negative_slope, residual, self.inplace, backend,
         )
 
 

@@ -58,6 +58,7 @@ from ..backends.base import (
     running_update,
     safe_invstd,
 )
+from ..functional import check_act_args
 from .act import BatchNormAct
 from .batchnorm import BatchNorm, _BatchNormBase, rebuild_as
 
@@ -342,12 +343,7 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
         if sync is None:
             return BatchNormAct.forward(self, input, residual)
         # BatchNormAct's checks, before the counter ticks.
-        check_activation(self.activation, self.negative_slope, self.inplace)
-        if residual is not None and residual.shape != input.shape:
-            raise ValueError(
-                f"residual must match the input's shape: got {tuple(residual.shape)}, "
-                f"expected {tuple(input.shape)}"
-            )
+        check_act_args(input, residual, self.activation, self.negative_slope, self.inplace)
         y = self._forward_sync(input, *sync)
         acc = acc_dtype(input)
         z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)

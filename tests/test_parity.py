@@ -166,6 +166,46 @@ def test_half_module_keeps_fp32_state_and_matches_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float32_input_into_float64_module(backend, training):
+    """Every backend accepts float64 parameters and buffers with a float32 input (ATen alone
+    refuses them; "native" converts), computes in float32 and keeps the buffers' dtype;
+    compared with the float64 reference. (float64 input with float32 parameters is refused
+    by validation, on purpose.)"""
+    x_dtype, module_dtype = torch.float32, torch.float64
+    m = batchnorm.BatchNorm2d(3, dtype=module_dtype, backend=backend).train(training)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.5, 1.5)
+    rm0, rv0 = m.running_mean.double().numpy().copy(), m.running_var.double().numpy().copy()
+    x = make_input((4, 3, 5, 5), x_dtype).requires_grad_()
+    dy = make_input((4, 3, 5, 5), x_dtype, shift=0.0, scale=1.0)
+    y = m(x)
+    dx, dw, db = torch.autograd.grad(y, (x, m.weight, m.bias), dy)
+    assert y.dtype == dx.dtype == x_dtype and dw.dtype == db.dtype == module_dtype
+    assert m.running_mean.dtype == module_dtype
+    w, b = m.weight.detach().double().numpy(), m.bias.detach().double().numpy()
+    xd, dyd = x.detach().double().numpy(), dy.double().numpy()
+    if training:
+        y_ref, stats, inv = ref.forward_train(xd, w, b, m.eps)
+        mean = stats.mean
+        rm_ref, rv_ref = ref.update_running(rm0, rv0, stats, 0.1, 1)
+    else:
+        y_ref = ref.forward_eval(xd, rm0, rv0, w, b, m.eps)
+        mean, inv = rm0, 1.0 / np.sqrt(rv0 + m.eps)
+        rm_ref, rv_ref = rm0, rv0
+    dx_ref, dw_ref, db_ref = ref.backward(dyd, xd, mean, inv, w, training)
+    atol, rtol = TOLERANCES[torch.float32]
+    assert_close(y, y_ref, atol, rtol, f"{backend} y")
+    assert_close(m.running_mean, rm_ref, *STAT_TOLERANCES[torch.float32], "running_mean")
+    assert_close(m.running_var, rv_ref, *STAT_TOLERANCES[torch.float32], "running_var")
+    for got, want, name in ((dx, dx_ref, "dx"), (dw, dw_ref, "dweight"), (db, db_ref, "dbias")):
+        assert_close(got, want, 10 * atol, 10 * rtol, f"{backend} {name} (sums of 100)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     """Sliced and transposed inputs (layout "other") give the same numbers as contiguous ones."""
     base = make_input((4, 6, 10, 8))

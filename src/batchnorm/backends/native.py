@@ -28,6 +28,10 @@ def _restride(y: Tensor, x: Tensor) -> Tensor:
     return want
 
 
+def _as_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class NativeBackend(TorchBackend):
     """ATen's BatchNorm kernels (forward, eval, backward); the fastest baseline PyTorch has."""
 
@@ -42,7 +46,10 @@ class NativeBackend(TorchBackend):
             c = x.shape[1]
             weight = torch.ones(c, device=x.device) if weight is None else weight.float()
             bias = torch.zeros(c, device=x.device) if bias is None else bias.float()
-        return weight, bias
+            return weight, bias
+        # ATen refuses parameters of another float dtype (a float64 module on float32 input);
+        # the other backends compute in the input's accumulation dtype, and so does this one.
+        return _as_dtype(weight, x.dtype), _as_dtype(bias, x.dtype)
 
     def forward_train(
         self,
@@ -55,9 +62,10 @@ class NativeBackend(TorchBackend):
         eps: float,
     ) -> ForwardResult:
         w, b = self._params(x, weight, bias)
-        # ATen updates the buffers it is given in place: hand it private copies (float32 for
-        # half inputs, whose statistics ATen keeps in the buffers' dtype).
-        buf_dtype = torch.float32 if x.dtype in _HALF else None
+        # ATen updates the buffers it is given in place: hand it private copies in the
+        # parameters' dtype (float32 for half inputs, whose statistics ATen keeps in the
+        # buffers' dtype).
+        buf_dtype = torch.float32 if x.dtype in _HALF else x.dtype
         rm = None if running_mean is None else running_mean.to(buf_dtype, copy=True)
         rv = None if running_var is None else running_var.to(buf_dtype, copy=True)
         y, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, True, momentum, eps)
@@ -83,8 +91,9 @@ class NativeBackend(TorchBackend):
             # ATen gives NaN for var == eps == 0 in eval; our contract says invstd = 0.
             return super().forward_eval(x, weight, bias, running_mean, running_var, eps)
         w, b = self._params(x, weight, bias)
-        if x.dtype in _HALF:
-            running_mean, running_var = running_mean.float(), running_var.float()
+        buf_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+        running_mean = _as_dtype(running_mean, buf_dtype)
+        running_var = _as_dtype(running_var, buf_dtype)
         y = torch.ops.aten.native_batch_norm(
             x, w, b, running_mean, running_var, False, 0.0, eps
         )[0]
@@ -103,7 +112,7 @@ class NativeBackend(TorchBackend):
         if not training or layout_of(x) == "other":
             # ATen's eval backward recomputes invstd from running_var; ours is exact as given.
             return super().backward(dy, x, weight, mean, invstd, training, output_mask)
-        w = weight
+        w = _as_dtype(weight, x.dtype)
         mask = list(output_mask)
         acc = acc_dtype(x)
         dw = db = None

@@ -606,17 +606,44 @@ def test_kernels_read_the_input_in_place(monkeypatch, channels_last):
     assert y2.is_contiguous()
 
 
-def test_auto_picks_numba_where_it_measured_faster():
-    """Training on large inputs (channels-last from a larger size); tiny inputs and eval stay
-    on ATen (see NumbaBackend.preferred_for and ``batchnorm bench --crossover``)."""
+def test_auto_picks_numba_where_it_measured_faster_or_aten_is_inaccurate():
+    """Training on large inputs (channels-last 3-D from a larger size), and every training
+    input ATen reduces in one float32 pass (channels-last 4-D/5-D, no spatial extent); tiny
+    channels-first inputs and eval stay on ATen (see NumbaBackend.preferred_for)."""
     big = torch.randn(32, 64, 28, 28)
     assert resolve_backend("auto", big, training=True) == "numba"
     assert resolve_backend("auto", big, training=False) != "numba"
-    bigger = torch.empty(32, 64, 56, 56)
-    assert resolve_backend("auto", to_channels_last(bigger), training=True) == "numba"
-    assert resolve_backend("auto", to_channels_last(big), training=True) != "numba"
+    long_3d = torch.empty(64, 64, 1200)
+    assert resolve_backend("auto", to_channels_last(long_3d), training=True) == "numba"
+    assert resolve_backend("auto", to_channels_last(torch.randn(8, 16, 50)), training=True) \
+        != "numba"
     assert resolve_backend("auto", torch.randn(2, 3, 4, 4), training=True) != "numba"
+    for accuracy_first in (to_channels_last(torch.randn(2, 3, 4, 4)),
+                           torch.randn(2, 3, 4, 4, 4).contiguous(
+                               memory_format=torch.channels_last_3d),
+                           torch.randn(8, 3), torch.randn(8, 3, 1, 1)):
+        assert resolve_backend("auto", accuracy_first, training=True) == "numba"
+        assert resolve_backend("auto", accuracy_first, training=False) != "numba"
     assert get_backend(BACKEND).supports(torch.zeros(2, 3, dtype=torch.int32)) is not None
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nc"])
+def test_auto_is_accurate_where_aten_cancels(layout):
+    """|mean| / std = 1e4 in float32: "auto" (the fused kernels) stays within float32's
+    precision of the float64 result, where ATen's one-pass statistics lose it (the
+    comparison with ATen only shows the case is a real one)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (512, 4, 16, 16) if layout == "nhwc" else (131072, 4)  # 131K values a channel
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) + 1e4
+    x = x64.float()
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.batch_norm(x.double(), None, None, None, None, True)
+    got = batchnorm.batch_norm(x, None, None, training=True, backend="auto")
+    aten = torch.nn.functional.batch_norm(x, None, None, None, None, True)
+    scale = want.abs().max().item()
+    assert (aten.double() - want).abs().max().item() > 0.1 * scale
+    assert_close(got, want, 1e-5 * scale, 0.0, f"auto on {layout}")
 
 
 def test_stream_threshold_from_the_environment(monkeypatch):

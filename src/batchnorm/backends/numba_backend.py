@@ -252,17 +252,14 @@ class _View:
       most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in cache;
       the batch is split when there are fewer than ``_MIN_TASKS`` blocks (and more than one thread
       could run; not below ``_PARALLEL_MIN_NUMEL``), which inputs above
-      ``_SPLIT_MAX_BYTES`` avoid with shorter pieces (down to ``_BLOCK_ELEMS_MIN``). A split
-      reads the reduced tensors twice, from the caches only while they fit: ``streams`` is
-      how many tensors of x's size the reduction reads (x; dy and x; dy, x and a residual),
-      and the bytes compared with ``_SPLIT_MAX_BYTES`` are all of theirs.
+      ``_SPLIT_MAX_BYTES`` avoid with shorter pieces (down to ``_BLOCK_ELEMS_MIN``).
     * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
       that each task is one contiguous piece of memory.
     """
 
     __slots__ = ("blocks", "channels_last", "dims", "parts")
 
-    def __init__(self, x: Tensor, reduce: bool = True, streams: int = 1) -> None:
+    def __init__(self, x: Tensor, reduce: bool = True) -> None:
         n, c = x.shape[0], x.shape[1]
         s = x.numel() // (n * c)
         self.channels_last = layout_of(x) == "cl"
@@ -277,7 +274,7 @@ class _View:
         else:
             self.dims = (n, c, s)
             per_block = math.ceil(_BLOCK_ELEMS / s)
-            if x.numel() * x.element_size() * streams > _SPLIT_MAX_BYTES:
+            if x.numel() * x.element_size() > _SPLIT_MAX_BYTES:
                 per_block = max(math.ceil(_BLOCK_ELEMS_MIN / s),
                                 min(per_block, c // _MIN_TASKS))
             per_block = min(per_block, max(1, _TASK_ELEMS // (n * s)))
@@ -295,14 +292,14 @@ class _View:
 _VIEWS: dict[tuple, _View] = {}
 
 
-def _view(x: Tensor, reduce: bool = True, streams: int = 1) -> _View:
-    """``_View(x, reduce, streams)``, remembered per shape, layout and element size."""
-    key = (x.shape, x.element_size(), layout_of(x) == "cl", reduce, streams)
+def _view(x: Tensor, reduce: bool = True) -> _View:
+    """``_View(x, reduce)``, remembered per shape, layout and element size."""
+    key = (x.shape, x.element_size(), layout_of(x) == "cl", reduce)
     v = _VIEWS.get(key)
     if v is None:
         if len(_VIEWS) > 4096:
             _VIEWS.clear()
-        v = _VIEWS[key] = _View(x, reduce, streams)
+        v = _VIEWS[key] = _View(x, reduce)
     return v
 
 
@@ -681,7 +678,7 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         if dy.stride() != x.stride():
             dy = empty_out_like(x).copy_(dy)
         do_reduce = sums is None
-        view = _view(x, do_reduce, 2)
+        view = _view(x, do_reduce)
         acc = acc_dtype(x)
         c = x.shape[1]
         if sums is None:

@@ -11,7 +11,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.tools import convert, revert
-from helpers import TOLERANCES, assert_close, assert_same_state
+from helpers import STAT_TOLERANCES, TOLERANCES, assert_close, assert_same_state
 
 
 def _torch_model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -66,7 +66,11 @@ def test_converted_model_computes_the_same() -> None:
         converted.train(mode)
         reference.train(mode)
         assert_close(converted(x), reference(x), atol, rtol, f"output, training={mode}")
-        assert_same_state(converted, reference, f"state after forward, training={mode}")
+        # "auto" may run another backend than ATen (numba for (N, C) inputs): the running
+        # buffers agree to rounding, not bit for bit
+        want = reference.state_dict()
+        for key, got in converted.state_dict().items():
+            assert_close(got, want[key], *STAT_TOLERANCES[dtype], f"{key}, training={mode}")
 
 
 def test_parameters_are_shared_so_optimizers_keep_working() -> None:

@@ -13,7 +13,7 @@ import batchnorm
 from batchnorm.demo import make_resnet_like
 from batchnorm.nn import FrozenBatchNorm, FrozenBatchNorm1d
 from batchnorm.tools import fold, fold_conv_bn_weights, fold_linear_bn_weights
-from batchnorm.tools.fold import foldable_pairs
+from batchnorm.tools.fold import FoldCheckError, LinearFoldCheck, foldable_pairs
 from helpers import TOLERANCES, assert_close, assert_same_state
 
 F32, F64 = torch.float32, torch.float64
@@ -53,8 +53,9 @@ CASES = [
 def test_fold_pairs_equal_the_eval_model(layer, bn, shape, dtype) -> None:
     model = _randomize_bn(nn.Sequential(layer, bn)).to(dtype).eval()
     x = torch.randn(shape, dtype=dtype)
-    folded = fold(model)
-    assert isinstance(folded[1], nn.Identity)
+    folded = fold(model, example_input=x)
+    rest = folded[1].rest if isinstance(layer, nn.Linear) else folded[1]
+    assert isinstance(rest, nn.Identity)
     atol, rtol = TOLERANCES[dtype]
     with torch.no_grad():
         assert_close(folded(x), model(x), atol, rtol, f"folded {type(layer).__name__}")
@@ -144,9 +145,11 @@ class Untraceable(nn.Module):
 
 def test_untraceable_model_falls_back_to_sequential() -> None:
     model = _randomize_bn(Untraceable()).eval()
-    pairs, method = foldable_pairs(model)
+    with pytest.warns(UserWarning, match="could not trace"):
+        pairs, method = foldable_pairs(model)
     assert method == "sequential" and pairs == [("features.0", "features.1")]
-    folded = fold(model)
+    with pytest.warns(UserWarning, match="could not trace"):
+        folded = fold(model)
     assert isinstance(folded.features[1], nn.Identity)
     assert type(folded.bn) is FrozenBatchNorm1d  # not provably foldable: frozen
     assert type(folded.spare) is nn.BatchNorm1d  # no running stats: left alone
@@ -162,3 +165,114 @@ def test_frozen_bn_after_conv_is_folded_too() -> None:
     x = torch.randn(2, 2, 3, 3)
     with torch.no_grad():
         assert_close(folded(x), model(x), 1e-5, 1e-4, "frozen folded")
+
+
+class TiedConvs(nn.Module):
+    """``bn(c1(x)) + c2(x)`` with c2's weight tied to c1's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.c1(x)) + self.c2(x)
+
+
+def _check_fold_keeps_output(model: nn.Module, x: torch.Tensor, what: str) -> nn.Module:
+    model = _randomize_bn(model).eval()
+    folded = fold(model, example_input=x)
+    with torch.no_grad():
+        assert_close(folded(x), model(x), 1e-5, 1e-4, what)
+    return folded
+
+
+def test_tied_or_parametrized_weights_are_not_folded() -> None:
+    """Folding rewrites the layer's weight: a weight tied to another layer's, or one a
+    parametrization / weight_norm hook recomputes, must stay (the BN is frozen instead)."""
+    x = torch.randn(2, 3, 6, 6)
+    assert foldable_pairs(_randomize_bn(TiedConvs()))[0] == []
+    folded = _check_fold_keeps_output(TiedConvs(), x, "tied weights")
+    assert type(folded.bn) is batchnorm.FrozenBatchNorm2d
+    tied_seq = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))
+    tied_seq[2].weight = tied_seq[0].weight
+    _check_fold_keeps_output(tied_seq, x, "tied weights in a Sequential")
+    from torch.nn.utils import parametrizations
+
+    for wrapped in (parametrizations.weight_norm(nn.Conv2d(3, 4, 3)),
+                    parametrizations.spectral_norm(nn.Conv2d(3, 4, 3))):
+        model = nn.Sequential(wrapped, nn.BatchNorm2d(4))
+        assert foldable_pairs(model)[0] == []
+        _check_fold_keeps_output(model, x, "parametrized")
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    hooked[0].register_forward_hook(lambda m, i, o: o * 2.0)
+    assert foldable_pairs(hooked)[0] == []
+    _check_fold_keeps_output(hooked, x, "hooked layer")
+
+
+class SkipSequential(nn.Sequential):
+    """A Sequential subclass whose forward also uses the first layer's output directly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self[0](x)
+        return self[1](y) + y
+
+
+class UntraceableSkip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = SkipSequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # untraceable
+            x = x * 0
+        return self.body(x)
+
+
+def test_sequential_fallback_skips_containers_with_their_own_forward() -> None:
+    model = _randomize_bn(UntraceableSkip()).eval()
+    with pytest.warns(UserWarning, match="could not trace"):
+        assert foldable_pairs(model)[0] == []
+    with pytest.warns(UserWarning, match="could not trace"):
+        _check_fold_keeps_output(model, torch.randn(2, 3, 4, 4), "Sequential subclass")
+
+
+class UntraceableSideCall(nn.Module):
+    """The parent also calls the Sequential's first layer: invisible without tracing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.body(x) + self.body[0](x)
+
+
+def test_example_input_catches_what_the_fallback_cannot_see() -> None:
+    model = _randomize_bn(UntraceableSideCall()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(UserWarning, match="could not trace"):
+        fold(model)  # folds body.0 into body.1: wrong for the side call, and only warned
+    with pytest.warns(UserWarning, match="could not trace"), \
+            pytest.raises(FoldCheckError, match="fold changed the model's output"):
+        fold(model, example_input=x)
+
+
+def test_linear_fold_raises_on_another_rank() -> None:
+    """Linear -> BatchNorm1d is folded as (N, C); an (N, C, L) output with L == C (which
+    passes the channel-count check) raises instead of computing a wrong answer."""
+    model = _randomize_bn(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))).eval()
+    folded = fold(model)
+    assert isinstance(folded[1], LinearFoldCheck)
+    x2 = torch.randn(5, 4)
+    with torch.no_grad():
+        assert_close(folded(x2), model(x2), 1e-5, 1e-4, "(N, C)")
+        with pytest.raises(Exception, match="assuming \\(N, C\\) output"):
+            folded(torch.randn(5, 4, 4))
+    traced = torch.fx.symbolic_trace(folded)  # the check stays traceable
+    with torch.no_grad():
+        assert_close(traced(x2), model(x2), 1e-5, 1e-4, "traced")

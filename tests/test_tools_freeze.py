@@ -54,16 +54,20 @@ def test_rank_checks_and_channels() -> None:
         FrozenBatchNorm(3)(torch.randn(2, 4, 4))
 
 
-def test_loads_a_batchnorm_state_dict_dropping_the_counter() -> None:
-    bn = nn.BatchNorm2d(3)
-    bn(torch.randn(4, 3, 2, 2))
+@pytest.mark.parametrize("affine", [True, False])
+def test_loads_a_batchnorm_state_dict_dropping_the_counter(affine: bool) -> None:
+    bn = nn.BatchNorm2d(3, affine=affine)
+    bn(torch.randn(4, 3, 2, 2) * 3 + 1)
     f = FrozenBatchNorm2d(3)
-    result = f.load_state_dict(bn.state_dict())
+    with torch.no_grad():  # stale values that loading must overwrite
+        f.weight.fill_(7.0)
+        f.bias.fill_(7.0)
+    result = f.load_state_dict(bn.state_dict())  # strict: no key missing, none unexpected
     assert not result.missing_keys and not result.unexpected_keys
     assert "num_batches_tracked" not in f.state_dict()
     x = torch.randn(4, 3, 2, 2)
     atol, rtol = TOLERANCES[torch.float32]
-    assert_close(f(x), bn.eval()(x), atol, rtol, "frozen vs torch eval")
+    assert_close(f(x), bn.eval()(x), atol, rtol, f"frozen vs torch eval, affine={affine}")
 
 
 def test_frozen_means_fixed_whatever_train_or_eval() -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from .convert import convert, revert
 from .export import export_onnx
-from .fold import fold, fold_conv_bn_weights, fold_linear_bn_weights
+from .fold import FoldCheckError, fold, fold_conv_bn_weights, fold_linear_bn_weights
 from .freeze import freeze, unfreeze
 from .inspect import InspectReport, inspect
 from .recalibrate import recalibrate
 from .serialize import load, save
 
 __all__ = [
+    "FoldCheckError",
     "InspectReport",
     "convert",
     "export_onnx",

@@ -92,6 +92,27 @@ def _flat_outputs(out: Any) -> list[Tensor]:
     raise TypeError(f"cannot compare a model output of type {type(out).__name__}")
 
 
+def _refuse_custom_ops(prepared: nn.Module, folded: bool) -> None:
+    """Raise, naming them, if layers that run this package's custom ops (which no ONNX runtime
+    knows) are left in the model to export."""
+    from ..nn.batchnorm import _BatchNormBase
+
+    left = [(name or "<root>", m) for name, m in prepared.named_modules()
+            if isinstance(m, _BatchNormBase)]
+    if not left:
+        return
+    names = ", ".join(
+        f"{name} ({type(m).__name__}"
+        f"{', no running statistics' if getattr(m, 'running_mean', None) is None else ''})"
+        for name, m in left)
+    why = ("layers without running statistics normalize with batch statistics even in eval, "
+           "which ONNX inference cannot express: build them with track_running_stats=True "
+           "(and batchnorm.recalibrate them), or replace them" if folded else
+           "fold=False exports torch.nn BatchNorm as BatchNormalization nodes, and these "
+           "layers have no torch.nn equivalent: use fold=True")
+    raise ValueError(f"export_onnx cannot export {names}: {why}")
+
+
 def export_onnx(
     model: nn.Module,
     example_input: Tensor | tuple[Tensor, ...],
@@ -123,12 +144,20 @@ def export_onnx(
         An :class:`OnnxExportReport`.
 
     Raises:
+        ValueError: layers that would run this package's custom ops are left (BatchNorm
+            without running statistics; with ``fold=False``, BatchNormAct and subclasses).
+        FoldCheckError: with ``fold`` and ``check``, the folded torch model already differs
+            from the original on ``example_input`` (before any ONNX).
         OnnxCheckError: onnxruntime disagrees beyond the tolerance (the report is attached).
         ImportError: onnx or onnxruntime is missing (``pip install batchnorm[tools]``).
     """
     args = _as_tuple(example_input)
     path = Path(path)
-    prepared = fold_model(model) if fold else revert(copy.deepcopy(model)).eval()
+    # with check=True, fold's own comparison on the example input runs first, so that a
+    # fold that changed the function is reported as such, not as an onnxruntime mismatch
+    prepared = (fold_model(model, example_input=args if check else None) if fold
+                else revert(copy.deepcopy(model)).eval())
+    _refuse_custom_ops(prepared, fold)
     names_in = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     with torch.no_grad():
         reference = _flat_outputs(copy.deepcopy(model).eval()(*args))

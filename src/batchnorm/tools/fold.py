@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
 
 from ..backends.base import safe_invstd
 from ..nn.act import BatchNormAct, ResidualActivation
@@ -28,7 +31,10 @@ from ._modules import bn_rank, is_batchnorm
 from .freeze import freeze
 
 __all__ = [
+    "FoldCheckError",
+    "LinearFoldCheck",
     "bn_scale_shift",
+    "check_fold",
     "fold",
     "fold_conv_bn_weights",
     "fold_linear_bn_weights",
@@ -128,6 +134,36 @@ def _foldable_bn(bn: nn.Module) -> bool:
     return known and getattr(bn, "running_mean", None) is not None
 
 
+def _own_plain_weights(layer: nn.Module, shared: set[int]) -> bool:
+    """Folding rewrites the layer's weight and bias in place, and removes the BatchNorm: only
+    when they are the layer's own Parameters (not tied to another module's, not recomputed by
+    a parametrization or a weight_norm/spectral_norm hook) and no hook of the layer could
+    see or change what the BatchNorm would have received."""
+    if parametrize.is_parametrized(layer) or layer._forward_pre_hooks or layer._forward_hooks:
+        return False
+    if not isinstance(layer.weight, nn.Parameter):
+        return False
+    return all(id(p) not in shared for p in (layer.weight, layer.bias) if p is not None)
+
+
+def _pairable(layer: nn.Module, bn: nn.Module, shared: set[int]) -> bool:
+    """The module-level conditions for folding ``bn`` into ``layer`` (the graph-level ones,
+    who calls whom, are the callers')."""
+    return (
+        isinstance(layer, _FOLDABLE)
+        and _foldable_bn(bn)
+        and _out_channels(layer) == bn.num_features
+        and not (bn._forward_pre_hooks or bn._forward_hooks)
+        and _own_plain_weights(layer, shared)
+    )
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    """ids of the Parameters registered more than once in ``model`` (tied weights)."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {k for k, n in uses.items() if n > 1}
+
+
 def _single_input(node: fx.Node, bn: nn.Module) -> bool:
     """The BatchNorm call takes the layer output as its only input (a BatchNormAct may also
     take a residual, which stays with the activation left in its place)."""
@@ -162,6 +198,7 @@ class _Tracer(fx.Tracer):
 def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
+    shared = _shared_parameters(model)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     attr_reads = [n.target for n in graph.nodes if n.op == "get_attr"]
     pairs = []
@@ -176,8 +213,7 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
             continue
         layer = modules[prev.target]
         if (
-            isinstance(layer, _FOLDABLE)
-            and _out_channels(layer) == bn.num_features
+            _pairable(layer, bn, shared)
             and len(prev.users) == 1  # the layer's output feeds only this BatchNorm
             and calls[prev.target] == 1 and calls[node.target] == 1  # neither is shared
             and not any(a.startswith(prev.target + ".") for a in attr_reads)
@@ -188,18 +224,16 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
 
 def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    shared = _shared_parameters(model)
     pairs = []
     for name, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
+        # only containers that run their children in order (a subclass with a forward of
+        # its own may feed a layer's output elsewhere too)
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
         children = list(seq.named_children())
         for (n1, layer), (n2, bn) in itertools.pairwise(children):
-            if (
-                isinstance(layer, _FOLDABLE)
-                and _foldable_bn(bn)
-                and _out_channels(layer) == bn.num_features
-                and uses[id(layer)] == 1 and uses[id(bn)] == 1
-            ):
+            if _pairable(layer, bn, shared) and uses[id(layer)] == 1 and uses[id(bn)] == 1:
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + n1, prefix + n2))
     return pairs
@@ -210,19 +244,94 @@ def foldable_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str]:
 
     With ``torch.fx`` (``method == "fx"``) when the model traces: a BatchNorm is foldable when
     its only input is the output of a Conv/ConvTranspose/Linear module that feeds nothing else,
-    and neither module is called twice. Otherwise (``method == "sequential"``) adjacent
-    ``(layer, BatchNorm)`` children of every ``nn.Sequential``.
+    and neither module is called twice. Otherwise (``method == "sequential"``, with a
+    warning) adjacent ``(layer, BatchNorm)`` children of every plain ``nn.Sequential`` (not a
+    subclass with its own ``forward``): that assumes nothing outside the container calls
+    the layer, which only tracing could show (pass ``example_input`` to :func:`fold` to
+    have the result checked).
+
+    Either way the layer's weight and bias must be its own Parameters (not tied to another
+    module's, not parametrized or recomputed by a weight_norm/spectral_norm hook) and
+    neither module may have forward hooks.
 
     A Linear followed by BatchNorm is assumed to produce ``(N, C)`` output (channels last,
-    where Linear puts them); a ``(N, L, C)`` output with ``L == C`` would be misread.
+    where Linear puts them); :func:`fold` leaves a check that raises on other ranks, since
+    a ``(N, C, L)`` output with ``L == C`` would be misread.
     """
     try:
         return _pairs_fx(model), "fx"
-    except Exception:  # untraceable model (data-dependent control flow, unsupported ops)
+    except Exception as exc:  # untraceable model (data-dependent control flow, unsupported ops)
+        warnings.warn(
+            f"fold: torch.fx could not trace the model ({type(exc).__name__}: {exc}); folding "
+            "adjacent (layer, BatchNorm) children of nn.Sequential containers, which assumes "
+            "nothing else calls those layers. Pass example_input to fold() to check the result.",
+            stacklevel=3,
+        )
         return _pairs_sequential(model), "sequential"
 
 
-def fold(model: nn.Module) -> nn.Module:
+class FoldCheckError(AssertionError):
+    """The folded model's output differs from the original's beyond rounding (see
+    :func:`fold`'s ``example_input``)."""
+
+
+class LinearFoldCheck(nn.Module):
+    """Left where a BatchNorm after a ``Linear`` was folded: the fold read the Linear's output
+    as ``(N, C)`` (features = channels); any other rank raises instead of computing a wrong
+    answer (a ``(N, C, L)`` output with ``L == C`` would pass the channel-count check).
+    ``torch._assert`` keeps it traceable (torch.fx, ONNX export)."""
+
+    def __init__(self, rest: nn.Module) -> None:
+        super().__init__()
+        self.rest = rest
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        torch._assert(
+            input.dim() == 2,
+            "fold() folded a BatchNorm into the Linear layer before it assuming (N, C) "
+            "output, but this input has another rank: fold the model without that pair",
+        )
+        return self.rest(input, *args, **kwargs)
+
+
+def _outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
+
+
+def check_fold(
+    model: nn.Module, folded: nn.Module, example_input: Any, rtol: float | None = None
+) -> float:
+    """The largest difference between ``folded`` and ``model.eval()`` (a copy) on
+    ``example_input`` (a tensor or a tuple of positional inputs), relative to the largest
+    output magnitude; raises :class:`FoldCheckError` above ``rtol`` (default by dtype: 1e-4
+    for float32, 1e-9 for float64, 1e-2 for half precision)."""
+    args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    with torch.no_grad():
+        want = _outputs(copy.deepcopy(model).eval()(*args))
+        got = _outputs(folded(*args))
+    worst = 0.0
+    for a, e in zip(got, want):
+        scale = float(e.detach().double().abs().max()) if e.numel() else 0.0
+        err = float((a.detach().double() - e.detach().double()).abs().max()) if e.numel() else 0.0
+        worst = max(worst, err / max(scale, 1e-30))
+        tol = rtol if rtol is not None else {torch.float64: 1e-9, torch.float32: 1e-4}.get(
+            e.dtype, 1e-2)
+        if err > tol * max(scale, 1e-30):
+            raise FoldCheckError(
+                f"fold changed the model's output: max abs error {err:.3e} against max "
+                f"|output| {scale:.3e} (allowed relative {tol:g}); a folded pair is not "
+                "equivalent here (see foldable_pairs for what fold assumes)"
+            )
+    return worst
+
+
+def fold(model: nn.Module, example_input: Any = None) -> nn.Module:
     """An eval-mode copy of ``model`` with BatchNorm folded into the preceding layers.
 
     Every BatchNorm found by :func:`foldable_pairs` is folded into its layer's weight and bias
@@ -232,19 +341,29 @@ def fold(model: nn.Module) -> nn.Module:
     BatchNorm with running statistics becomes a :class:`~batchnorm.nn.FrozenBatchNorm`
     (``x * scale + shift``). BatchNorm without running statistics (which normalizes with
     batch statistics even in eval) and subclasses with behaviour of their own stay as they
-    are. ``model`` itself is not modified.
+    are. ``model`` itself is not modified. A BatchNorm folded into a ``Linear`` leaves a
+    :class:`LinearFoldCheck` that raises on inputs of rank other than 2.
 
     The result computes the same function as ``model.eval()`` up to floating-point rounding.
+
+    Args:
+        model: the model (any mode).
+        example_input: optional tensor (or tuple of positional inputs): the folded copy's
+            output on it is compared with ``model.eval()``'s, and :class:`FoldCheckError` is
+            raised if they differ beyond rounding (:func:`check_fold`).
     """
     folded = copy.deepcopy(model).eval()
     pairs, _ = foldable_pairs(folded)
     for layer_name, bn_name in pairs:
-        _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
+        layer = folded.get_submodule(layer_name)
+        _fold_into(layer, folded.get_submodule(bn_name))
         bn = folded.get_submodule(bn_name)
         rest_of_bn: nn.Module = (
             ResidualActivation(bn.activation, bn.negative_slope)
             if isinstance(bn, BatchNormAct) else nn.Identity()
         )
+        if isinstance(layer, nn.Linear):
+            rest_of_bn = LinearFoldCheck(rest_of_bn)
         parent_name, _, child = bn_name.rpartition(".")
         setattr(folded.get_submodule(parent_name), child, rest_of_bn)
 
@@ -252,4 +371,7 @@ def fold(model: nn.Module) -> nn.Module:
             if _foldable_bn(m) and not isinstance(m, FrozenBatchNorm)]
     if rest:
         folded = freeze(folded, rest)
-    return folded.eval()
+    folded = folded.eval()
+    if example_input is not None:
+        check_fold(model, folded, example_input)
+    return folded

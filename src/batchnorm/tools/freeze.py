@@ -5,8 +5,10 @@ Frozen by replacement (torchvision's approach): each selected BatchNorm becomes 
 :class:`batchnorm.nn.FrozenBatchNorm` of the same rank whose ``weight``, ``bias`` and running
 statistics are buffers. So no optimizer step, ``model.train()`` or forward pass can change
 them, and ``model.parameters()`` no longer lists them. The state_dict keeps the same keys less
-``num_batches_tracked``. :func:`unfreeze` swaps in a trainable BatchNorm of the class that was
-frozen, with the current values (and the counter it had when frozen).
+``num_batches_tracked`` (plus ``weight`` and ``bias``, 1 and 0, for an ``affine=False``
+layer; its own checkpoints load into the frozen model as they are). :func:`unfreeze` swaps
+in a trainable BatchNorm of the class that was frozen, with the current values (and the
+counter it had when frozen).
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 import batchnorm
 from batchnorm.tools import recalibrate
@@ -181,3 +185,199 @@ def test_layers_not_reached_are_left_alone_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="never reached unused"):
         recalibrate(model, [torch.randn(10, 3)], progress=False)
     assert torch.equal(model["unused"].running_var, before)
+
+
+class _Passes:
+    """A re-iterable list of batches that counts its iterations and can fail on one of them."""
+
+    def __init__(self, batches: list[torch.Tensor], fail_on: int | None = None) -> None:
+        self.batches, self.fail_on, self.passes = batches, fail_on, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        # Counted here, not in a generator body: an iterator opened and never used counts too.
+        self.passes += 1
+        return self._yield(self.passes)
+
+    def _yield(self, this_pass: int) -> Iterator[torch.Tensor]:
+        for k, b in enumerate(self.batches):
+            if this_pass == self.fail_on and k == 1:  # after a batch has gone through
+                raise OSError(f"data source failed on pass {this_pass}")
+            yield b
+
+
+def _snapshot(net: nn.Module) -> dict[str, Any]:
+    return {"buffers": {n: b.clone() for n, b in net.named_buffers()},
+            "flags": {n: m.training for n, m in net.named_modules()},
+            "momenta": {n: m.momentum for n, m in net.named_modules()
+                        if isinstance(m, _BatchNorm)}}
+
+
+def _assert_unchanged(net: nn.Module, before: dict[str, Any], why: str) -> None:
+    after = _snapshot(net)
+    assert after["flags"] == before["flags"], f"training flags changed {why}"
+    assert after["momenta"] == before["momenta"], f"momenta changed {why}"
+    for n, b in after["buffers"].items():
+        old = before["buffers"][n]
+        assert torch.equal(b, old), (
+            f"{n} changed {why}: max |diff| {(b.double() - old.double()).abs().max().item()}")
+
+
+@pytest.mark.parametrize("fail_on", [2, 3, 4])
+@pytest.mark.parametrize("where", ["data", "model"])
+def test_exact_mode_restores_every_buffer_when_a_later_pass_raises(fail_on: int, where: str
+                                                                   ) -> None:
+    # Net has 4 BN layers, so exact mode makes 4 passes; by pass p, layers 1..p-1 have been
+    # written: a failure must put every one of them back bit for bit.
+    net = _net().eval()
+    net.bn2.train()  # a mixed state, restored as it was
+    before = _snapshot(net)
+    data = _Passes(_split(_data(40), [10] * 4), fail_on if where == "data" else None)
+
+    def forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if data.passes == fail_on:
+            raise KeyboardInterrupt  # not an Exception: restored all the same
+        return model(batch)
+
+    with pytest.raises(OSError if where == "data" else KeyboardInterrupt):
+        recalibrate(net, data, progress=False, forward=forward if where == "model" else None)
+    assert data.passes == fail_on, f"failed on pass {data.passes}, meant {fail_on}"
+    _assert_unchanged(net, before, f"by a recalibration that failed on pass {fail_on}")
+    # ...and the same call without the failure does change them (the check above can fail).
+    recalibrate(net, _Passes(data.batches), progress=False)
+    assert not torch.equal(net.bn1.running_var, before["buffers"]["bn1.running_var"])
+
+
+def test_a_pass_that_yields_nothing_raises_and_restores() -> None:
+    class Once:  # re-iterable in type, one-shot in fact: every iter() hands out one iterator
+        def __init__(self, batches: list[torch.Tensor]) -> None:
+            self.it = iter(batches)
+
+        def __iter__(self) -> Iterator[torch.Tensor]:
+            return self.it
+
+    net = _net().eval()
+    before = _snapshot(net)
+    with pytest.raises(RuntimeError, match="pass 2 over the data yielded no batch"):
+        recalibrate(net, Once(_split(_data(40), [20, 20])), progress=False)
+    _assert_unchanged(net, before, "by a recalibration over one-shot data")
+
+
+class _Shared(nn.Module):
+    """``a`` is called twice per forward on inputs that no BN statistics affect; ``b`` is fed
+    by both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = batchnorm.BatchNorm2d(3)
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.b = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.conv(self.a(x) + self.a(x * 2 + 1)))
+
+
+class _Twice(nn.Module):
+    """``a`` applied to its own output: the second call's input depends on its statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = batchnorm.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.a(x))
+
+
+def _old_stats(model: nn.Module, mean: float, var: float) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.fill_(mean)
+                m.running_var.fill_(var)
+    return model
+
+
+def test_a_layer_applied_to_its_own_output_is_warned_about() -> None:
+    batches = [torch.randn(n, 3, 5, 5, dtype=F64) * 2 + 3 for n in (2, 3, 4)]
+    model = _old_stats(_Twice().to(F64), 5.0, 100.0)
+    with pytest.warns(UserWarning, match=r"called more than once per forward: a \(2 calls\)"
+                      r".*a\(a\(x\)\), has no single-pass answer"):
+        recalibrate(model, batches, progress=False)
+    # Batch mode normalizes with batch statistics, as training does: nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recalibrate(_Twice().to(F64), batches, progress=False, mode="batch")
+
+
+def test_a_layer_reused_on_independent_inputs_is_still_exact() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 3, 5, 5, dtype=F64) * 2 + 3 for n in (2, 3, 4)]
+    base = _Shared().to(F64).eval()
+    results = []
+    for old_mean, old_var in ((0.0, 1.0), (5.0, 100.0)):
+        model = _old_stats(copy.deepcopy(base), old_mean, old_var)
+        with pytest.warns(UserWarning, match=r"a \(2 calls\)"):
+            recalibrate(model, batches, progress=False)
+        # a's statistics cover both calls' inputs, b's its eval-time input after a's update.
+        expected = _bn_input_stats(model, batches, train_bn=False)
+        for name, (mean, var) in expected.items():
+            bn = model.get_submodule(name)
+            what = f"{name} from old stats ({old_mean}, {old_var})"
+            assert_close(bn.running_mean, mean, *TOLERANCES[F64], f"{what}: running_mean")
+            assert_close(bn.running_var, var, *TOLERANCES[F64], f"{what}: running_var")
+        results.append({n: b.clone() for n, b in model.named_buffers()})
+    for n, b in results[1].items():
+        assert_close(b, results[0][n], *TOLERANCES[F64], f"{n} depends on the old statistics")
+
+
+def test_exact_mode_iterates_the_data_once_per_layer_and_no_more() -> None:
+    # No probe iterator: Net's 4 layers take exactly 4 iterations (a DataLoader with workers
+    # would start them for every iterator opened), batch mode exactly 1.
+    batches = _split(_data(40), [10] * 4)
+    for mode, passes in (("exact", 4), ("batch", 1)):
+        data = _Passes(batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # and no warning for a plain re-iterable
+            recalibrate(_net().eval(), data, progress=False, mode=mode)
+        assert data.passes == passes, f"mode={mode}: {data.passes} iterations of the data"
+
+
+def _loader_cases() -> dict[str, Callable[[TensorDataset], DataLoader]]:
+    return {
+        "shuffle": lambda ds: DataLoader(ds, batch_size=10, shuffle=True),
+        "batch_sampler": lambda ds: DataLoader(
+            ds, batch_sampler=BatchSampler(RandomSampler(ds), 10, drop_last=False)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_loader_cases()))
+def test_a_shuffling_dataloader_is_warned_about_in_exact_mode(case: str) -> None:
+    x = _data(40)
+    loader = _loader_cases()[case](TensorDataset(x))
+    with pytest.warns(UserWarning, match=r"RandomSampler.*different random subset.*"
+                      r"num_batches=2.*shuffle=False"):
+        recalibrate(_net().eval(), loader, num_batches=2, progress=False)
+    # Over all the data every pass covers the same samples: still exact, and the warning says
+    # that only random augmentation can make the passes differ.
+    net = _net().eval()
+    with pytest.warns(UserWarning, match="same samples.*augmentation"):
+        recalibrate(net, loader, progress=False)
+    for name, (mean, var) in _bn_input_stats(net, [x], train_bn=False).items():
+        bn = net.get_submodule(name)
+        assert_close(bn.running_mean, mean, *TOLERANCES[F64], f"{name}.running_mean ({case})")
+        assert_close(bn.running_var, var, *TOLERANCES[F64], f"{name}.running_var ({case})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one pass: nothing differs between layers
+        recalibrate(_net().eval(), loader, num_batches=2, progress=False, mode="batch")
+
+
+def test_an_ordered_dataloader_gives_the_same_statistics_as_its_batches() -> None:
+    x = _data(40)
+    base = _net().eval()
+    from_loader, from_list = copy.deepcopy(base), copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recalibrate(from_loader, DataLoader(TensorDataset(x), batch_size=10), num_batches=2,
+                    progress=False)
+    recalibrate(from_list, _split(x[:20], [10, 10]), progress=False)
+    for (n, a), b in zip(from_loader.named_buffers(), from_list.buffers()):
+        assert torch.equal(a, b), f"{n}: {a} != {b}"

@@ -16,10 +16,26 @@ Which statistics do the BatchNorm layers use while the data flows? Two modes:
 * ``mode="exact"`` (default): every BatchNorm stays in eval mode and the layers are measured
   one by one in call order. While layer ``k`` is measured, layers ``0..k-1`` already hold
   their new statistics, so layer ``k`` sees exactly the input it will see at inference. The
-  result equals the statistics of each layer's eval-time input over the whole data set and
-  does not depend on how the data is split into batches (batches of one sample work too).
-  Costs one pass per layer; each pass stops right after the measured layer, so about L/2
-  full forward passes for L layers.
+  result equals the statistics of each layer's eval-time input over the batches the passes
+  yield and does not depend on how the data is split into batches (batches of one sample
+  work too). Costs one pass over ``data`` per layer; each pass stops right after the measured
+  layer, so about L/2 full forward passes for L layers.
+
+  Each pass iterates ``data`` anew, so the layers share one data set only when every pass
+  yields the same samples: a DataLoader with ``shuffle=False`` and deterministic transforms.
+  A shuffling DataLoader (``RandomSampler``, ``SubsetRandomSampler``,
+  ``WeightedRandomSampler``) gives a warning: with ``num_batches``, ``drop_last`` or sampling
+  with replacement each layer is then measured on a different random subset, and random
+  augmentation differs between passes in any case. A pass that yields no batch after the
+  first one did raises (the data is not re-iterable).
+
+  A layer called more than once per forward (weights shared between branches or steps) is
+  measured over all its calls, with a warning: its statistics are exact only when none of its
+  calls' inputs depends on the statistics of itself or of a BatchNorm layer first called
+  after it (those still hold their old statistics while it is measured). ``a(x1) + a(x2)``
+  with inputs independent of BatchNorm statistics is exact; ``a(a(x))`` is not and has no
+  single-pass answer (the second call's input depends on ``a``'s own statistics, so the result
+  depends on the old running statistics).
 * ``mode="batch"``: one pass with every BatchNorm normalizing with batch statistics, as in
   training (fvcore, ``torch.optim.swa_utils.update_bn``). A layer's input then depends on the
   batch statistics of the layers before it, hence (slightly) on the batch size; the first
@@ -27,20 +43,26 @@ Which statistics do the BatchNorm layers use while the data flows? Two modes:
   like training, it needs more than one value per channel in every batch.
 
 Only BatchNorm layers change mode, and only during the call: dropout and every other layer
-keep theirs (the model is not put in ``train()``). The running buffers are written once at the
-end; momentum (set to 0 during the passes so the buffers stay put), ``num_batches_tracked``
-and training flags are restored afterwards, also when the data raises.
+keep theirs (the model is not put in ``train()``). In exact mode a layer's running buffers are
+written as soon as it is measured (the layers after it must see its new statistics); in batch
+mode all are written after the pass. Momentum (set to 0 during the passes so that a forward
+never moves the buffers), ``num_batches_tracked`` and the training flags are restored
+afterwards. If anything raises during the call (the data, the model, an interrupt), every
+BatchNorm layer's ``running_mean``, ``running_var``, ``num_batches_tracked``, momentum and
+training flags are put back exactly (bit for bit) as they were before the call: the model is
+either fully recalibrated or unchanged, never a mix of new and old statistics.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from ..backends.base import acc_dtype, chan_combine, reduce_dims
 from ._modules import device_of
@@ -122,31 +144,99 @@ def recalibrate(
               and m.track_running_stats and m.running_mean is not None]
     if not layers:
         return model
-    if mode == "exact" and len(layers) > 1 and iter(data) is data:
+    # Judged by type, not by ``iter(data) is data``: that probe would open an iterator never
+    # used (a DataLoader with workers would start them for nothing).
+    if mode == "exact" and len(layers) > 1 and isinstance(data, Iterator):
         raise TypeError(
             "recalibrate(mode='exact') makes one pass over the data per BatchNorm layer, so "
-            "data must be re-iterable (a list or a DataLoader, not a generator); or use "
-            "mode='batch'"
+            "data must be re-iterable (a list or a DataLoader, not a generator or iterator); "
+            "or use mode='batch'"
         )
+    if mode == "exact" and len(layers) > 1:
+        shuffle = _shuffle_warning(data, num_batches)
+        if shuffle is not None:
+            warnings.warn(shuffle, stacklevel=2)
     device = device_of(model)
     run = forward or (lambda m, b: _default_forward(m, b, device))
-    saved = [(m.training, m.momentum, m.num_batches_tracked.clone()
-              if m.num_batches_tracked is not None else None) for m in layers]
+    # Everything this function changes, copied before the first change: restored as it was
+    # on success (all but the running statistics) and on any exception (all of it).
+    flags = {sub: sub.training for m in layers for sub in m.modules()}
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(),
+              m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in layers]
     try:
         for m in layers:
-            m.momentum = 0.0  # the buffers stay put; they are written once at the end
+            m.momentum = 0.0  # a forward never moves the buffers; only _apply writes them
             # exact: eval throughout (a layer's own normalization never matters for its
             # statistics; upstream layers are already recalibrated); batch: batch statistics.
             m.train(mode == "batch")
         with torch.no_grad():
             _run(model, layers, data, num_batches, progress, mode, run)
+    except BaseException:
+        # Exact mode has written the layers measured so far: put them back, so that a failed
+        # call leaves no mix of new and old statistics.
+        with torch.no_grad():
+            for m, (_, mean, var, _) in zip(layers, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+        raise
     finally:
-        for m, (training, momentum, nbt) in zip(layers, saved):
-            m.train(training)
+        for sub, training in flags.items():
+            sub.training = training
+        for m, (momentum, _, _, nbt) in zip(layers, saved):
             m.momentum = momentum
             if nbt is not None:
                 m.num_batches_tracked.copy_(nbt)
     return model
+
+
+_RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def _shuffle_warning(data: object, num_batches: int | None) -> str | None:
+    """The warning for a DataLoader that draws a new random order on every iteration, or None.
+
+    Exact mode iterates ``data`` once per layer, so such a loader gives each pass different
+    batches. The exact statistics do not depend on the batching, so the warning says a
+    different subset only where the passes can cover different samples (``num_batches``
+    below the loader's length, ``drop_last`` with a partial last batch, sampling with
+    replacement, ``num_samples`` other than the data set's size); otherwise only random
+    augmentation can make the passes differ.
+
+    Args:
+        data: the ``data`` argument of ``recalibrate``.
+        num_batches: the ``num_batches`` argument of ``recalibrate``.
+    """
+    if not isinstance(data, DataLoader):
+        return None
+    sampler = next((s for s in (data.sampler, getattr(data.batch_sampler, "sampler", None))
+                    if isinstance(s, _RANDOM_SAMPLERS)), None)
+    if sampler is None:
+        return None
+    reasons = []
+    try:
+        n_batches: int | None = len(data)
+    except TypeError:
+        n_batches = None
+    if num_batches is not None and (n_batches is None or num_batches < n_batches):
+        reasons.append(f"num_batches={num_batches} takes the first batches of a new order")
+    if data.drop_last and data.batch_size and len(sampler) % data.batch_size:  # type: ignore[arg-type]
+        reasons.append("drop_last drops a different partial batch")
+    if getattr(sampler, "replacement", False):
+        reasons.append("the sampler draws with replacement")
+    elif isinstance(sampler, RandomSampler) and len(sampler) != len(sampler.data_source):  # type: ignore[arg-type]
+        reasons.append(f"the sampler draws {len(sampler)} samples from a data set of "
+                       f"{len(sampler.data_source)}")  # type: ignore[arg-type]
+    head = (f"recalibrate(mode='exact') iterates data once per BatchNorm layer and the "
+            f"DataLoader's {type(sampler).__name__} draws a new random order on every pass")
+    tail = ("; use a DataLoader with shuffle=False (and deterministic transforms) for the "
+            "same samples in every pass, or mode='batch' (a single pass)")
+    if reasons:
+        return (f"{head}, so each BatchNorm layer is measured on a different random subset of "
+                f"the data ({'; '.join(reasons)}){tail}")
+    return (f"{head}: every pass covers the same samples (exact statistics do not depend on "
+            f"their order or batching), but random data augmentation, if any, differs between "
+            f"passes{tail}")
 
 
 def _run(
@@ -184,6 +274,7 @@ def _run(
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     passes = len(layers) if mode == "exact" else 1
     bar = _progress_bar(progress, None if n_total is None else n_total * passes)
+    first_pass = 0  # batches the first pass yielded
     try:
         for batch in _batches(data, num_batches):
             current.clear()
@@ -191,23 +282,40 @@ def _run(
             for i, c in current.items():
                 calls[i] = max(calls.get(i, 0), c)
             bar.update(1)
+            first_pass += 1
         if mode == "batch":
             for i, st in stats.items():
                 _apply(layers[i], st)
         else:
+            reused = [i for i in order if calls[i] > 1]
+            if reused:
+                warnings.warn(_reuse_warning(model, [layers[i] for i in reused],
+                                             [calls[i] for i in reused]), stacklevel=3)
             # The first-called layer has no BatchNorm upstream: its first-pass stats are exact.
             for k, i in enumerate(order):
                 if k > 0:
                     stats.pop(i, None)
                     target, seen = i, 0
                     bar.set_description(f"recalibrate layer {k + 1}/{len(order)}")
+                    n_pass = 0
                     for batch in _batches(data, num_batches):
                         seen = 0
+                        n_pass += 1
                         try:
                             run(model, batch)
                         except _Stop:
                             pass
                         bar.update(1)
+                    if n_pass == 0 and first_pass > 0:
+                        # A one-shot iterable that is no Iterator (its __iter__ hands out one
+                        # shared iterator): without this the layer would silently keep its
+                        # old statistics behind a misleading "never reached" warning.
+                        raise RuntimeError(
+                            f"recalibrate(mode='exact'): pass {k + 1} over the data yielded "
+                            f"no batch after the first pass yielded {first_pass}; data must "
+                            f"be re-iterable, yielding the same batches on every iteration "
+                            f"(or use mode='batch')"
+                        )
                 if i in stats:
                     _apply(layers[i], stats[i])  # later layers now see its eval-time output
     finally:
@@ -223,6 +331,34 @@ def _run(
             + "; their statistics are unchanged",
             stacklevel=3,
         )
+
+
+def _reuse_warning(model: nn.Module, layers: list[nn.Module], calls: list[int]) -> str:
+    """The warning for layers called more than once per forward in exact mode.
+
+    The calls of such a layer are all measured in the same pass, while the layer itself and
+    the layers first called after it still hold their old statistics. Whether some call's
+    input depends on those cannot be seen from the hooks, so the warning states the condition
+    instead of claiming either way.
+
+    Args:
+        model: the model, for the layers' names.
+        layers: the reused layers.
+        calls: the most calls per forward of each, in the same order.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    which = ", ".join(f"{names.get(id(m), '?') or '(the model)'} ({c} calls)"
+                      for m, c in zip(layers, calls))
+    return (
+        f"recalibrate(mode='exact'): BatchNorm layer(s) called more than once per forward: "
+        f"{which}. Each is measured over all its calls in one pass, while it and the "
+        f"BatchNorm layers first called after it still hold their old statistics, so its "
+        f"new statistics equal those of its eval-time inputs only if no call's input "
+        f"depends on the statistics of itself or of such a later layer (e.g. a(x1) + a(x2) "
+        f"on inputs independent of BatchNorm statistics is exact); a layer applied to a "
+        f"function of its own output, such as a(a(x)), has no single-pass answer and its "
+        f"result depends on its old running statistics"
+    )
 
 
 def _apply(bn: nn.Module, st: _Stats) -> None:

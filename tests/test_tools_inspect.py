@@ -10,7 +10,8 @@ from torch import nn
 
 import batchnorm
 from batchnorm.tools import freeze, inspect, save
-from batchnorm.tools.inspect import CheckpointError
+from batchnorm.tools.inspect import CheckpointError, read_checkpoint
+from batchnorm.tools.serialize import manifest
 
 
 def _healthy() -> nn.Module:
@@ -124,3 +125,63 @@ def test_unreadable_files(tmp_path) -> None:
         inspect(pickled)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         inspect(42)
+
+
+def _checkpoints_with_foreign_sidecars(tmp_path):
+    """A torch checkpoint and a saved safetensors file, each beside a JSON list named like
+    a manifest (``<stem>.json``)."""
+    model = _healthy()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    save(model, tmp_path / "model2.safetensors")  # header manifest, and model2.json
+    for stem in ("model", "model2"):
+        (tmp_path / f"{stem}.json").write_text('["not", "a", "manifest"]')
+    return tmp_path / "model.pt", tmp_path / "model2.safetensors"
+
+
+def test_foreign_sidecar_is_ignored_with_a_note(tmp_path) -> None:
+    pt, st = _checkpoints_with_foreign_sidecars(tmp_path)
+    report = inspect(pt)
+    assert report.codes() == {"manifest_ignored"}, report.format()
+    assert not report.layers[0].config_known and report.layers[0].eps is None
+    note = report.findings[0]
+    assert note.severity == "info" and "model.json" in note.message and "list" in note.message
+    report = inspect(st)
+    # The header's manifest is used: the configs are known.
+    assert report.codes() == {"manifest_ignored"}, report.format()
+    assert report.layers[0].config_known and report.layers[0].kind == "batchnorm.BatchNorm2d"
+    assert "header was used" in report.findings[0].message
+    # A dict that is not this library's manifest is not taken for one either.
+    (tmp_path / "model.json").write_text('{"layers": [{"name": "1", "eps": 0.5}]}')
+    report = inspect(pt)
+    assert report.layers[0].eps is None and "manifest_ignored" in report.codes()
+    with pytest.warns(UserWarning, match="model.json beside the file is not a batchnorm.save"):
+        read_checkpoint(pt)
+
+
+def test_valid_sidecar_beside_a_torch_checkpoint_is_used(tmp_path) -> None:
+    model = _healthy()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text(json.dumps(manifest(model)))
+    report = inspect(tmp_path / "m.pt")
+    assert report.findings == [] and report.layers[0].eps == 1e-5, report.format()
+    assert report.layers[0].kind == "batchnorm.BatchNorm2d"
+    # The same manifest beside a checkpoint whose tensors it does not describe is refused.
+    torch.save({"other.running_mean": torch.zeros(2), "other.running_var": torch.ones(2)},
+               tmp_path / "m.pt")
+    report = inspect(tmp_path / "m.pt")
+    assert report.codes() == {"manifest_ignored"}, report.format()
+    assert "another file" in next(f.message for f in report.findings
+                                  if f.code == "manifest_ignored")
+
+
+def test_cli_inspect_ignores_a_foreign_sidecar(tmp_path, capsys) -> None:
+    from batchnorm.cli import main
+
+    for path in _checkpoints_with_foreign_sidecars(tmp_path):
+        # 0: no error-level finding (1 would claim NaN/negative variance; 2 an unreadable file).
+        assert main(["inspect", str(path)]) == 0, capsys.readouterr()
+        out = capsys.readouterr()
+        assert "INFO    manifest_ignored" in out.out and out.err == "", out
+        assert main(["inspect", str(path), "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert [f["code"] for f in data["findings"]] == ["manifest_ignored"]

@@ -21,6 +21,7 @@ pairwise formula, never with ``E[x^2] - E[x]^2`` (which cancels catastrophically
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +29,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ACTIVATIONS",
     "BatchNorm",
+    "BatchNormAct",
     "Stats",
+    "activation",
     "backward",
     "channel_stats",
     "combine_stats",
@@ -145,6 +149,38 @@ def _affine(
     if bias is not None:
         y = y + _bcast(np.asarray(bias, dtype=np.float64), nd, channel_axis)
     return y
+
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
+
+
+def activation(z: np.ndarray, name: str, negative_slope: float = 0.01) -> np.ndarray:
+    """``act(z)`` in float64 for the activations of ``batchnorm.BatchNormAct``.
+
+    ``relu``: ``max(z, 0)``; ``leaky_relu``: ``z`` if ``z > 0`` else ``negative_slope * z``;
+    ``elu`` (alpha 1): ``z`` if ``z > 0`` else ``exp(z) - 1``; ``silu``: ``z * sigmoid(z)``;
+    ``gelu``: the exact form ``z * Phi(z)`` with the normal CDF ``Phi`` (torch's default).
+
+    Raises:
+        ValueError: an activation not in :data:`ACTIVATIONS`.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if name == "identity":
+        return z
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, float(negative_slope) * z)
+    if name == "elu":
+        # expm1 of the clipped value: the discarded branch of where() must not overflow.
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
+    if name == "silu":
+        # sigmoid(z) = (1 + tanh(z / 2)) / 2 has no exp(-z) to overflow for very negative z.
+        return z * 0.5 * (1.0 + np.tanh(0.5 * z))
+    if name == "gelu":
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return z * 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
 def forward_train(
@@ -403,3 +439,68 @@ class BatchNorm:
         if self.track_running_stats and "num_batches_tracked" not in state_dict:
             self.num_batches_tracked = self.num_batches_tracked or 0
         return missing, unexpected
+
+
+class BatchNormAct(BatchNorm):
+    """``act(BatchNorm(x) + residual)``: the reference of ``batchnorm.BatchNormAct*``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, channel_axis, dtype: as
+            :class:`BatchNorm`.
+        activation: one of :data:`ACTIVATIONS` (see :func:`activation`).
+        negative_slope: the slope of ``leaky_relu`` for negative inputs.
+
+    Forward only: :meth:`backward` raises, rather than return BatchNorm's gradient without
+    the activation's.
+
+    Raises:
+        ValueError: an unknown activation or a non-finite ``negative_slope``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        channel_axis: int = 1,
+        dtype: Any = np.float64,
+        *,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+        if isinstance(negative_slope, bool) or not math.isfinite(float(negative_slope)):
+            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         channel_axis, dtype)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return self.forward(x, residual)
+
+    def forward(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """``act(BN(x) + residual)``; in training BN also updates the running statistics.
+
+        Raises:
+            ValueError: a residual whose shape differs from ``x``'s.
+        """
+        x = np.asarray(x)
+        if residual is not None and np.shape(residual) != x.shape:
+            raise ValueError(f"residual shape {np.shape(residual)} differs from the input "
+                             f"shape {x.shape}")
+        y = super().forward(x)
+        z = y.astype(np.float64)
+        if residual is not None:
+            z = z + np.asarray(residual, dtype=np.float64)
+        return activation(z, self.activation, self.negative_slope).astype(y.dtype)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Not implemented: the reference of BatchNormAct is forward only."""
+        raise NotImplementedError(
+            "reference.BatchNormAct is forward only (BatchNorm.backward would omit the "
+            "activation's derivative)")

@@ -22,19 +22,24 @@ code                        severity  meaning
 ``keras_momentum``          warning   ``momentum >= 0.5``: Keras/Flax's convention (weight
                                       of the OLD value) ported as is
 ``keras_eps``               info      ``eps == 1e-3``, Keras' default (PyTorch: 1e-5)
+``manifest_ignored``        info      a ``<stem>.json`` beside the file (or the header's
+                                      manifest) is not a manifest of this file: not used
 ==========================  ========  ===============================================
 
-Files: safetensors (with the manifest of :func:`batchnorm.save` when present) or torch
-checkpoints, read with ``torch.load(weights_only=True)`` (never unpickles code). In a bare
+Files: safetensors or torch checkpoints, read with ``torch.load(weights_only=True)`` (never
+unpickles code). Layer configs come from the manifest of :func:`batchnorm.save`: the one in
+the safetensors header, else a ``<stem>.json`` beside the file (any checkpoint) that
+:func:`batchnorm.tools.serialize.check_manifest` accepts for the file's tensors; anything else
+found there is ignored, with a ``manifest_ignored`` note. In a bare
 state_dict a BatchNorm is any key prefix with both ``running_mean`` and ``running_var``;
 eps and momentum are then unknown unless a manifest says them.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -194,14 +199,26 @@ def read_checkpoint(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
     """``(flat state_dict, manifest or None)`` from a safetensors file or a torch checkpoint.
 
     Nested checkpoints (``{"model": state_dict, "optimizer": ..., "epoch": 3}``) are
-    flattened with dotted keys. Torch files are loaded with ``weights_only=True``.
+    flattened with dotted keys. Torch files are loaded with ``weights_only=True``. The
+    manifest is found as :func:`batchnorm.tools.serialize.find_manifest` says; a candidate
+    that was ignored (a ``<stem>.json`` of another tool, say) is reported with a
+    ``UserWarning``.
 
     Raises:
         FileNotFoundError: no such file.
         CheckpointError: a directory, a corrupt or truncated file, an unsupported format, or a
             pickle that needs code to load (a whole pickled ``nn.Module``, say).
     """
-    from .serialize import load
+    state, man, notes = _read_checkpoint(path)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", stacklevel=2)
+    return state, man
+
+
+def _read_checkpoint(path: str | PathLike[str]
+                     ) -> tuple[dict[str, Tensor], dict[str, Any] | None, list[str]]:
+    """:func:`read_checkpoint`, with the notes on ignored manifests returned, not warned."""
+    from .serialize import _read, find_manifest
 
     p = Path(path)
     if not p.exists():
@@ -210,10 +227,9 @@ def read_checkpoint(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
         raise CheckpointError(f"{p} is not a file")
     if _looks_like_safetensors(p):
         try:
-            state, man = load(p)
+            return _read(p)
         except Exception as exc:
             raise CheckpointError(f"{p}: corrupt or truncated safetensors file ({exc})") from exc
-        return state, man
     with p.open("rb") as f:
         magic = f.read(2)
     if not (zipfile.is_zipfile(p) or magic[:1] == b"\x80"):
@@ -241,14 +257,8 @@ def read_checkpoint(path: str | PathLike[str]) -> tuple[dict[str, Tensor], dict[
     _flatten(obj, "", state)
     if not state:
         raise CheckpointError(f"{p}: the checkpoint holds no tensors")
-    man = None
-    side = p.with_suffix(".json")
-    if side.is_file():
-        try:
-            man = json.loads(side.read_text())
-        except ValueError:
-            man = None
-    return state, man
+    man, notes = find_manifest(p, state)
+    return state, man, notes
 
 
 # ---- gathering layers ------------------------------------------------------------------------
@@ -388,6 +398,7 @@ def inspect(model_or_state_dict: nn.Module | Mapping[str, Any] | str | PathLike[
     """
     obj = model_or_state_dict
     model_training = None
+    notes: list[str] = []
     if isinstance(obj, nn.Module):
         source = type(obj).__name__
         layers = _module_layers(obj)
@@ -399,7 +410,7 @@ def inspect(model_or_state_dict: nn.Module | Mapping[str, Any] | str | PathLike[
         layers = _state_layers(flat, None)
     elif isinstance(obj, (str, PathLike)):
         source = str(obj)
-        state, man = read_checkpoint(obj)
+        state, man, notes = _read_checkpoint(obj)
         layers = _state_layers(state, man)
     else:
         raise TypeError(
@@ -408,6 +419,7 @@ def inspect(model_or_state_dict: nn.Module | Mapping[str, Any] | str | PathLike[
         )
     report = InspectReport(source=source, layers=[lay.report for lay in layers],
                            model_training=model_training)
+    report.findings += [Finding("info", "manifest_ignored", None, note) for note in notes]
     if model_training:
         report.findings.append(Finding(
             "info", "model_in_training_mode", None,

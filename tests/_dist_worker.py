@@ -178,9 +178,11 @@ def _cases(world: int) -> list[tuple[str, dict]]:
 
 # ---- the other checks of the main worlds --------------------------------------------------------
 def _total_one_value_raises(rank: int, world: int) -> str:
-    """One value per channel in total (a (1, C) shard on rank 0, empty shards elsewhere)."""
+    """One value per channel in total (a (1, C) shard on rank 0, empty shards elsewhere):
+    every rank raises, and no state changed (with momentum=None the next step's weight is
+    then 1, as for a first batch)."""
     for spatial in ((), (1, 1)):
-        bn = SyncBatchNorm(4)
+        bn = SyncBatchNorm(4, momentum=None)
         x = torch.randn((1 if rank == 0 else 0, 4, *spatial))
         try:
             bn(x)
@@ -188,8 +190,62 @@ def _total_one_value_raises(rank: int, world: int) -> str:
             assert "Expected more than 1 value per channel when training" in str(exc), exc
         else:
             raise AssertionError(f"no error on rank {rank} for spatial {spatial}")
+        assert int(bn.num_batches_tracked) == 0, "the counter ticked before the error"
+        assert torch.equal(bn.running_mean, torch.zeros(4)), "running_mean changed"
+        x = make_input((2 + rank, 4, *spatial), torch.float64, seed=5 + rank).float()
+        bn(x)
+        xs = [make_input((2 + r, 4, *spatial), torch.float64, seed=5 + r).float()
+              for r in range(world)]
+        want = torch.cat(xs).double().mean([0, *range(2, x.dim())])
+        assert_close(bn.running_mean, want, *STAT_TOLERANCES[torch.float32],
+                     "cumulative running_mean after the failed step")
+        assert int(bn.num_batches_tracked) == 1
     dist.barrier()  # every rank got here: none is left waiting in a collective
     return "raised on this rank"
+
+
+def _one_rank_fails_its_checks(rank: int, world: int) -> str:
+    """Rank 1's input fails validation (wrong channel count; float64 input into float32
+    parameters): rank 1 raises its own error, the others a RuntimeError naming rank 1, all
+    promptly (not at the group's timeout) and with no state changed anywhere."""
+    for bad in ("channels", "dtype"):
+        bn = SyncBatchNorm(3)
+        x = make_input((4, 3, 2))
+        if rank == 1:
+            x = make_input((4, 5, 2)) if bad == "channels" else x.double()
+        start = time.monotonic()
+        try:
+            bn(x)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            if rank != 1:
+                assert "rank(s) [1]" in str(exc) and "failed its checks" in str(exc), exc
+        else:
+            raise AssertionError(f"no error on rank {rank} ({bad})")
+        took = time.monotonic() - start
+        assert took < 5.0, f"the error took {took:.1f}s ({bad}): a rank waited in a collective"
+        assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros(3))
+    dist.barrier()
+    return "every rank raised at once"
+
+
+def _ranks_with_different_input_dtypes(rank: int, world: int) -> None:
+    """A float64 module fed float64 on rank 0 and float32 elsewhere: the statistics still
+    merge exactly (the packets have one size and dtype on every rank)."""
+    splits = [3 + r for r in range(world)]
+    x = make_input((sum(splits), 3, 4), torch.float64, seed=21)
+    lo = sum(splits[:rank])
+    shard = x[lo: lo + splits[rank]]
+    if rank > 0:
+        shard = shard.float()
+    bn = SyncBatchNorm(3, dtype=torch.float64)
+    y = bn(shard)
+    full = nn.BatchNorm1d(3, dtype=torch.float64)
+    want = full(torch.cat([x[:splits[0]]] + [x[sum(splits[:r]): sum(splits[:r + 1])].float()
+                                              .double() for r in range(1, world)]))
+    # float32 everywhere: the float32 ranks' statistics (computed in float32) enter the merge
+    assert_close(y, want[lo: lo + splits[rank]], *TOLERANCES[torch.float32], "y")
+    assert_close(bn.running_mean, full.running_mean, *STAT_TOLERANCES[torch.float32],
+                 "running_mean")
 
 
 def _all_ranks_empty(rank: int, world: int) -> None:
@@ -340,6 +396,10 @@ def main_checks(rank: int, world: int) -> list[tuple[str, Callable[[], Any]]]:
     checks += [
         ("total of one value per channel raises everywhere",
          lambda: _total_one_value_raises(rank, world)),
+        ("one rank's input fails its checks: every rank raises at once",
+         lambda: _one_rank_fails_its_checks(rank, world)),
+        ("ranks with different input dtypes", lambda: _ranks_with_different_input_dtypes(
+            rank, world)),
         ("every rank empty", lambda: _all_ranks_empty(rank, world)),
         ("eval never communicates", lambda: _eval_does_not_communicate(rank, world)),
         ("input without grad", lambda: _input_without_grad(rank, world)),

@@ -53,7 +53,7 @@ class _BatchNormBase(_BatchNorm):
         return base if self.backend is None else f"{base}, backend={self.backend!r}"
 
     def _prepare(
-        self, input: Tensor, *, check_batch_size: bool = True
+        self, input: Tensor, *, check_batch_size: bool = True, tick: bool = True
     ) -> tuple[Tensor | None, Tensor | None, bool, float, str]:
         """Validate, then apply the module's side effects (the counter) and decide the mode.
 
@@ -63,7 +63,9 @@ class _BatchNormBase(_BatchNorm):
         training with ``track_running_stats``; ``momentum=None`` weighs batch ``t`` by
         ``1 / t``. Unlike torch, every check runs before ``num_batches_tracked`` ticks.
         ``check_batch_size=False`` leaves "more than one value per channel" to the caller
-        (SyncBatchNorm checks the group's total).
+        (SyncBatchNorm checks the group's total); ``tick=False`` leaves the counter to the
+        caller's :meth:`_tick` (after a step that can still fail), the momentum being the one
+        for the ticked counter.
         """
         self._check_input_dim(input)
         if input.dim() >= 2 and input.shape[1] != self.num_features:
@@ -79,11 +81,22 @@ class _BatchNormBase(_BatchNorm):
         )
         backend = resolve_backend(self.backend, input, bn_training)
 
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        if self._counts():
+            if tick:
+                self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / (float(self.num_batches_tracked) + (0 if tick else 1))
         return running_mean, running_var, bn_training, momentum, backend
+
+    def _counts(self) -> bool:
+        """Whether a forward now counts a batch in ``num_batches_tracked``."""
+        return bool(self.training and self.track_running_stats
+                    and self.num_batches_tracked is not None)
+
+    def _tick(self) -> None:
+        """Count the batch :meth:`_prepare` was called for with ``tick=False``."""
+        if self._counts():
+            self.num_batches_tracked.add_(1)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training also update the running statistics."""

@@ -39,6 +39,7 @@ with a ``TypeError`` rather than converted without its behaviour.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -84,23 +85,30 @@ def _all_gather(packed: Tensor, group: Any, world: int) -> Tensor:
     return out
 
 
-def _count_slots(acc: torch.dtype) -> int:
-    """How many ``acc`` elements hold one int64 count (2 for float32, 1 for float64)."""
-    return 64 // torch.finfo(acc).bits
+# Packets travel in float64 whatever the input dtype: every rank then sends the same number
+# of bytes (a rank with float32 input next to one with float64 input would otherwise make the
+# collective fail on one rank and read garbage on the other), and the merge runs in float64.
+_WIRE = torch.float64
+# A count of -1 marks a rank whose input failed its checks: it still joins the collective,
+# so every rank raises instead of the others waiting until the group's timeout.
+_FAILED = -1
 
 
 def _pack(count: int, mean: Tensor, m2: Tensor) -> Tensor:
-    """``[count, mean(C), m2(C)]`` in one tensor; the count's int64 bits ride in ``acc`` slots
-    (a collective copies bits, so the count arrives exact even beyond 2^24 values)."""
+    """``[count, mean(C), m2(C)]`` in one float64 tensor; the count's int64 bits ride in one
+    slot (a collective copies bits, so the count arrives exact for any batch size)."""
     head = torch.full((1,), count, dtype=torch.int64, device=mean.device)
-    return torch.cat([head.view(mean.dtype), mean, m2])
+    return torch.cat([head.view(_WIRE), mean.to(_WIRE), m2.to(_WIRE)])
 
 
 def _unpack(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(counts (W,) int64, means (W, C), m2s (W, C))`` from the gathered packets."""
-    k = _count_slots(gathered.dtype)
-    counts = gathered[:, :k].contiguous().view(torch.int64).view(-1)
-    return counts, gathered[:, k : k + channels], gathered[:, k + channels :]
+    """``(counts (W,) int64, means (W, C), m2s (W, C))`` (float64) from the gathered packets."""
+    counts = gathered[:, :1].contiguous().view(torch.int64).view(-1)
+    return counts, gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+
+
+def _failed_ranks(counts: list[int]) -> list[int]:
+    return [r for r, n in enumerate(counts) if n == _FAILED]
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -134,7 +142,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:  # joins the gather with a zero count: drops out of the merge below
             mean = m2 = x.new_zeros((channels,), dtype=acc)
         counts, means, m2s = _unpack(_all_gather(_pack(count, mean, m2), group, world), channels)
-        total = sum(counts.tolist())  # the one host read (a sync on GPU)
+        host_counts = counts.tolist()  # the one host read (a sync on GPU)
+        failed = _failed_ranks(host_counts)
+        if failed:
+            raise RuntimeError(
+                f"SyncBatchNorm: the input of rank(s) {failed} of the group failed its checks "
+                "(the error on that rank says why); this rank's input was fine, and no state "
+                "changed on any rank"
+            )
+        total = sum(host_counts)
         if total == 1:
             # Every rank sees the same total, so every rank raises here and none is left waiting.
             raise ValueError(
@@ -143,6 +159,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 "processes of the group"
             )
         _, mean, m2 = chan_combine(counts, means, m2s)
+        mean, m2 = mean.to(acc), m2.to(acc)
         invstd = safe_invstd(m2 / max(total, 1), eps)
         new_rm, new_rv = running_update(running_mean, running_var, mean, m2, total, momentum)
         if running_mean is not None and running_var is not None:
@@ -173,9 +190,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         db = sum_dy.to(ctx.bias_dtype) if need_db else None
         dx = None
         if need_dx:
-            packed = torch.cat([sum_dy, sum_dy_xmu])
+            packed = torch.cat([sum_dy, sum_dy_xmu]).to(_WIRE)  # same size on every rank
             dist.all_reduce(packed, group=ctx.group)
-            g_sum_dy, g_sum_dy_xmu = packed.chunk(2)
+            g_sum_dy, g_sum_dy_xmu = packed.to(sum_dy.dtype).chunk(2)
             if ctx.count > 0:
                 dx = be.backward_apply(
                     dy, x, mean, invstd, weight, g_sum_dy, g_sum_dy_xmu, ctx.total
@@ -248,16 +265,44 @@ class SyncBatchNorm(BatchNorm):
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _forward_sync(self, input: Tensor, group: Any, world: int) -> Tensor:
-        """Validation and the counter as in BatchNorm, then the synchronized training step."""
-        # "More than one value per channel" holds for the group's total: checked after the gather.
-        running_mean, running_var, _, momentum, backend = self._prepare(
-            input, check_batch_size=False
-        )
-        return _SyncBatchNormFunction.apply(
+    def _forward_sync(
+        self, input: Tensor, group: Any, world: int, check: Callable[[], None] | None = None
+    ) -> Tensor:
+        """Validation as in BatchNorm (and ``check``), the synchronized training step, then the
+        counter.
+
+        A rank whose input fails the checks still joins the statistics' all-gather, with a
+        packet marked failed, and then raises its own error; the other ranks raise too (see
+        ``_SyncBatchNormFunction``) instead of waiting in the collective until the group's
+        timeout. The counter ticks only once the step has succeeded everywhere, so that a
+        failed step (also the group-wide "one value per channel") changes no state.
+        """
+        try:
+            if check is not None:
+                check()
+            # "More than one value per channel" holds for the group's total: checked after
+            # the gather.
+            running_mean, running_var, _, momentum, backend = self._prepare(
+                input, check_batch_size=False, tick=False
+            )
+        except Exception:
+            self._join_failed(group, world)
+            raise
+        y = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, float(momentum),
             float(self.eps), group, world, backend,
         )
+        self._tick()
+        return y
+
+    def _join_failed(self, group: Any, world: int) -> None:
+        """This rank's part of the statistics' all-gather when its input failed the checks: a
+        packet of the size every rank sends, marked failed."""
+        ref = next((t for t in (self.running_mean, self.weight) if t is not None), None)
+        device = ref.device if ref is not None else torch.device("cpu")
+        zeros = torch.zeros(self.num_features, dtype=_WIRE, device=device)
+        with torch.no_grad():
+            _all_gather(_pack(_FAILED, zeros, zeros), group, world)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training with world size > 1 the statistics are global."""
@@ -342,9 +387,9 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
         sync = self._sync_group()
         if sync is None:
             return BatchNormAct.forward(self, input, residual)
-        # BatchNormAct's checks, before the counter ticks.
-        check_act_args(input, residual, self.activation, self.negative_slope, self.inplace)
-        y = self._forward_sync(input, *sync)
+        # BatchNormAct's checks too: before any state changes, and known to every rank.
+        y = self._forward_sync(input, *sync, check=lambda: check_act_args(
+            input, residual, self.activation, self.negative_slope, self.inplace))
         acc = acc_dtype(input)
         z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
         return act_forward(z, self.activation, float(self.negative_slope)).to(input.dtype)

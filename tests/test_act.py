@@ -181,18 +181,24 @@ def test_module_errors_leave_the_counter(backend):
         assert torch.equal(m.running_mean, torch.zeros(3)), match
 
 
+def _float64_leaves(c: int = 3):
+    """``(x, residual, weight, bias)`` leaves of shape (3, c, 4) / (c,) and running buffers,
+    float64, for gradcheck and gradgradcheck."""
+    x = make_input((3, c, 4), torch.float64).requires_grad_()
+    r = make_input((3, c, 4), torch.float64, shift=0.0).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    return (x, r, w, b), (torch.randn(c, dtype=torch.float64),
+                          torch.rand(c, dtype=torch.float64) + 0.5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("activation", "inplace"),
                          [("gelu", False), ("leaky_relu", False), ("elu", True),
                           ("leaky_relu", True)])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_float64(backend, activation, inplace, training):
-    c = 3
-    x = make_input((3, c, 4), torch.float64).requires_grad_()
-    r = make_input((3, c, 4), torch.float64, shift=0.0).requires_grad_()
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(c, dtype=torch.float64).requires_grad_()
-    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    (x, r, w, b), (rm, rv) = _float64_leaves()
 
     def fn(x_, r_, w_, b_):
         return batch_norm_act(x_.clone() if inplace else x_, rm.clone(), rv.clone(), w_, b_,
@@ -206,12 +212,7 @@ def test_gradcheck_float64(backend, activation, inplace, training):
 @pytest.mark.parametrize("activation", ["gelu", "elu", "silu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradgradcheck_float64(backend, activation, training):
-    c = 3
-    x = make_input((3, c, 4), torch.float64).requires_grad_()
-    r = make_input((3, c, 4), torch.float64, shift=0.0).requires_grad_()
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(c, dtype=torch.float64).requires_grad_()
-    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    (x, r, w, b), (rm, rv) = _float64_leaves()
 
     def fn(x_, r_, w_, b_):
         return batch_norm_act(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,

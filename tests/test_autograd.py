@@ -16,19 +16,25 @@ BACKENDS = backend_params()
 @pytest.mark.parametrize("shape", [(3, 2), (2, 3, 4), (2, 2, 3, 2)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_gradcheck_float64(backend, training, shape, channels_last):
+    fn, leaves = _float64_case(backend, training, shape, channels_last and len(shape) >= 3)
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _float64_case(backend: str, training: bool, shape: tuple[int, ...], channels_last: bool):
+    """``(fn, (x, weight, bias))``: batch_norm of float64 leaves, with fresh copies of the
+    running buffers on every call (gradcheck calls fn many times; they must not drift)."""
     c = shape[1]
-    x = make_input(shape, torch.float64, channels_last and len(shape) >= 3).requires_grad_()
+    x = make_input(shape, torch.float64, channels_last).requires_grad_()
     w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
     b = torch.randn(c, dtype=torch.float64).requires_grad_()
     rm = torch.randn(c, dtype=torch.float64)
     rv = torch.rand(c, dtype=torch.float64) + 0.5
 
     def fn(x_, w_, b_):
-        # fresh buffer copies: gradcheck calls fn many times; running stats must not drift
         return batchnorm.batch_norm(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,
                                     backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+    return fn, (x, w, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -43,17 +49,8 @@ def test_gradcheck_without_affine(backend):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_gradgradcheck_float64(backend, training, channels_last):
     """create_graph=True differentiates a composite of the layer: second derivatives exact."""
-    c = 3
-    x = make_input((3, c, 2, 2), torch.float64, channels_last).requires_grad_()
-    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
-    b = torch.randn(c, dtype=torch.float64).requires_grad_()
-    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
-
-    def fn(x_, w_, b_):
-        return batchnorm.batch_norm(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,
-                                    backend=backend)
-
-    assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+    fn, leaves = _float64_case(backend, training, (3, 3, 2, 2), channels_last)
+    assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -24,6 +24,12 @@ class BatchNormShapeError(ValueError, RuntimeError):
     """
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite`` by comparisons, which torch.compile can also evaluate when it has
+    made a float attribute symbolic (``dynamic=True``); NaN fails both."""
+    return -math.inf < v < math.inf
+
+
 def check_one_value_per_channel(input: Tensor) -> None:
     """Training needs more than one value per channel (PyTorch's ``_verify_batch_size``)."""
     size = input.shape
@@ -98,7 +104,7 @@ def check_batch_norm_args(
             "running_mean must be defined in evaluation mode (training=False normalizes with "
             "the running statistics; pass training=True to use batch statistics)"
         )
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not _finite(eps):
         raise ValueError(f"batch_norm eps must be a finite number, got {eps!r}")
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -107,7 +113,7 @@ def check_batch_norm_args(
     if (
         isinstance(momentum, bool)
         or not isinstance(momentum, (int, float))
-        or not math.isfinite(momentum)
+        or not _finite(momentum)
         or not 0.0 <= momentum <= 1.0
     ):
         raise ValueError(

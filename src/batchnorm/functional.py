@@ -204,10 +204,16 @@ def _batch_norm_act_unchecked(
     inplace: bool,
     name: str,
 ) -> Tensor:
-    """:func:`batch_norm_act` after validation; ``name`` is a concrete backend."""
+    """:func:`batch_norm_act` after validation; ``name`` is a concrete backend.
+
+    The fused path is an autograd.Function over kernels that write through raw pointers, which
+    tracing (torch.compile, torch.export, torch.jit.trace), forward-mode AD and torch.func
+    transforms cannot see into: there the composite runs instead, BatchNorm through the op
+    layer, and in-place mode computes out of place (same values, no memory saving).
+    """
     from .backends.activations import act_forward
 
-    if name == "torch" and not inplace:
+    if (name == "torch" and not inplace) or ops._traced(input) or ops._transformed(input):
         y = _batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, name)
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32

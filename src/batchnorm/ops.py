@@ -37,6 +37,7 @@ from .backends.base import (
     empty_out_like,
     match_layout,
     reduce_dims,
+    running_update,
     safe_invstd,
 )
 
@@ -196,19 +197,20 @@ def _composite_forward(
     weight: Tensor | None,
     bias: Tensor | None,
     residual: Tensor | None,
-    mean: Tensor,
-    invstd: Tensor,
+    mean: Tensor | None,
+    invstd: Tensor | None,
     training: bool,
     eps: float,
     activation: str = "identity",
     slope: float = 0.0,
 ) -> Tensor:
     r"""``act(BN(x) + residual)`` as differentiable torch ops in the accumulation dtype: the
-    graph a ``create_graph=True`` backward differentiates.
+    graph a ``create_graph=True`` backward differentiates, and the forward under forward-mode
+    AD and torch.func transforms.
 
-    In training the statistics are recomputed from ``x`` (biased variance, two-pass), so that
-    their dependence on ``x`` is part of the graph; in eval ``mean``/``invstd`` are the
-    constants the forward saved (from the running buffers).
+    In training the statistics are computed from ``x`` (biased variance, two-pass; ``mean``
+    and ``invstd`` are not used), so that their dependence on ``x`` is part of the graph; in
+    eval ``mean``/``invstd`` are the constants from the running buffers.
     """
     acc = acc_dtype(x)
     xf = x.to(acc)
@@ -216,6 +218,7 @@ def _composite_forward(
         var, m = torch.var_mean(xf, dim=reduce_dims(x), correction=0, keepdim=True)
         z = (xf - m) * torch.rsqrt(var + eps)
     else:
+        assert mean is not None and invstd is not None
         z = (xf - bcast(mean, x)) * bcast(invstd, x)
     if weight is not None:
         z = z * bcast(weight.to(acc), x)
@@ -311,7 +314,70 @@ forward_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
 
 
 def _traced(x: Tensor) -> bool:
-    return torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter)
+    """Tracing that must see an op, not kernels writing through raw pointers: torch.compile,
+    torch.export and fake tensors, and ``torch.jit.trace`` (which otherwise records only the
+    output's allocation, so the traced graph would return uninitialized memory)."""
+    return (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter)
+            or torch.jit.is_tracing())
+
+
+_is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                                lambda t: False)
+
+
+def _transformed(x: Tensor) -> bool:
+    """Forward-mode AD is active, or ``x`` is inside a torch.func transform (grad, vmap,
+    jvp): the kernels would drop the tangent or fail on the wrapper, so the layer runs as
+    differentiable torch ops (:func:`_composite_forward`) instead."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 or _is_functorch_wrapped(x)
+
+
+def _composite_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    activation: str = "identity",
+    slope: float = 0.0,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Training forward as torch ops (see :func:`_transformed`); updates the running buffers
+    in place from the batch statistics (unbiased variance), as the kernels do."""
+    y = _composite_forward(x, weight, bias, residual, None, None, True, eps, activation, slope)
+    if running_mean is not None and running_var is not None and x.numel() > 0:
+        with torch.no_grad():
+            xd = x.detach().to(acc_dtype(x))
+            var, mean = torch.var_mean(xd, dim=reduce_dims(x), correction=0)
+            count = x.numel() // x.shape[1]
+            new_mean, new_var = running_update(running_mean, running_var, mean, var * count,
+                                               count, momentum)
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return y.to(x.dtype)
+
+
+def _composite_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    activation: str = "identity",
+    slope: float = 0.0,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Eval forward as torch ops (see :func:`_transformed`)."""
+    acc = acc_dtype(x)
+    mean = running_mean.detach().to(acc)
+    invstd = safe_invstd(running_var.detach().to(acc), eps)
+    return _composite_forward(x, weight, bias, residual, mean, invstd, False, eps, activation,
+                              slope).to(x.dtype)
 
 
 class _EagerTrain(torch.autograd.Function):
@@ -376,6 +442,8 @@ def batch_norm_train(
     args = (x, weight, bias, running_mean, running_var, momentum, eps, backend)
     if _traced(x):
         y, _, _, new_mean, new_var = forward_train(*args)
+    elif _transformed(x):
+        return _composite_train(x, weight, bias, running_mean, running_var, momentum, eps)
     elif _needs_grad(x, weight, bias):
         return _EagerTrain.apply(*args)
     else:
@@ -397,6 +465,8 @@ def batch_norm_eval(
     args = (x, weight, bias, running_mean, running_var, eps, backend)
     if _traced(x):
         return forward_eval(*args)
+    if _transformed(x):
+        return _composite_eval(x, weight, bias, running_mean, running_var, eps)
     if _needs_grad(x, weight, bias):
         return _EagerEval.apply(*args)
     return _forward_eval_impl(*args)

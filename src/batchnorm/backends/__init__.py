@@ -14,6 +14,7 @@ import importlib
 import os
 import threading
 
+import torch
 from torch import Tensor
 
 from .base import Backend
@@ -134,6 +135,10 @@ def get_default_backend() -> str:
     return AUTO
 
 
+# torch.compile runs it once while tracing and keeps the name as a constant: loading a backend
+# (imports, a lock) cannot be traced, and the choice is a property of the input's device,
+# dtype, layout and size, which the compiled graph's guards already pin down.
+@torch.compiler.assume_constant_result
 def resolve_backend(name: str | None, x: Tensor, training: bool = True) -> str:
     """The concrete backend that will run ``x``.
 

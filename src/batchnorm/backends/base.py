@@ -103,7 +103,9 @@ def out_strides(x: Tensor) -> list[int]:
     step = 1
     for dim in reversed(order):
         strides[dim] = step
-        step *= x.shape[dim]
+        # not ``*=``: under torch.jit.trace sizes are tensors, and an in-place product would
+        # make every stride the same object
+        step = step * x.shape[dim]
     return strides
 
 

@@ -1,0 +1,127 @@
+"""The modules inside the rest of PyTorch: torch.jit.trace, forward-mode AD, torch.func
+transforms, torch.compile(fullgraph=True, dynamic=True) and torch.export of BatchNormAct,
+each compared with torch.nn used the same way. (Where the fused kernels cannot take part the
+layer runs as torch ops or through the custom ops; the numbers must not change.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+
+import batchnorm
+from helpers import TOLERANCES, assert_close, backend_params, make_input
+
+BACKENDS = backend_params()
+TOL = TOLERANCES[torch.float32]
+
+
+def _pair(backend: str, channels_last: bool = False, act: bool = False):
+    """Conv + our BN (or BatchNormAct2d, relu) and the same with torch.nn, equal weights."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                         batchnorm.BatchNormAct2d(4, backend=backend) if act
+                         else batchnorm.BatchNorm2d(4, backend=backend))
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                           *([nn.ReLU()] if act else []))
+    theirs.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m[1].running_mean.fill_(0.3)
+            m[1].running_var.fill_(2.0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ours.to(memory_format=fmt), theirs.to(memory_format=fmt)
+
+
+def _x(shape=(2, 3, 5, 5), channels_last: bool = False, seed: int = 0) -> torch.Tensor:
+    return make_input(shape, channels_last=channels_last, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
+def test_jit_trace_matches_eager(backend, channels_last, grad, act):
+    """The traced graph must contain the layer (a kernel writing through raw pointers left
+    only the output's allocation in it: uninitialized memory on other inputs)."""
+    ours, theirs = _pair(backend, channels_last, act)
+    ours.eval()
+    theirs.eval()
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(ours, (_x(channels_last=channels_last),), check_trace=False)
+    with torch.no_grad():
+        x2 = _x(channels_last=channels_last, seed=1)
+        assert_close(traced(x2), theirs(x2), *TOL, "traced on a new input")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
+def test_forward_mode_ad_tangents(backend, training, grad, act):
+    ours, theirs = _pair(backend, act=act)
+    x, t = _x(), _x(seed=3)
+    out = []
+    for model in (ours, theirs):
+        model.train(training)
+        with torch.set_grad_enabled(grad), forward_ad.dual_level():
+            y = model(forward_ad.make_dual(x, t))
+            primal, tangent = forward_ad.unpack_dual(y)
+        assert tangent is not None, "the tangent was dropped"
+        out.append((primal, tangent))
+    assert_close(out[0][0], out[1][0], *TOL, "primal")
+    assert_close(out[0][1], out[1][1], *TOL, "tangent")
+    assert_close(ours[1].running_mean, theirs[1].running_mean, *TOL, "running_mean")
+    assert_close(ours[1].running_var, theirs[1].running_var, *TOL, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_in_eval(backend):
+    """grad, vmap (channels-last samples too) and per-sample gradients as with torch.nn."""
+    ours, theirs = _pair(backend)
+    ours.eval()
+    theirs.eval()
+    x = _x((4, 3, 5, 5))
+    results = []
+    for model in (ours, theirs):
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+
+        def loss(p, sample, model=model, buffers=buffers):
+            out = torch.func.functional_call(model, (p, buffers), (sample.unsqueeze(0),))
+            return out.square().sum()
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        with torch.no_grad():
+            mapped = torch.func.vmap(lambda s, model=model: model(s.unsqueeze(0)))(
+                x.contiguous(memory_format=torch.channels_last))
+        results.append((per_sample["1.weight"], per_sample["0.weight"], mapped))
+    for got, want, name in zip(results[0], results[1], ("dweight", "dconv", "vmap")):
+        assert_close(got, want, 1e-4, 1e-4, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_dynamic_from_a_fresh_process_state(backend, training):
+    """fullgraph=True with dynamic shapes, the backend resolved while tracing."""
+    torch._dynamo.reset()
+    ours, theirs = _pair(backend)
+    ours.train(training)
+    theirs.train(training)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (2, 5):
+        x = _x((n, 3, 5, 5), seed=n)
+        assert_close(compiled(x), theirs(x), *TOL, f"batch {n}")
+    assert_close(ours[1].running_var, theirs[1].running_var, *TOL, "running_var")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_export_batchnorm_act(backend, strict):
+    ours, theirs = _pair(backend, act=True)
+    ours.eval()
+    theirs.eval()
+    exported = torch.export.export(ours, (_x(),), strict=strict)
+    x2 = _x(seed=5)
+    assert_close(exported.module()(x2), theirs(x2), *TOL, "exported BatchNormAct2d")

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .backends import get_backend
 from .backends.activations import act_forward
@@ -329,8 +330,6 @@ def _transformed(x: Tensor) -> bool:
     """Forward-mode AD is active, or ``x`` is inside a torch.func transform (grad, vmap,
     jvp): the kernels would drop the tangent or fail on the wrapper, so the layer runs as
     differentiable torch ops (:func:`_composite_forward`) instead."""
-    from torch.autograd import forward_ad
-
     return forward_ad._current_level >= 0 or _is_functorch_wrapped(x)
 
 

@@ -125,3 +125,81 @@ def test_export_batchnorm_act(backend, strict):
     exported = torch.export.export(ours, (_x(),), strict=strict)
     x2 = _x(seed=5)
     assert_close(exported.module()(x2), theirs(x2), *TOL, "exported BatchNormAct2d")
+
+
+def test_compiled_model_follows_the_default_backend_and_the_size():
+    """The backend is chosen while tracing with guards, not frozen: set_backend between
+    calls, and "auto" across sizes (dynamic shapes), reach the compiled model as eagerly."""
+    from batchnorm import ops
+    from batchnorm.backends import resolve_backend, set_backend
+
+    seen = []
+    original = ops.get_backend
+
+    def spy(name):
+        seen.append(name)
+        return original(name)
+
+    torch._dynamo.reset()
+    m = batchnorm.BatchNorm2d(8)  # backend=None: the process default
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=True)
+    try:
+        ops.get_backend = spy
+        with torch.no_grad():
+            for x in (torch.randn(2, 8, 4, 4), torch.randn(64, 8, 32, 32)):
+                compiled(x)
+                assert seen[-1] == resolve_backend(None, x, True), x.shape
+            set_backend("torch")
+            compiled(torch.randn(3, 8, 4, 4))
+            assert seen[-1] == "torch"
+    finally:
+        ops.get_backend = original
+        set_backend(None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [False, True], ids=["bn", "act"])
+def test_torch_func_over_the_parameters_alone(backend, act):
+    """torch.func.grad over the parameters of a first layer (the input is a plain tensor)."""
+    ours, theirs = _pair(backend, act=act)
+    ours.eval()
+    theirs.eval()
+    x = _x()
+    grads = []
+    for model in (ours, theirs):
+        params = dict(model.named_parameters())
+
+        def loss(p, model=model):
+            return torch.func.functional_call(model, p, (x,)).square().sum()
+
+        grads.append(torch.func.grad(loss)(params))
+    for key in grads[1]:
+        assert_close(grads[0][key], grads[1][key], 1e-4, 1e-4, key)
+
+
+@pytest.mark.parametrize("how", ["fullgraph", "export", "export-strict", "jit.trace"])
+def test_in_place_act_with_a_residual_compiles_and_exports(how):
+    """Traced, in-place mode computes out of place (no memory checks on fake tensors)."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = batchnorm.BatchNormAct2d(4, activation="leaky_relu", inplace=True)
+
+        def forward(self, x):
+            return self.bn(self.conv(x), x)
+
+    block = Block().eval()
+    x = _x((2, 4, 5, 5))
+    with torch.no_grad():
+        want = block(x.clone())
+        if how == "fullgraph":
+            torch._dynamo.reset()
+            got = torch.compile(block, backend="aot_eager", fullgraph=True)(x.clone())
+        elif how.startswith("export"):
+            got = torch.export.export(block, (x,), strict=how == "export-strict").module()(x)
+        else:
+            got = torch.jit.trace(block, (x.clone(),), check_trace=False)(x.clone())
+    assert_close(got, want, *TOL, how)

@@ -68,6 +68,10 @@ def test_loads_a_batchnorm_state_dict_dropping_the_counter(affine: bool) -> None
     x = torch.randn(4, 3, 2, 2)
     atol, rtol = TOLERANCES[torch.float32]
     assert_close(f(x), bn.eval()(x), atol, rtol, f"frozen vs torch eval, affine={affine}")
+    if affine:  # a partial checkpoint (bias missing) is reported, not filled in
+        partial = {k: v for k, v in bn.state_dict().items() if k != "bias"}
+        with pytest.raises(RuntimeError, match="Missing key"):
+            FrozenBatchNorm2d(3).load_state_dict(partial)
 
 
 def test_frozen_means_fixed_whatever_train_or_eval() -> None:

@@ -169,7 +169,9 @@ def check_act_args(
             "inplace=True overwrites the input, but the input is a leaf tensor that requires "
             "grad; pass inplace=False or an intermediate tensor"
         )
-    if input.numel() == 0:
+    if input.numel() == 0 or ops._traced(input):
+        # (traced, in-place mode computes out of place: nothing is overwritten; and fake
+        # tensors have no addresses to compare)
         return
     if any(st == 0 and n > 1 for n, st in zip(input.shape, input.stride())):
         raise RuntimeError(
@@ -213,7 +215,8 @@ def _batch_norm_act_unchecked(
     """
     from .backends.activations import act_forward
 
-    if (name == "torch" and not inplace) or ops._traced(input) or ops._transformed(input):
+    if ((name == "torch" and not inplace) or ops._traced(input)
+            or ops._transformed(input, weight, bias, residual)):
         y = _batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
                                   momentum, eps, name)
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32

@@ -319,18 +319,20 @@ def _traced(x: Tensor) -> bool:
     torch.export and fake tensors, and ``torch.jit.trace`` (which otherwise records only the
     output's allocation, so the traced graph would return uninitialized memory)."""
     return (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter)
-            or torch.jit.is_tracing())
+            or torch._C._is_tracing())
 
 
 _is_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
                                 lambda t: False)
 
 
-def _transformed(x: Tensor) -> bool:
-    """Forward-mode AD is active, or ``x`` is inside a torch.func transform (grad, vmap,
-    jvp): the kernels would drop the tangent or fail on the wrapper, so the layer runs as
-    differentiable torch ops (:func:`_composite_forward`) instead."""
-    return forward_ad._current_level >= 0 or _is_functorch_wrapped(x)
+def _transformed(*tensors: Tensor | None) -> bool:
+    """Forward-mode AD is active, or one of ``tensors`` (input, parameters, residual) is
+    inside a torch.func transform (grad, vmap, jvp; over the parameters alone too): the
+    kernels would drop the tangent or fail on the wrapper, so the layer runs as differentiable
+    torch ops (:func:`_composite_forward`) instead."""
+    return forward_ad._current_level >= 0 or any(
+        t is not None and _is_functorch_wrapped(t) for t in tensors)
 
 
 def _composite_train(
@@ -441,7 +443,7 @@ def batch_norm_train(
     args = (x, weight, bias, running_mean, running_var, momentum, eps, backend)
     if _traced(x):
         y, _, _, new_mean, new_var = forward_train(*args)
-    elif _transformed(x):
+    elif _transformed(x, weight, bias):
         return _composite_train(x, weight, bias, running_mean, running_var, momentum, eps)
     elif _needs_grad(x, weight, bias):
         return _EagerTrain.apply(*args)
@@ -464,7 +466,7 @@ def batch_norm_eval(
     args = (x, weight, bias, running_mean, running_var, eps, backend)
     if _traced(x):
         return forward_eval(*args)
-    if _transformed(x):
+    if _transformed(x, weight, bias):
         return _composite_eval(x, weight, bias, running_mean, running_var, eps)
     if _needs_grad(x, weight, bias):
         return _EagerEval.apply(*args)

@@ -86,6 +86,21 @@ def _load(name: str) -> Backend | None:
         return inst
 
 
+# torch.compile runs it once while tracing and keeps the answer as a constant: loading a
+# backend (imports, a lock) cannot be traced, and once loaded (or failed) the answer never
+# changes. Everything else about the choice (the default, the input's device, dtype, layout
+# and size) stays traced, so the compiled graph's guards follow it. While tracing, every
+# backend is loaded at once: the tracer snapshots ``_instances`` when traced code first reads
+# it, and would not see a backend loaded later in the same trace.
+@torch.compiler.assume_constant_result
+def _loaded(name: str) -> bool:
+    """Whether backend ``name`` can run in this process (loaded on first use)."""
+    if torch.compiler.is_compiling():
+        for other in _REGISTRY:
+            _load(other)
+    return _load(name) is not None
+
+
 def _check_name(name: str) -> None:
     if name != AUTO and name not in _REGISTRY:
         raise ValueError(
@@ -103,12 +118,11 @@ def get_backend(name: str) -> Backend:
     _check_name(name)
     if name == AUTO:
         raise ValueError("get_backend needs a concrete backend name; use resolve_backend()")
-    inst = _load(name)
-    if inst is None:
+    if not _loaded(name):
         raise BackendUnavailableError(
             f"backend {name!r} is not available here: {_failures.get(name, 'unknown reason')}"
         )
-    return inst
+    return _instances[name]
 
 
 def available_backends() -> list[str]:
@@ -135,10 +149,6 @@ def get_default_backend() -> str:
     return AUTO
 
 
-# torch.compile runs it once while tracing and keeps the name as a constant: loading a backend
-# (imports, a lock) cannot be traced, and the choice is a property of the input's device,
-# dtype, layout and size, which the compiled graph's guards already pin down.
-@torch.compiler.assume_constant_result
 def resolve_backend(name: str | None, x: Tensor, training: bool = True) -> str:
     """The concrete backend that will run ``x``.
 
@@ -156,7 +166,7 @@ def resolve_backend(name: str | None, x: Tensor, training: bool = True) -> str:
             raise BackendUnavailableError(why)
         return chosen
     for cand in _AUTO_ORDER.get(x.device.type, _AUTO_FALLBACK):
-        inst = _load(cand)
+        inst = _instances[cand] if _loaded(cand) else None
         if inst is not None and inst.supports(x) is None and inst.preferred_for(x, training):
             return cand
     return "torch"

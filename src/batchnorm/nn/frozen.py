@@ -85,12 +85,13 @@ class FrozenBatchNorm(nn.Module):
         error_msgs,
     ) -> None:
         # A BatchNorm checkpoint has a counter the frozen layer does not keep, and an
-        # affine=False one no weight and bias: those are 1 and 0.
+        # affine=False one no weight and bias (both absent: one alone is a partial checkpoint,
+        # which strict loading must report): those are 1 and 0.
         state_dict.pop(prefix + "num_batches_tracked", None)
-        if prefix + "running_mean" in state_dict:
-            for key, fill in (("weight", 1.0), ("bias", 0.0)):
-                if prefix + key not in state_dict:
-                    state_dict[prefix + key] = torch.full_like(getattr(self, key), fill)
+        if (prefix + "running_mean" in state_dict and prefix + "weight" not in state_dict
+                and prefix + "bias" not in state_dict):
+            state_dict[prefix + "weight"] = torch.ones_like(self.weight)
+            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

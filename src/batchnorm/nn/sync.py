@@ -286,7 +286,7 @@ class SyncBatchNorm(BatchNorm):
                 input, check_batch_size=False, tick=False
             )
         except Exception:
-            self._join_failed(group, world)
+            self._join_failed(input, group, world)
             raise
         y = _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, float(momentum),
@@ -295,10 +295,11 @@ class SyncBatchNorm(BatchNorm):
         self._tick()
         return y
 
-    def _join_failed(self, group: Any, world: int) -> None:
+    def _join_failed(self, input: Any, group: Any, world: int) -> None:
         """This rank's part of the statistics' all-gather when its input failed the checks: a
         packet of the size every rank sends, marked failed."""
-        ref = next((t for t in (self.running_mean, self.weight) if t is not None), None)
+        ref = next((t for t in (input, self.running_mean, self.weight)
+                    if isinstance(t, Tensor)), None)
         device = ref.device if ref is not None else torch.device("cpu")
         zeros = torch.zeros(self.num_features, dtype=_WIRE, device=device)
         with torch.no_grad():
@@ -387,9 +388,10 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
         sync = self._sync_group()
         if sync is None:
             return BatchNormAct.forward(self, input, residual)
-        # BatchNormAct's checks too: before any state changes, and known to every rank.
+        # BatchNormAct's checks too: before any state changes, and known to every rank
+        # (without the in-place ones: synchronized, the layer computes out of place).
         y = self._forward_sync(input, *sync, check=lambda: check_act_args(
-            input, residual, self.activation, self.negative_slope, self.inplace))
+            input, residual, self.activation, self.negative_slope, False))
         acc = acc_dtype(input)
         z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
         return act_forward(z, self.activation, float(self.negative_slope)).to(input.dtype)

@@ -315,6 +315,9 @@ def check_fold(
     with torch.no_grad():
         want = _outputs(copy.deepcopy(model).eval()(*args))
         got = _outputs(folded(*args))
+    if len(got) != len(want):
+        raise FoldCheckError(f"fold changed the model's outputs: {len(got)} tensors, the "
+                             f"original gives {len(want)}")
     worst = 0.0
     for a, e in zip(got, want):
         scale = float(e.detach().double().abs().max()) if e.numel() else 0.0

@@ -52,12 +52,33 @@ def test_helpers():
 
 
 def test_measure_turns_interleaves_and_rotates():
-    """One call of each statement per round, in order; call k of statement j gets
-    k * len(fns) + j (warm-up rounds first), so that consecutive calls rotate inputs."""
+    """One call of each statement per round, the order turning by one each round (no
+    statement always follows the same one); the j-th call of round k gets k * len(fns) + j
+    (warm-up rounds first), so that consecutive calls rotate inputs."""
     calls = []
-    fns = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    fns = {n: (lambda i, n=n: calls.append((n, i))) for n in "abc"}
     times, faults = measure_turns(fns, reps=4, warmup=1, max_seconds=10.0)
-    assert calls == [("a", 0), ("b", 1)] + [(n, 2 * k + j) for k in range(1, 5)
-                                              for j, n in enumerate("ab")]
-    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
-    assert set(faults) == {"a", "b"} and all(f >= 0 or f != f for f in faults.values())
+    rounds = [[(n, 3 * k + j) for j, n in enumerate("abc"[r % 3:] + "abc"[:r % 3])]
+              for r, k in enumerate(range(1, 5))]
+    assert calls == [("a", 0), ("b", 1), ("c", 2)] + [c for rnd in rounds for c in rnd]
+    predecessors = {(calls[t - 1][0], calls[t][0]) for t in range(4, len(calls))}
+    assert {("c", "a"), ("a", "b"), ("b", "a")} <= predecessors  # not one fixed order
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert set(faults) == set("abc") and all(f >= 0 or f != f for f in faults.values())
+
+
+def test_correctness_check_fails_on_nan(monkeypatch):
+    """max() drops NaN: a kernel writing NaN must come out as a mismatch, not "ok"."""
+    from batchnorm.benchmarking import cpu
+
+    case = cpu.Case("t", "x", (4, 3, 5, 5), False)
+    inp = cpu._Inputs(case, torch.float32, 1.0)
+    assert cpu._check(case, inp) == "ok"
+    original = cpu._bn
+
+    def nan_ours(backend):
+        f = original(backend)
+        return (lambda *a: f(*a) * float("nan")) if backend == "numba" else f
+
+    monkeypatch.setattr(cpu, "_bn", nan_ours)
+    assert cpu._check(case, inp).startswith("MISMATCH")

@@ -117,7 +117,7 @@ def _env_bytes(name: str, default: int) -> int:
 _STREAM_MIN_BYTES = _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24)
 # "auto" picks numba for training from this many elements on (measured crossover, see
 # preferred_for); channels-first and channels-last differ.
-_AUTO_MIN_NUMEL_CF = 1 << 17
+_AUTO_MIN_NUMEL_CF = 1 << 18
 _AUTO_MIN_NUMEL_CL = 1 << 22
 
 
@@ -594,8 +594,9 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         float32 pass, which loses the variance as ``|mean| / std`` grows (measured, 131K
         values a channel: relative output error 1e-4 at a ratio of 100, 0.8 at 1e4; ours
         7e-8); those always take the fused kernels. Elsewhere speed decides
-        (``batchnorm bench --crossover``, 1 and 2 threads): from about 128K elements
-        channels-first, 4M channels-last (ATen's channels-last kernels read x twice too, and
+        (``batchnorm bench --crossover``, inputs read from memory, 1 and 2 threads): from
+        about 256K elements channels-first (at 131K: 0.77-0.9x with 2 threads, 1.23x with
+        1), 4M channels-last (ATen's channels-last kernels read x twice too, and
         at 2M we were still 0.95x). Below, the fixed cost of a call (tens of microseconds of
         Python) dominates. Eval is a single elementwise pass that ATen already runs at copy
         speed and accurately: it stays native."""

@@ -54,10 +54,11 @@ def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmu
                   max_seconds: float = 3.0, sync: Callable[[], Any] | None = None
                   ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Wall times (seconds) of several statements timed in turns: each round calls every one
-    once, so that a shared machine's drift, and the state one leaves behind for the next (the
-    caches, torch's OpenMP threads still spinning after an ATen op, the allocator's free
-    lists), falls on all of them alike, as it does between the layers of a network. Call ``k``
-    of statement ``j`` gets ``i = k * len(fns) + j`` (consecutive calls rotate inputs). At
+    once, in an order that turns by one each round, so that a shared machine's drift, and the
+    state one leaves behind for the next (the caches, torch's OpenMP threads still spinning
+    after an ATen op, the allocator's free lists), falls on all of them alike, as it does
+    between the layers of a network. The ``j``-th call of round ``k`` gets
+    ``i = k * len(fns) + j`` (consecutive calls rotate inputs). At
     least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement. ``sync``
     (``torch.cuda.synchronize``, say) runs before and after each timed call.
 
@@ -71,7 +72,9 @@ def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmu
     faults = dict.fromkeys(names, 0)
     start = time.perf_counter()
     for k in range(reps):
-        for j, name in enumerate(names):
+        # the order turns too, so that no statement always follows the same one
+        for j in range(len(names)):
+            name = names[(j + k) % len(names)]
             if sync is not None:
                 sync()
             f0 = minor_faults()

@@ -306,12 +306,12 @@ def _backward_eval(ctx: Any, dy: Tensor) -> tuple:
 forward_eval.register_autograd(_backward_eval, setup_context=_setup_eval)
 
 
-
 # ---- eager fast path -------------------------------------------------------------------------
 # A custom op's Python dispatch costs tens of microseconds per call, which adds up over the
-# ~100 BN layers of a speaker encoder at small batch sizes. Outside torch.compile/export we call
-# the same implementations through plain autograd.Functions that share the ops' setup and
-# backward code; tracing (compile, export, fake tensors) always sees the custom ops.
+# ~100 BN layers of a speaker encoder at small batch sizes. Outside tracing we call the same
+# implementations through plain autograd.Functions that share the ops' setup and backward
+# code; tracing (compile, export, fake tensors, jit.trace) always sees the custom ops, and
+# forward-mode AD and torch.func transforms get the layer as torch ops.
 
 
 def _traced(x: Tensor) -> bool:
@@ -343,13 +343,10 @@ def _composite_train(
     running_var: Tensor | None,
     momentum: float,
     eps: float,
-    activation: str = "identity",
-    slope: float = 0.0,
-    residual: Tensor | None = None,
 ) -> Tensor:
     """Training forward as torch ops (see :func:`_transformed`); updates the running buffers
     in place from the batch statistics (unbiased variance), as the kernels do."""
-    y = _composite_forward(x, weight, bias, residual, None, None, True, eps, activation, slope)
+    y = _composite_forward(x, weight, bias, None, None, None, True, eps)
     if running_mean is not None and running_var is not None and x.numel() > 0:
         with torch.no_grad():
             xd = x.detach().to(acc_dtype(x))
@@ -369,16 +366,12 @@ def _composite_eval(
     running_mean: Tensor,
     running_var: Tensor,
     eps: float,
-    activation: str = "identity",
-    slope: float = 0.0,
-    residual: Tensor | None = None,
 ) -> Tensor:
     """Eval forward as torch ops (see :func:`_transformed`)."""
     acc = acc_dtype(x)
     mean = running_mean.detach().to(acc)
     invstd = safe_invstd(running_var.detach().to(acc), eps)
-    return _composite_forward(x, weight, bias, residual, mean, invstd, False, eps, activation,
-                              slope).to(x.dtype)
+    return _composite_forward(x, weight, bias, None, mean, invstd, False, eps).to(x.dtype)
 
 
 class _EagerTrain(torch.autograd.Function):

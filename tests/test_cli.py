@@ -86,3 +86,22 @@ def test_demo_command_end_to_end() -> None:
     out = _cli("demo", "--no-progress")
     assert out.returncode == 0, out.stderr
     assert "test accuracy after recalibration" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--shape", "2,x"], "comma-separated integers"),
+    (["--shape", "2,,3"], "comma-separated integers"),
+    (["--shape", "3"], "at least two positive sizes"),
+    (["--shape", "0,3"], "at least two positive sizes"),
+    (["--threads", "0"], "positive integer"),
+    (["--threads", "-1"], "positive integer"),
+])
+def test_bench_refuses_bad_arguments_before_any_work(args, message, capsys) -> None:
+    """A user mistake is an argparse error (exit 2, one clear line), not a traceback after
+    the copy-bandwidth measurement."""
+    from batchnorm.benchmarking import cpu
+
+    with pytest.raises(SystemExit) as exc:
+        cpu.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -166,3 +166,19 @@ def test_numpy_module_state_dict_round_trip_and_errors():
         bn(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="expected 4 channels"):
         bn(np.zeros((2, 3)))
+
+
+def test_silu_keeps_its_digits_in_the_negative_tail():
+    """z * sigmoid(z) for very negative z: no 1 + tanh(z / 2) cancellation, no overflow."""
+    z = np.array([-40.0, -37.0, -30.0, -1.0, 0.0, 1.0, 30.0, 800.0, -800.0])
+    want = torch.nn.functional.silu(torch.from_numpy(z)).numpy()
+    got = ref.activation(z, "silu")
+    assert np.all(np.isfinite(got))
+    nz = want != 0
+    assert np.max(np.abs(got[nz] - want[nz]) / np.abs(want[nz])) < 1e-14, (got, want)
+
+
+def test_out_of_range_channel_axis_is_a_clear_error():
+    bn = ref.BatchNorm(3, channel_axis=3)
+    with pytest.raises(ValueError, match="channel_axis=3 is out of range for 2D input"):
+        bn(np.ones((4, 3)))

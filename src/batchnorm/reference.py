@@ -175,8 +175,10 @@ def activation(z: np.ndarray, name: str, negative_slope: float = 0.01) -> np.nda
         # expm1 of the clipped value: the discarded branch of where() must not overflow.
         return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))
     if name == "silu":
-        # sigmoid(z) = (1 + tanh(z / 2)) / 2 has no exp(-z) to overflow for very negative z.
-        return z * 0.5 * (1.0 + np.tanh(0.5 * z))
+        # sigmoid from exp(-|z|) <= 1: nothing overflows, and for very negative z no
+        # 1 + tanh(z / 2) cancels (that form lost all digits below z = -37)
+        e = np.exp(-np.abs(z))
+        return z * np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     if name == "gelu":
         erf = np.vectorize(math.erf, otypes=[np.float64])
         return z * 0.5 * (1.0 + erf(z / math.sqrt(2.0)))
@@ -345,6 +347,9 @@ class BatchNorm:
     def _check(self, x: np.ndarray) -> None:
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+        if not -x.ndim <= self.channel_axis < x.ndim:
+            raise ValueError(f"channel_axis={self.channel_axis} is out of range for "
+                             f"{x.ndim}D input (expected -{x.ndim} to {x.ndim - 1})")
         c = x.shape[self.channel_axis]
         if c != self.num_features:
             raise ValueError(
@@ -417,7 +422,8 @@ class BatchNorm:
 
         Returns ``(missing_keys, unexpected_keys)``; with ``strict=True`` either being
         non-empty raises ``KeyError`` and nothing is loaded. A missing
-        ``num_batches_tracked`` is filled with 0 (old checkpoints), as torch does.
+        ``num_batches_tracked`` (old checkpoints) keeps the current value, as torch does for a
+        plain dict.
         """
         expected = list(self.state_dict().keys())
         missing = [k for k in expected if k not in state_dict and k != "num_batches_tracked"]

@@ -102,13 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sets", nargs="+", default=["resnet50", "campplus", "volumetric"],
                    choices=["resnet50", "campplus", "volumetric"], help="shape sets")
     p.add_argument("--batch", type=int, default=32, help="batch size of the ResNet-50 set")
-    p.add_argument("--shape", action="append", default=[], metavar="N,C,...",
+    p.add_argument("--shape", action="append", default=[], metavar="N,C,...", type=_shape,
                    help="a custom shape (repeatable); replaces the sets")
     p.add_argument("--layouts", nargs="+", default=["cf", "cl"], choices=["cf", "cl"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "float64", "float16", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch.set_num_threads first")
     p.add_argument("--reps", type=int, default=15, help="timed calls per measurement")
     p.add_argument("--max-seconds", type=float, default=2.0, help="time cap per measurement")
     p.add_argument("--rotate-mb", type=float, default=64.0,
@@ -126,14 +127,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """``--shape N,C,...``: at least two positive sizes (argparse reports a bad one)."""
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers N,C,..., got {text!r}") from None
+    if len(dims) < 2 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected at least two positive sizes N,C,..., got {text!r}")
+    return dims
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
 def _cases(args: argparse.Namespace) -> list[Case]:
     if args.shape:
-        named = [("custom", f"x{'x'.join(s.split(','))}", tuple(int(v) for v in s.split(",")))
-                 for s in args.shape]
+        named = [("custom", "x" + "x".join(map(str, s)), s) for s in args.shape]
     elif args.quick:
         named = [("quick", n, s) for n, s in _QUICK]
     else:

@@ -287,12 +287,18 @@ def _backward_train(ctx: Any, dy: Tensor, *_unused: Tensor) -> tuple:
 forward_train.register_autograd(_backward_train, setup_context=_setup_train)
 
 
+def _running_constants(
+    x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Eval's ``(mean, invstd)`` from the running buffers, detached, in the accumulation dtype."""
+    acc = acc_dtype(x)
+    return running_mean.detach().to(acc), safe_invstd(running_var.detach().to(acc), eps)
+
+
 def _setup_eval(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, weight, bias, running_mean, running_var, eps, backend = inputs
-    acc = acc_dtype(x)
     # Running statistics are constants in eval: save them as the backward's mean/invstd.
-    mean = running_mean.detach().to(acc)
-    invstd = safe_invstd(running_var.detach().to(acc), eps)
+    mean, invstd = _running_constants(x, running_mean, running_var, eps)
     ctx.save_for_backward(x, weight, mean, invstd)
     ctx.backend, ctx.eps = backend, eps
     ctx.weight_dtype = weight.dtype if weight is not None else None
@@ -349,11 +355,10 @@ def _composite_train(
     y = _composite_forward(x, weight, bias, None, None, None, True, eps)
     if running_mean is not None and running_var is not None and x.numel() > 0:
         with torch.no_grad():
-            xd = x.detach().to(acc_dtype(x))
-            var, mean = torch.var_mean(xd, dim=reduce_dims(x), correction=0)
-            count = x.numel() // x.shape[1]
-            new_mean, new_var = running_update(running_mean, running_var, mean, var * count,
-                                               count, momentum)
+            # the composite backend's statistics, and the update every backend shares
+            mean, m2 = get_backend("torch").stats(x.detach())
+            new_mean, new_var = running_update(running_mean, running_var, mean, m2,
+                                               x.numel() // x.shape[1], momentum)
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)
     return y.to(x.dtype)
@@ -368,9 +373,7 @@ def _composite_eval(
     eps: float,
 ) -> Tensor:
     """Eval forward as torch ops (see :func:`_transformed`)."""
-    acc = acc_dtype(x)
-    mean = running_mean.detach().to(acc)
-    invstd = safe_invstd(running_var.detach().to(acc), eps)
+    mean, invstd = _running_constants(x, running_mean, running_var, eps)
     return _composite_forward(x, weight, bias, None, mean, invstd, False, eps).to(x.dtype)
 
 

@@ -102,8 +102,8 @@ class NumbaActMixin:
                 activation, slope, out,
             )
         nb = _nb()
-        view = nb._view(x, training)
-        acc = acc_dtype(x)
+        plan = nb._plan("numba_act_kernels.forward_act", x, training, True)
+        view, acc = plan.view, plan.acc
         c = x.shape[1]
         new_rm = new_rv = rm = rv = None
         if training:
@@ -117,12 +117,12 @@ class NumbaActMixin:
             invstd = safe_invstd(running_var.detach().to(acc), eps)
         parts = view.parts
         tmp = nb._Scratch(parts, c, 4, acc)
-        nb._launch("numba_act_kernels.forward_act", x, [
+        nb._launch(plan, [
             x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
             tmp.rows(3, 0), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm, rv,
             new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
             nb._streamed(out), *tmp.partials(), tmp.rows(0, 3),
-        ], view, training, True, keep=tmp)
+        ], tmp)
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None
             if new_rm.dtype != running_mean.dtype:
@@ -174,15 +174,17 @@ class NumbaActMixin:
         dx = nb._new_output(saved) if do_apply else None
         dres = nb._new_output(saved) if do_apply and residual is not None else None
         if do_reduce or do_apply:
-            view = nb._view(saved, do_reduce)
+            plan = nb._plan("numba_act_kernels.backward_act", saved, do_reduce, do_apply,
+                            first=3)
+            view = plan.view
             parts = view.parts
             tmp = nb._Scratch(parts, c, 9, acc)
-            nb._launch("numba_act_kernels.backward_act", saved, [
+            nb._launch(plan, [
                 dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
                 parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
                 nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
                 do_apply, training, inplace, _codes()[activation], slope,
                 nb._streamed(dx, view), *tmp.partials(), tmp.rows(0, 9),
-            ], view, do_reduce, do_apply, keep=tmp, first=3)
+            ], tmp)
         return (dx if need_dx else None, sum_dzx if need_dw else None,
                 sum_dz if need_db else None, dres if need_dr else None)

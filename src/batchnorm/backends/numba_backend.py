@@ -514,11 +514,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_pool_after_fork)
 
 
-def _threads(x: Tensor) -> int:
-    """Threads for one call: torch's setting (one for small inputs)."""
-    return 1 if x.numel() < _PARALLEL_MIN_NUMEL else max(1, torch.get_num_threads())
-
-
 def _run_phase(call: Any, phase: int, units: int, nthreads: int) -> None:
     """One phase of a packed call on up to ``nthreads`` threads: torch's OpenMP threads, or
     the pool's; raises if a unit did not complete (the kernel failed in it)."""
@@ -537,30 +532,73 @@ def _run_phase(call: Any, phase: int, units: int, nthreads: int) -> None:
                            f"{phase} completed (see the error printed above)")
 
 
-def _launch(kernel: str, x: Tensor, values: list[Any], view: _View, reduce: bool,
-            apply: bool, keep: tuple = (), first: int | None = None) -> None:
-    """Run kernel ``kernel`` (``"module.name"``, see :func:`.numba_entry.entry_for`) on
-    packed ``values`` for input ``x``: phase ``first`` when given (a per-channel setup), then
-    one phase (each task holds whole channels) or reduce -> merge -> apply. ``keep``: what
-    the ``(address, *shape)`` values point into (kept alive with the call)."""
-    k = _kernels()
-    entry = _MODULES["entry"]
-    module, name = kernel.split(".")
-    call = entry.PackedCall(entry.entry_for(module, name, x.dtype), values, keep)
-    nthreads = _threads(x)
-    c = x.shape[1]
-    merge_units = -(-c // k.MERGE_CHUNK)
-    if first is not None:
-        _run_phase(call, first, merge_units, nthreads if c >= _PARALLEL_MERGE else 1)
-    if view.parts == 1:
-        _run_phase(call, 0, view.tasks, nthreads)
-        return
-    if reduce:
-        _run_phase(call, 0, view.tasks, nthreads)
-    # merging partials is per channel: in parallel too when there is enough of it
-    _run_phase(call, 1, merge_units, nthreads if c * view.parts >= _PARALLEL_MERGE else 1)
-    if apply:
-        _run_phase(call, 2, view.tasks, nthreads)
+class _Plan:
+    """What one kernel call needs that depends only on the kernel, the input's shape, strides
+    and dtype, and whether the call reduces and applies: looked up once per call
+    (:func:`_plan`) instead of being worked out again by a dozen Python calls, which cost
+    tens of microseconds a step after another layer has evicted the interpreter's data.
+
+    Attributes:
+        view: the kernels' :class:`_View` of the input.
+        acc: accumulation dtype (float64 for float64 input, else float32).
+        entry: the compiled entry (:func:`.numba_entry.entry_for`).
+        phases: ``(phase, units, parallel)`` in order: ``parallel`` False runs the phase on
+            one thread (a merge with too little work to share).
+        small: below ``_PARALLEL_MIN_NUMEL`` elements: one thread (waking one costs more).
+    """
+
+    __slots__ = ("acc", "entry", "phases", "small", "view")
+
+    def __init__(self, kernel: str, x: Tensor, reduce: bool, apply: bool,
+                 first: int | None) -> None:
+        k = _kernels()
+        module, name = kernel.split(".")
+        self.view = view = _view(x, reduce)
+        self.acc = acc_dtype(x)
+        self.entry = _MODULES["entry"].entry_for(module, name, x.dtype)
+        self.small = x.numel() < _PARALLEL_MIN_NUMEL
+        c = x.shape[1]
+        merge_units = -(-c // k.MERGE_CHUNK)
+        phases: list[tuple[int, int, bool]] = []
+        if first is not None:  # a per-channel setup
+            phases.append((first, merge_units, c >= _PARALLEL_MERGE))
+        if view.parts == 1:  # each task holds whole channels: one phase
+            phases.append((0, view.tasks, True))
+        else:
+            if reduce:
+                phases.append((0, view.tasks, True))
+            # merging partials is per channel: in parallel too when there is enough of it
+            phases.append((1, merge_units, c * view.parts >= _PARALLEL_MERGE))
+            if apply:
+                phases.append((2, view.tasks, True))
+        self.phases = tuple(phases)
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(kernel: str, x: Tensor, reduce: bool, apply: bool, first: int | None = None) -> _Plan:
+    """The :class:`_Plan` of kernel ``kernel`` (``"module.name"``, see
+    :func:`.numba_entry.entry_for`) for input ``x`` (of a kernel layout,
+    :func:`~.base.as_kernel_layout`): phase ``first`` when given, then one phase, or reduce
+    -> merge -> apply; remembered per kernel, shape, strides, dtype and switches."""
+    key = (kernel, x.shape, x.stride(), x.dtype, reduce, apply, first)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(kernel, x, reduce, apply, first)
+    return plan
+
+
+def _launch(plan: _Plan, values: list[Any], keep: Any = ()) -> None:
+    """Run ``plan``'s phases on packed ``values`` (the kernel's ``PACKED`` order) on torch's
+    thread count (one for small inputs). ``keep``: what the ``(address, *shape)`` values
+    point into (kept alive with the call)."""
+    call = _MODULES["entry"].PackedCall(plan.entry, values, keep)
+    nthreads = 1 if plan.small else max(1, torch.get_num_threads())
+    for phase, units, parallel in plan.phases:
+        _run_phase(call, phase, units, nthreads if parallel else 1)
 
 
 class NumbaBackend(NumbaActMixin, TorchBackend):
@@ -632,8 +670,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         """
         x = as_kernel_layout(x)
         do_stats = mean is None
-        view = _view(x, do_stats)
-        acc = acc_dtype(x)
+        plan = _plan("numba_kernels.forward", x, do_stats, apply)
+        view, acc = plan.view, plan.acc
         c = x.shape[1]
         y = _new_output(x) if apply else None
         if do_stats:
@@ -649,12 +687,12 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         tmp = _Scratch(parts, c, 4, acc)
         # M2 is an output of the stats primitive only; otherwise scratch
         m2 = None if apply else torch.empty(c, dtype=acc)
-        _launch("numba_kernels.forward", x, [
+        _launch(plan, [
             x, y, *view.dims, view.blocks, parts, mean, tmp.rows(3, 0) if m2 is None else m2,
             invstd, _chan(var, acc), _chan(weight, acc), _chan(bias, acc), rm, rv, new_rm,
             new_rv, eps, momentum, do_stats, apply, _streamed(y), *tmp.partials(),
             tmp.rows(0, 3),
-        ], view, do_stats, apply, keep=tmp)
+        ], tmp)
         return y, mean, m2, invstd, new_rm, new_rv
 
     def _backward(
@@ -679,8 +717,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         if dy.stride() != x.stride():
             dy = empty_out_like(x).copy_(dy)
         do_reduce = sums is None
-        view = _view(x, do_reduce)
-        acc = acc_dtype(x)
+        plan = _plan("numba_kernels.backward", x, do_reduce, apply)
+        view, acc = plan.view, plan.acc
         c = x.shape[1]
         if sums is None:
             sum_dy, sum_dy_xmu = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
@@ -690,11 +728,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         dw = torch.empty(c, dtype=acc) if dweight else None
         parts = view.parts
         tmp = _Scratch(parts, c, 4, acc)
-        _launch("numba_kernels.backward", x, [
+        _launch(plan, [
             dy, x, dx, *view.dims, view.blocks, parts, _chan(mean, acc), _chan(invstd, acc),
             _chan(weight, acc), sum_dy, sum_dy_xmu, dw, float(count or x.numel() // c),
             do_reduce, apply, training, _streamed(dx, view), *tmp.partials(), tmp.rows(0, 4),
-        ], view, do_reduce, apply, keep=tmp)
+        ], tmp)
         assert sum_dy is not None and sum_dy_xmu is not None
         return dx, sum_dy, sum_dy_xmu, dw
 

@@ -206,13 +206,16 @@ def _total_one_value_raises(rank: int, world: int) -> str:
 
 def _one_rank_fails_its_checks(rank: int, world: int) -> str:
     """Rank 1's input fails validation (wrong channel count; float64 input into float32
-    parameters): rank 1 raises its own error, the others a RuntimeError naming rank 1, all
-    promptly (not at the group's timeout) and with no state changed anywhere."""
-    for bad in ("channels", "dtype"):
+    parameters; on another device, "meta", where a packet on the input's device would make
+    the gather a no-op on that rank): rank 1 raises its own error, the others a RuntimeError
+    naming rank 1, all promptly (not at the group's timeout) and with no state changed
+    anywhere."""
+    for bad in ("channels", "dtype", "device"):
         bn = SyncBatchNorm(3)
         x = make_input((4, 3, 2))
         if rank == 1:
-            x = make_input((4, 5, 2)) if bad == "channels" else x.double()
+            x = {"channels": make_input((4, 5, 2)), "dtype": x.double(),
+                 "device": x.to("meta")}[bad]
         start = time.monotonic()
         try:
             bn(x)

@@ -123,6 +123,19 @@ def test_inplace_errors():
     leaf = make_input((4, 3, 2, 2)).requires_grad_()
     with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
         batch_norm_act(leaf, None, None, training=True, activation="elu", inplace=True)
+    # a view of such a leaf: autograd would refuse the write only after the kernels ran
+    rm, rv = torch.zeros(3), torch.ones(3)
+    module = batchnorm.BatchNormAct2d(3, activation="elu", inplace=True)
+    before = leaf.detach().clone()
+    for call in (lambda: batch_norm_act(leaf[1:], rm, rv, training=True, activation="elu",
+                                        inplace=True),
+                 lambda: module(leaf[:, :])):
+        with pytest.raises(RuntimeError, match="view of a leaf tensor that requires grad"):
+            call()
+    assert torch.equal(leaf.detach(), before)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert int(module.num_batches_tracked) == 0 and torch.equal(module.running_mean,
+                                                                torch.zeros(3))
     # the input is needed elsewhere: exp saves its output for backward
     a = make_input((4, 3, 2, 2)).requires_grad_()
     h = torch.exp(a)
@@ -314,3 +327,27 @@ def test_torch_compile_with_act_module():
     y.sum().backward()
     y_eager.sum().backward()
     assert_close(model[0].weight.grad, model_copy[0].weight.grad, 1e-4, 1e-4, "conv grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_gradients_at_a_nan_pre_activation_follow_torch(backend, activation):
+    """A NaN in the residual makes one pre-activation NaN: torch's relu backward passes the
+    gradient there (it tests ``z <= 0``), leaky_relu scales it (``z > 0``); every other
+    element's gradient must stay finite and equal torch's. (Not elu: torch's own elu backward
+    gives 1 at a NaN on its scalar path and NaN on its vectorized one; ours gives 1.)"""
+    torch.manual_seed(3)
+    x = make_input((4, 3, 2, 2))
+    r = torch.randn(4, 3, 2, 2)
+    r[1, 0, 0, 1] = float("nan")
+    dy = torch.randn(4, 3, 2, 2)
+    got = [t.requires_grad_() for t in (x.clone(), r.clone())]
+    y = batch_norm_act(got[0], None, None, training=True, activation=activation,
+                       negative_slope=0.1, residual=got[1], backend=backend)
+    gx, gr = torch.autograd.grad(y, got, dy)
+    ref = [t.double().requires_grad_() for t in (x, r)]
+    z = F.batch_norm(ref[0], None, None, training=True) + ref[1]
+    ex, er = torch.autograd.grad(TORCH_ACT[activation](z), ref, dy.double())
+    assert torch.equal(torch.isnan(gr), torch.isnan(er))
+    assert_close(gr, er.float(), atol=1e-5, rtol=1e-5, what=f"dresidual {activation}")
+    assert_close(gx, ex.float(), atol=1e-4, rtol=1e-4, what=f"dx {activation}")

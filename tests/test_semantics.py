@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import batchnorm
@@ -245,6 +247,47 @@ def test_invstd_zero_when_variance_and_eps_are_zero_in_eval():
         bn.backend = backend
         y = bn(torch.ones(4, 2))
         assert torch.equal(y, torch.tensor([[0.5, -0.5]] * 4)), (backend, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_running_variance_gives_nan_not_bias_in_eval(backend):
+    """Only ``var + eps == 0`` maps the inverse std to 0; a negative or NaN running variance
+    (a corrupt buffer) must show as NaN, as in torch, not silently output the bias. Also the
+    reference and the eval backward."""
+    bn = batchnorm.BatchNorm1d(3, eps=0.0, backend=backend).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([-1.0, float("nan"), 2.0]))
+        bn.bias.copy_(torch.tensor([0.5, -0.5, 0.25]))
+    x = make_input((4, 3)).requires_grad_()
+    y = bn(x)
+    expected = F.batch_norm(x.detach(), bn.running_mean, bn.running_var, bn.weight.detach(),
+                            bn.bias.detach(), False, 0.1, 0.0)
+    assert torch.isnan(y[:, :2]).all() and torch.isnan(expected[:, :2]).all(), y
+    assert_close(y[:, 2], expected[:, 2], *F32, "healthy channel")
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isnan(dx[:, :2]).all() and torch.isfinite(dx[:, 2]).all(), dx
+    inv = ref.invstd(np.array([-1.0, np.nan, 2.0, 0.0]), 0.0)
+    assert np.isnan(inv[:2]).all() and np.isclose(inv[2], 2.0 ** -0.5) and inv[3] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", [False, True], ids=["momentum1", "momentum_none"])
+def test_first_batch_with_momentum_one_overwrites_exactly(backend, module):
+    """momentum 1 (and momentum=None's first batch) replaces the buffers by the batch
+    statistics exactly: ``r + m * (b - r)`` rounds, and lost every digit of a small variance
+    next to the initial 1 (it gave 0 for std 1e-4)."""
+    x = make_input((8, 4, 3, 3)) * 1e-4 + 3.0
+    ours = batchnorm.BatchNorm2d(4, momentum=None if module else 1.0, backend=backend)
+    theirs = torch.nn.BatchNorm2d(4, momentum=None if module else 1.0)
+    with torch.no_grad():
+        ours.running_mean.fill_(1e4)
+        theirs.running_mean.fill_(1e4)
+    ours(x)
+    theirs(x)
+    st = ref.channel_stats(x.double().numpy())
+    assert_close(ours.running_var, st.var_unbiased, 0.0, 1e-4, "running_var")
+    assert_close(ours.running_var, theirs.running_var, 0.0, 1e-4, "running_var vs torch")
+    assert_close(ours.running_mean, theirs.running_mean, 0.0, 1e-6, "running_mean vs torch")
 
 
 def test_set_backend_env_and_available():

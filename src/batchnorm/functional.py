@@ -169,6 +169,15 @@ def check_act_args(
             "inplace=True overwrites the input, but the input is a leaf tensor that requires "
             "grad; pass inplace=False or an intermediate tensor"
         )
+    base = input._base
+    if (input.requires_grad and torch.is_grad_enabled() and base is not None and base.is_leaf
+            and base.requires_grad):
+        # autograd would refuse the write only after the kernels ran (and the running
+        # statistics and the counter had changed)
+        raise RuntimeError(
+            "inplace=True overwrites the input, but the input is a view of a leaf tensor that "
+            "requires grad; pass inplace=False or an intermediate tensor"
+        )
     if input.numel() == 0 or ops._traced(input):
         # (traced, in-place mode computes out of place: nothing is overwritten; and fake
         # tensors have no addresses to compare)

@@ -127,10 +127,12 @@ def combine_stats(parts: Iterable[Stats]) -> Stats:
 
 
 def invstd(var: np.ndarray, eps: float) -> np.ndarray:
-    """``1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (never inf)."""
+    """``1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (never inf); NaN where
+    ``var + eps`` is negative or NaN (a corrupt running variance shows, as in torch)."""
     denom = np.asarray(var, dtype=np.float64) + eps
     out = np.zeros_like(denom)
-    np.divide(1.0, np.sqrt(denom), out=out, where=denom > 0)
+    with np.errstate(invalid="ignore"):
+        np.divide(1.0, np.sqrt(denom), out=out, where=denom != 0)
     return out
 
 

@@ -69,15 +69,18 @@ def act_forward(z: Tensor, activation: str, slope: float) -> Tensor:
 
 
 def act_grad(z: Tensor, activation: str, slope: float) -> Tensor:
-    """``d act / dz`` at the pre-activation ``z`` (subgradient 0 at z = 0 for relu, as torch)."""
+    """``d act / dz`` at the pre-activation ``z`` (subgradient 0 at z = 0 for relu, as torch).
+
+    At a NaN ``z`` the factor is torch's: relu and elu pass the gradient (their backward tests
+    ``z <= 0``), leaky_relu scales it by the slope (its backward tests ``z > 0``)."""
     if activation == "identity":
         return torch.ones_like(z)
     if activation == "relu":
-        return (z > 0).to(z.dtype)
+        return torch.where(z <= 0, torch.zeros_like(z), torch.ones_like(z))
     if activation == "leaky_relu":
         return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, slope))
     if activation == "elu":
-        return torch.where(z > 0, torch.ones_like(z), torch.exp(z))
+        return torch.where(z <= 0, torch.exp(z), torch.ones_like(z))
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1.0 + z * (1.0 - s))

@@ -143,7 +143,9 @@ def match_layout(t: Tensor, like: Tensor) -> Tensor:
 def safe_invstd(var: Tensor, eps: float) -> Tensor:
     """``1 / sqrt(var + eps)``, and 0 (not inf) where ``var + eps == 0``."""
     denom = var + eps
-    return torch.where(denom > 0, torch.rsqrt(denom), torch.zeros_like(denom))
+    # only an exact zero maps to 0: a negative or NaN variance (a corrupt buffer) gives NaN,
+    # as torch does, instead of silently normalizing with 0
+    return torch.where(denom == 0, torch.zeros_like(denom), torch.rsqrt(denom))
 
 
 def running_update(

@@ -89,14 +89,15 @@ def _act(z, a, sl):
 
 @njit(fastmath=_ELEM_MATH)
 def _dact(z, a, sl):
-    """``act'(z)`` (0 at z = 0 for relu, as torch)."""
+    """``act'(z)`` (0 at z = 0 for relu, as torch; at a NaN ``z`` 1 for relu and elu and the
+    slope for leaky_relu, as torch's backward formulas give)."""
     one = _k(1.0, z)
     if a == 1:
-        return one if z > 0 else z - z
+        return _k(0.0, z) if z <= 0 else one
     if a == 2:
         return one if z > 0 else sl
     if a == 3:
-        return one if z > 0 else np.exp(z)
+        return np.exp(z) if z <= 0 else one
     if a == 4:
         s = one / (one + np.exp(-z))
         return s * (one + z * (one - s))
@@ -149,7 +150,8 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
     xh = (v - hi) * inv + k0
     z = xh * w + b + rv
     if lin:
-        return (g if z > 0 else g * neg), xh
+        # (relu passes g at a NaN z, as torch's threshold_backward; leaky_relu scales it)
+        return (g if z > 0 or (a == 1 and z != z) else g * neg), xh
     return g * _dact(z, a, sl), xh
 
 

@@ -371,7 +371,8 @@ def _span(total, parts, p):
 @njit(inline="always")
 def _safe_invstd(var, eps):
     denom = var + eps
-    return 1.0 / np.sqrt(denom) if denom > 0.0 else 0.0
+    # 0 only for an exact zero; a negative or NaN variance gives NaN (as in torch)
+    return 1.0 / np.sqrt(denom) if denom != 0.0 else 0.0
 
 
 @njit(inline="always")

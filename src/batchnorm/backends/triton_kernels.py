@@ -121,9 +121,10 @@ def _f64(hi, lo, ACC: tl.constexpr):
 
 @triton.jit
 def _safe_invstd(var, eps, ACC: tl.constexpr):
-    """``1 / sqrt(var + eps)`` correctly rounded, and 0 where ``var + eps <= 0`` (never inf)."""
+    """``1 / sqrt(var + eps)`` correctly rounded, and 0 where ``var + eps == 0`` (never inf);
+    NaN where it is negative or NaN (a corrupt running variance), as in torch."""
     d = var + eps
-    pos = d > 0
+    pos = d != 0
     d = tl.where(pos, d, 1.0)
     if ACC == tl.float64:
         r = 1.0 / tl.sqrt(d)  # float64 sqrt and division are IEEE-rounded in PTX
@@ -149,13 +150,17 @@ def _scale_shift(w_ptr, b_ptr, c, cmask, invstd, HAS_W: tl.constexpr, HAS_B: tl.
 @triton.jit
 def _running_update(rm_ptr, rv_ptr, rm_out_ptr, rv_out_ptr, c, cmask, mean, m2, count, mom,
                     ACC: tl.constexpr):
-    """New running stats ``r + mom * (batch - r)`` (momentum weighs the new value; the variance
-    is the unbiased ``m2 / (count - 1)``), written to fresh outputs in the buffers' dtype."""
+    """New running stats ``(1 - mom) * r + mom * batch`` (momentum weighs the new value; the
+    variance is the unbiased ``m2 / (count - 1)``), written to fresh outputs in the buffers'
+    dtype. Not ``r + mom * (batch - r)``: with ``mom == 1`` (``momentum=None``'s first batch)
+    that rounds, and loses every digit of a variance far below the old buffer's."""
     rm = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(ACC)
     rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(ACC)
     var_unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-    tl.store(rm_out_ptr + c, (rm + mom * (mean - rm)).to(rm_out_ptr.dtype.element_ty), mask=cmask)
-    tl.store(rv_out_ptr + c, (rv + mom * (var_unbiased - rv)).to(rv_out_ptr.dtype.element_ty),
+    keep = 1.0 - mom
+    tl.store(rm_out_ptr + c, (keep * rm + mom * mean).to(rm_out_ptr.dtype.element_ty),
+             mask=cmask)
+    tl.store(rv_out_ptr + c, (keep * rv + mom * var_unbiased).to(rv_out_ptr.dtype.element_ty),
              mask=cmask)
 
 
@@ -187,13 +192,14 @@ def _act(z, slope, ACT: tl.constexpr):
 
 @triton.jit
 def _dz_from_z(dy, z, slope, ACT: tl.constexpr):
-    """``dy * act'(z)`` (relu's subgradient at 0 is 0, as torch's)."""
+    """``dy * act'(z)`` (relu's subgradient at 0 is 0, as torch's; at a NaN ``z`` relu and
+    elu pass ``dy`` and leaky_relu scales it, as torch's backward formulas do)."""
     if ACT == 1:
-        dy = tl.where(z > 0, dy, 0.0)
+        dy = tl.where(z <= 0, 0.0, dy)
     elif ACT == 2:
         dy = tl.where(z > 0, dy, dy * slope)
     elif ACT == 3:
-        dy = tl.where(z > 0, dy, dy * tl.exp(tl.where(z > 0, 0.0, z)))
+        dy = tl.where(z <= 0, dy * tl.exp(tl.where(z <= 0, z, 0.0)), dy)
     elif ACT == 4:
         sig = tl.sigmoid(z)
         dy = dy * (sig * (1.0 + z * (1.0 - sig)))

@@ -298,9 +298,17 @@ class SyncBatchNorm(BatchNorm):
     def _join_failed(self, input: Any, group: Any, world: int) -> None:
         """This rank's part of the statistics' all-gather when its input failed the checks: a
         packet of the size every rank sends, marked failed."""
-        ref = next((t for t in (input, self.running_mean, self.weight)
-                    if isinstance(t, Tensor)), None)
-        device = ref.device if ref is not None else torch.device("cpu")
+        # The module's own tensors first: they are on the device the healthy ranks gather on,
+        # while a failed input may be on the wrong one (or on "meta", where the gather would
+        # be a silent no-op and leave the other ranks waiting).
+        ref = next((t for t in (self.running_mean, self.weight, self.bias, input)
+                    if isinstance(t, Tensor) and t.device.type != "meta"), None)
+        if ref is not None:
+            device = ref.device
+        elif dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
         zeros = torch.zeros(self.num_features, dtype=_WIRE, device=device)
         with torch.no_grad():
             _all_gather(_pack(_FAILED, zeros, zeros), group, world)

@@ -47,6 +47,7 @@ from .numba_kernels import (
     _train_coefs,
     _u,
     _unit_done,
+    _zero,
     njit,
 )
 
@@ -272,15 +273,22 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
 
 @njit(inline="always")
 def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, res, inp):
-    s1 = hi - hi
-    s2 = hi - hi
-    for i in range(o, o + s):
-        rv = _ld(r[_u(i)]) if res else hi - hi
-        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
-                          rneg, sl, lin, inp)
-        s1 += dz
-        s2 += dz * xh
-    return np.float64(s1), np.float64(s2)
+    # (in pieces of ROW_SEGMENT values, summed in float64, as numba_kernels._run_bred)
+    t1 = 0.0
+    t2 = 0.0
+    end = o + s
+    for p in range(o, end, ROW_SEGMENT):
+        s1 = _zero(hi)
+        s2 = _zero(hi)
+        for i in range(p, min(p + ROW_SEGMENT, end)):
+            rv = _ld(r[_u(i)]) if res else _zero(hi)
+            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
+                              neg, rneg, sl, lin, inp)
+            s1 += dz
+            s2 += dz * xh
+        t1 += np.float64(s1)
+        t2 += np.float64(s2)
+    return t1, t2
 
 
 @njit(fastmath=_REDUCE_MATH)
@@ -318,10 +326,11 @@ def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, 
                      rneg, sl, lin, res, inp):
     for i in range(s):
         j = _u(o + i)
-        rv = _ld(r[j]) if res else hi - hi
+        rv = _ld(r[j]) if res else _zero(hi)
         dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl,
                           lin, inp)
-        dx[_u(yo + i)] = _st(sc * (dz + k1 + xh * k2), dx)
+        # (k2 is 0 in eval: a NaN or infinite xh must not reach dx then)
+        dx[_u(yo + i)] = _st(sc * (dz + k1 + (xh * k2 if k2 != 0 else k2)), dx)
         if res:
             dr[_u(yo + i)] = _st(dz, dr)
 
@@ -393,7 +402,8 @@ def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
             rv = _ld(r[i]) if r.size > 0 else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
                               co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
-            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + xh * co[8, j]), dx)
+            k2 = co[8, j]
+            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + (xh * k2 if k2 != 0 else k2)), dx)
             if r.size > 0:
                 dr[_u(q + j)] = _st(dz, dr)
 

@@ -273,22 +273,15 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
 
 @njit(inline="always")
 def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, res, inp):
-    # (in pieces of ROW_SEGMENT values, summed in float64, as numba_kernels._run_bred)
-    t1 = 0.0
-    t2 = 0.0
-    end = o + s
-    for p in range(o, end, ROW_SEGMENT):
-        s1 = _zero(hi)
-        s2 = _zero(hi)
-        for i in range(p, min(p + ROW_SEGMENT, end)):
-            rv = _ld(r[_u(i)]) if res else _zero(hi)
-            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
-                              neg, rneg, sl, lin, inp)
-            s1 += dz
-            s2 += dz * xh
-        t1 += np.float64(s1)
-        t2 += np.float64(s2)
-    return t1, t2
+    s1 = _zero(hi)
+    s2 = _zero(hi)
+    for i in range(o, o + s):
+        rv = _ld(r[_u(i)]) if res else _zero(hi)
+        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
+                          rneg, sl, lin, inp)
+        s1 += dz
+        s2 += dz * xh
+    return np.float64(s1), np.float64(s2)
 
 
 @njit(fastmath=_REDUCE_MATH)
@@ -428,6 +421,17 @@ def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx
         return
     neg, rneg = _negs(a, sl)
     stride = c_ * s_
+    if s_ > ROW_SEGMENT:
+        # long runs in pieces of ROW_SEGMENT values (as numba_kernels._task_bred_long)
+        for n in range(n0, n1):
+            for c in range(c0, c1):
+                o = n * stride + c * s_
+                for p in range(0, s_, ROW_SEGMENT):
+                    u, w = _run_bred(dy, v, r, o + p, min(ROW_SEGMENT, s_ - p), co, c, a, neg,
+                                     rneg, sl, inplace)
+                    sdz[c] += u
+                    sdx[c] += w
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):

@@ -441,39 +441,25 @@ def _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef):
 # ---- run mode: one channel's contiguous run [o, o + s) ------------------------------------
 
 
-# A run is summed in the compute dtype in pieces of at most ROW_SEGMENT values, and the
-# pieces in float64: a run of millions of values (a large volume at batch size 1) summed in
-# float32 alone lost digits (output errors 20-100x torch's at 2M values a run).
-
-
 @njit(fastmath=_REDUCE_MATH)
 def _run_sum(x, o, s, like):
-    tot = 0.0
-    end = o + s
-    for a in range(o, end, ROW_SEGMENT):
-        acc = _as(0.0, like)
-        for i in range(a, min(a + ROW_SEGMENT, end)):
-            acc += _ld(x[_u(i)])
-        tot += np.float64(acc)
-    return tot
+    acc = _as(0.0, like)
+    for i in range(o, o + s):
+        acc += _ld(x[_u(i)])
+    return np.float64(acc)
 
 
 @njit(fastmath=_REDUCE_MATH)
 def _run_dev(x, o, s, m):
-    """(sum d, sum d^2), d = x - m, m in the compute dtype."""
-    t1 = 0.0
-    t2 = 0.0
-    end = o + s
-    for a in range(o, end, ROW_SEGMENT):
-        s1 = _zero(m)
-        s2 = _zero(m)
-        for i in range(a, min(a + ROW_SEGMENT, end)):
-            d = _ld(x[_u(i)]) - m
-            s1 += d
-            s2 += d * d
-        t1 += np.float64(s1)
-        t2 += np.float64(s2)
-    return t1, t2
+    """(sum d, sum d^2), d = x - m, m in the compute dtype (from a typed zero, not ``m - m``,
+    which is NaN for a NaN or infinite m)."""
+    s1 = _zero(m)
+    s2 = _zero(m)
+    for i in range(o, o + s):
+        d = _ld(x[_u(i)]) - m
+        s1 += d
+        s2 += d * d
+    return np.float64(s1), np.float64(s2)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -485,21 +471,15 @@ def _run_norm(x, xo, y, yo, s, hi, sc, sh):
 
 @njit(fastmath=_REDUCE_MATH)
 def _run_bred(dy, x, o, s, m):
-    """(sum dy, sum dy * (x - m)), m in the compute dtype (sum dy stays finite when m is
-    not: it starts from a typed zero, not ``m - m``)."""
-    t1 = 0.0
-    t2 = 0.0
-    end = o + s
-    for a in range(o, end, ROW_SEGMENT):
-        s1 = _zero(m)
-        s2 = _zero(m)
-        for i in range(a, min(a + ROW_SEGMENT, end)):
-            g = _ld(dy[_u(i)])
-            s1 += g
-            s2 += g * (_ld(x[_u(i)]) - m)
-        t1 += np.float64(s1)
-        t2 += np.float64(s2)
-    return t1, t2
+    """(sum dy, sum dy * (x - m)), m in the compute dtype (from a typed zero: sum dy stays
+    finite when m is not)."""
+    s1 = _zero(m)
+    s2 = _zero(m)
+    for i in range(o, o + s):
+        g = _ld(dy[_u(i)])
+        s1 += g
+        s2 += g * (_ld(x[_u(i)]) - m)
+    return np.float64(s1), np.float64(s2)
 
 
 @njit(inline="always")
@@ -735,10 +715,13 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     ``M2 = S2 - S1^2 / n``. The shift is within a few standard deviations of the
     mean, so the correction term is tiny and nothing cancels (unlike ``E[x^2] - E[x]^2``).
     Sums run in the compute dtype over one run (or one segment in row mode), in float64
-    beyond.
+    beyond; runs longer than ROW_SEGMENT values in pieces of that size
+    (:func:`_task_stats_long`).
     """
     if s_ == 1:
         return _rows_stats(x, c_, n0, n1, mean, m2, like)
+    if s_ > ROW_SEGMENT:
+        return _task_stats_long(x, c_, s_, c0, c1, n0, n1, mean, m2, like)
     g = c1 - c0
     stride = c_ * s_
     first = min(max(1, SEGMENT // (g * s_)), n1 - n0)
@@ -764,6 +747,50 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
         mean[c0 + j] = np.float64(shift[j]) + s1 / cnt
         m2[c0 + j] = m2[c0 + j] - s1 * s1 / cnt
     return cnt
+
+
+# Runs longer than ROW_SEGMENT values (a volume at batch size 1) are summed in pieces of
+# ROW_SEGMENT values, merged in float64: summed in float32 alone, a run of 2M values gave
+# output errors 20-100x torch's. Separate functions, chosen once per task: a piece loop in
+# the common path made the 7x7 layers' reductions 15-25% slower.
+
+
+@njit
+def _task_stats_long(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
+    """:func:`_task_stats` for runs of more than ROW_SEGMENT values (the shift: the mean of
+    the first piece of each channel's first run)."""
+    stride = c_ * s_
+    cnt = np.float64((n1 - n0) * s_)
+    for c in range(c0, c1):
+        o = n0 * stride + c * s_
+        shift = _as(_run_sum(x, o, ROW_SEGMENT, like) / ROW_SEGMENT, like)
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(n0, n1):
+            p = n * stride + c * s_
+            for a in range(0, s_, ROW_SEGMENT):
+                u, v = _run_dev(x, p + a, min(ROW_SEGMENT, s_ - a), shift)
+                s1 += u
+                s2 += v
+        mean[c] = np.float64(shift) + s1 / cnt
+        m2[c] = s2 - s1 * s1 / cnt
+    return cnt
+
+
+@njit
+def _task_bred_long(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
+    """:func:`_task_bred` for runs of more than ROW_SEGMENT values."""
+    stride = c_ * s_
+    for c in range(c0, c1):
+        m = _as(mean[c], like)
+        sdy[c] = 0.0
+        sdx[c] = 0.0
+        for n in range(n0, n1):
+            p = n * stride + c * s_
+            for a in range(0, s_, ROW_SEGMENT):
+                u, v = _run_bred(dy, x, p + a, min(ROW_SEGMENT, s_ - a), m)
+                sdy[c] += u
+                sdx[c] += v
 
 
 @njit
@@ -803,6 +830,9 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
     """float64 sum_dy[c], sum_dy_xmu[c] for c in [c0, c1) over rows [n0, n1)."""
     if s_ == 1:
         _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like)
+        return
+    if s_ > ROW_SEGMENT:
+        _task_bred_long(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like)
         return
     stride = c_ * s_
     for c in range(c0, c1):

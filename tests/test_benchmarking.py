@@ -82,3 +82,25 @@ def test_correctness_check_fails_on_nan(monkeypatch):
 
     monkeypatch.setattr(cpu, "_bn", nan_ours)
     assert cpu._check(case, inp).startswith("MISMATCH")
+
+
+def test_overhead_script_runs_both_modes(capsys):
+    """benchmarks/bench_overhead.py end to end on a tiny shape (it prints, asserts nothing)."""
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "bench_overhead.py"
+    spec = importlib.util.spec_from_file_location("bench_overhead", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        mod.main(["--shape", "4,8,6,6", "--rounds", "2", "--warm"])
+        mod.main(["--shape", "4,8,6,6", "--rounds", "2", "--phases", "--threads", "1",
+                  "--channels-last"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "ATen/ours=" in out and "numba_kernels.forward phase 0" in out
+    with pytest.raises(SystemExit):
+        mod.main(["--shape", "4"])

@@ -863,3 +863,14 @@ def test_a_non_finite_input_value_stays_where_torch_keeps_it(channels_last, bad)
             if not training:
                 want = dy * (w.detach() / torch.sqrt(rv + 1e-5)).view(1, 3, 1, 1)
                 assert_close(dx, want, 1e-5, 1e-5, f"eval dx {what}")
+    # the other channels' gradients stay torch's (channels-last act rows once took their
+    # "zero" residual from channel 0's coefficients: NaN there made relu pass every gradient)
+    xs = x.clone().requires_grad_()
+    y = batchnorm.batch_norm_act(xs, None, None, training=True, activation="relu",
+                                 backend=BACKEND)
+    (dx,) = torch.autograd.grad(y, xs, dy)
+    ref = x.clone().double().requires_grad_()
+    (want,) = torch.autograd.grad(
+        torch.relu(torch.nn.functional.batch_norm(ref, None, None, training=True)), ref,
+        dy.double())
+    assert_close(dx[:, 1:], want[:, 1:], 1e-4, 1e-4, "relu dx of the finite channels")

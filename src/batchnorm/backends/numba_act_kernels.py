@@ -47,6 +47,7 @@ from .numba_kernels import (
     _train_coefs,
     _u,
     _unit_done,
+    _xterm,
     _zero,
     njit,
 )
@@ -322,8 +323,7 @@ def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, 
         rv = _ld(r[j]) if res else _zero(hi)
         dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl,
                           lin, inp)
-        # (k2 is 0 in eval: a NaN or infinite xh must not reach dx then)
-        dx[_u(yo + i)] = _st(sc * (dz + k1 + (xh * k2 if k2 != 0 else k2)), dx)
+        dx[_u(yo + i)] = _st(sc * (dz + k1 + _xterm(xh, _zero(xh), k2)), dx)
         if res:
             dr[_u(yo + i)] = _st(dz, dr)
 
@@ -384,7 +384,7 @@ def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
 @njit(fastmath=_ELEM_MATH)
 def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
     """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
-    zero = co[0, 0] - co[0, 0]
+    zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
     neg, rneg = _negs(a, sl)
     lin = a <= 2
     for n in range(n0, n1):
@@ -395,8 +395,7 @@ def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
             rv = _ld(r[i]) if r.size > 0 else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
                               co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
-            k2 = co[8, j]
-            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + (xh * k2 if k2 != 0 else k2)), dx)
+            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + _xterm(xh, zero, co[8, j])), dx)
             if r.size > 0:
                 dr[_u(q + j)] = _st(dz, dr)
 

@@ -289,20 +289,6 @@ class _View:
         return self.blocks * self.parts
 
 
-_VIEWS: dict[tuple, _View] = {}
-
-
-def _view(x: Tensor, reduce: bool = True) -> _View:
-    """``_View(x, reduce)``, remembered per shape, layout and element size."""
-    key = (x.shape, x.element_size(), layout_of(x) == "cl", reduce)
-    v = _VIEWS.get(key)
-    if v is None:
-        if len(_VIEWS) > 4096:
-            _VIEWS.clear()
-        v = _VIEWS[key] = _View(x, reduce)
-    return v
-
-
 # Threads of a parallel phase. Where torch runs on OpenMP (its CPU builds on Linux do), a
 # phase is an OpenMP parallel region of torch's own runtime: GOMP_parallel(entry, buffer,
 # nthreads, 0), which is what ``#pragma omp parallel`` compiles to (see numba_entry). The
@@ -553,7 +539,7 @@ class _Plan:
                  first: int | None) -> None:
         k = _kernels()
         module, name = kernel.split(".")
-        self.view = view = _view(x, reduce)
+        self.view = view = _View(x, reduce)  # (remembered with the plan)
         self.acc = acc_dtype(x)
         self.entry = _MODULES["entry"].entry_for(module, name, x.dtype)
         self.small = x.numel() < _PARALLEL_MIN_NUMEL

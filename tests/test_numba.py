@@ -874,3 +874,77 @@ def test_a_non_finite_input_value_stays_where_torch_keeps_it(channels_last, bad)
         torch.relu(torch.nn.functional.batch_norm(ref, None, None, training=True)), ref,
         dy.double())
     assert_close(dx[:, 1:], want[:, 1:], 1e-4, 1e-4, "relu dx of the finite channels")
+
+
+def _same_non_finite(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN, +inf and -inf exactly where ``want`` has them."""
+    got, want = got.detach(), want.detach()
+    for name, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        diff = (f(got) != f(want)).nonzero()
+        assert diff.numel() == 0, (
+            f"{what}: {name} differs from torch at {diff.shape[0]} places, first "
+            f"{tuple(diff[0].tolist())}: got {got[tuple(diff[0])]}, want {want[tuple(diff[0])]}")
+
+
+@pytest.mark.parametrize("backend", ["native", BACKEND])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_an_infinite_value_gives_torchs_infinite_running_mean(channels_last, where, backend):
+    """+inf in x: torch's CPU kernels give an infinite mean (and running mean) and a NaN
+    variance. The centred sums took an infinite shift when the inf was among the values the
+    shift is the mean of (the first rows), and gave inf - inf = NaN for the mean."""
+    torch.manual_seed(2)
+    for shape in ((4, 3, 5, 5), (64, 3, 20, 20)):
+        x = torch.randn(shape)
+        x[(0, 1, 0, 0) if where == "first" else (shape[0] - 1, 1, -1, -1)] = float("inf")
+        if channels_last:
+            x = to_channels_last(x)
+        outs = []
+        for name in (backend, None):
+            rm, rv = torch.zeros(3), torch.ones(3)
+            if name is None:
+                torch.nn.functional.batch_norm(x, rm, rv, training=True)
+            else:
+                batchnorm.batch_norm(x, rm, rv, training=True, backend=name)
+            outs.append((rm, rv))
+        for got, want, name in zip(outs[0], outs[1], ("running_mean", "running_var")):
+            _same_non_finite(got, want, f"{shape} {name}")
+            assert_close(got[[0, 2]], want[[0, 2]], 1e-6, 1e-5, f"{shape} {name}")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch", BACKEND])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_an_infinite_gradient_value_gives_torchs_pattern_of_inf_and_nan(channels_last, backend):
+    """+inf in dy: dx of that channel is -inf or NaN by the sign of x - mean, as torch's
+    formula gives; the rounding term of the mean (infinite times a tiny or zero rounding)
+    made every dx of the channel NaN. Other channels stay finite."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 6, 6)
+    dy = torch.randn(8, 3, 6, 6)
+    dy[2, 1, 3, 3] = float("inf")
+    if channels_last:
+        x, dy = to_channels_last(x), to_channels_last(dy)
+    grads = []
+    for name in (backend, None):
+        xs = x.clone().requires_grad_()
+        w = torch.full((3,), 1.5, requires_grad=True)
+        if name is None:
+            y = torch.nn.functional.batch_norm(xs, None, None, w, training=True)
+        else:
+            y = batchnorm.batch_norm(xs, None, None, w, training=True, backend=name)
+        grads.append(torch.autograd.grad(y, (xs, w), dy))
+    for got, want, name in zip(grads[0], grads[1], ("dx", "dweight")):
+        _same_non_finite(got, want, name)
+    assert_close(grads[0][0][:, [0, 2]], grads[1][0][:, [0, 2]], 1e-5, 1e-5, "finite dx")
+
+
+def test_the_torch_backends_running_mean_after_an_infinite_value_is_nan():
+    """The documented difference (README): the composite backend's statistics come from
+    torch.var_mean, whose Welford updates give a NaN mean after an inf; the running variance
+    is NaN as in torch.nn."""
+    x = torch.randn(4, 3, 5, 5)
+    x[0, 1, 0, 0] = float("inf")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    batchnorm.batch_norm(x, rm, rv, training=True, backend="torch")
+    assert torch.isnan(rm[1]) and torch.isnan(rv[1])
+    assert torch.isfinite(rm[[0, 2]]).all() and torch.isfinite(rv[[0, 2]]).all()

@@ -381,6 +381,14 @@ def _span(total, parts, p):
 
 
 @njit(inline="always")
+def _finite_or_zero(v):
+    """A centred sum's shift: 0 in place of an infinite or NaN one. The input then holds
+    an inf or NaN, and an infinite shift would turn the sum into inf - inf = NaN where
+    torch's two-pass CPU kernels give an infinite mean (and running mean)."""
+    return v if np.isfinite(v) else 0.0
+
+
+@njit(inline="always")
 def _safe_invstd(var, eps):
     denom = var + eps
     # 0 only for an exact zero; a negative or NaN variance gives NaN (as in torch)
@@ -612,7 +620,7 @@ def _rows_stats(x, c_, n0, n1, mean, m2, like):
         n_first = rem
     shift = np.empty(w, like.dtype)
     for c in range(c_):
-        shift[c] = mean[c] / n_first
+        shift[c] = _finite_or_zero(mean[c] / n_first)
         mean[c] = 0.0
     for t in range(c_, w, c_):
         shift[t:t + c_] = shift[:c_]
@@ -732,7 +740,7 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
         tot = 0.0
         for n in range(first):
             tot += _run_sum(x, o + n * stride + j * s_, s_, like)
-        shift[j] = tot / k
+        shift[j] = _finite_or_zero(tot / k)
         mean[c0 + j] = 0.0
         m2[c0 + j] = 0.0
     for n in range(n0, n1):
@@ -763,7 +771,7 @@ def _task_stats_long(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     cnt = np.float64((n1 - n0) * s_)
     for c in range(c0, c1):
         o = n0 * stride + c * s_
-        shift = _as(_run_sum(x, o, ROW_SEGMENT, like) / ROW_SEGMENT, like)
+        shift = _as(_finite_or_zero(_run_sum(x, o, ROW_SEGMENT, like) / ROW_SEGMENT), like)
         s1 = 0.0
         s2 = 0.0
         for n in range(n0, n1):
@@ -940,7 +948,11 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
         coef[0, c] = hi
         coef[1, c] = inv * np.float64(weight[c]) if weight.size > 0 else inv
         coef[2, c] = b
-        coef[3, c] = (-u / count if training else 0.0) - b * (mu - np.float64(hi))
+        # (the rounding term only where finite: with an inf in dy, b is infinite and b * lo
+        # would make every dx of the channel NaN, where torch's form gives inf or NaN by
+        # the sign of x - mean)
+        t = b * (mu - np.float64(hi))
+        coef[3, c] = (-u / count if training else 0.0) - (t if np.isfinite(t) else 0.0)
 
 
 @njit(inline="always")

@@ -351,3 +351,39 @@ def test_gradients_at_a_nan_pre_activation_follow_torch(backend, activation):
     assert torch.equal(torch.isnan(gr), torch.isnan(er))
     assert_close(gr, er.float(), atol=1e-5, rtol=1e-5, what=f"dresidual {activation}")
     assert_close(gx, ex.float(), atol=1e-4, rtol=1e-4, what=f"dx {activation}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "silu"])
+def test_an_infinite_gradient_value_gives_torchs_pattern(backend, channels_last, activation):
+    """+inf in dy: where relu is off (z <= 0) torch's threshold_backward blocks it with a
+    zero, so every gradient stays finite; ours multiplied it by 0 (NaN) and made the whole
+    channel's gradients NaN. Where the gradient passes, torch's pattern of inf and NaN."""
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, 6, 6)
+    r = torch.randn(8, 3, 6, 6)
+    dy = torch.randn(8, 3, 6, 6)
+    ref = [t.double().requires_grad_() for t in (x, r)]
+    z = F.batch_norm(ref[0], None, None, training=True) + ref[1]
+    # one position where relu is off and one where it is on, in channels 1 and 2
+    off = tuple((z[:, 1] <= 0).nonzero()[0].tolist())
+    on = tuple((z[:, 2] > 0).nonzero()[0].tolist())
+    dy[off[0], 1, off[1], off[2]] = float("inf")
+    dy[on[0], 2, on[1], on[2]] = float("inf")
+    if channels_last:
+        x, r, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, r, dy))
+    w = torch.full((3,), 1.5)
+    got = [t.clone().requires_grad_() for t in (x, r, w)]
+    y = batch_norm_act(got[0], None, None, got[2], training=True, activation=activation,
+                       negative_slope=0.1, residual=got[1], backend=backend)
+    grads = torch.autograd.grad(y, got, dy)
+    ref.append(w.double().requires_grad_())
+    z = F.batch_norm(ref[0], None, None, ref[2], training=True) + ref[1]
+    want = torch.autograd.grad(TORCH_ACT[activation](z), ref, dy.double())
+    for g, e, name in zip(grads, want, ("dx", "dresidual", "dweight")):
+        for kind, f in (("NaN", torch.isnan), ("+inf", torch.isposinf),
+                        ("-inf", torch.isneginf)):
+            assert torch.equal(f(g), f(e)), f"{activation} {name}: {kind} differs from torch"
+        fin = torch.isfinite(e)
+        assert_close(g[fin], e[fin].float(), atol=1e-4, rtol=1e-4, what=f"{activation} {name}")

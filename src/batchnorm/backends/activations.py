@@ -18,6 +18,7 @@ from torch import Tensor
 __all__ = [
     "ACTIVATIONS",
     "INVERTIBLE",
+    "act_backward",
     "act_forward",
     "act_grad",
     "act_grad_from_output",
@@ -88,6 +89,14 @@ def act_grad(z: Tensor, activation: str, slope: float) -> Tensor:
         cdf = 0.5 * (1.0 + torch.erf(z / _SQRT_2))
         return cdf + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def act_backward(dy: Tensor, z: Tensor, activation: str, slope: float) -> Tensor:
+    """``dy * act'(z)``, except that relu blocks ``dy`` where ``z <= 0`` with a zero, as
+    torch's threshold_backward does: an infinite ``dy`` there gives 0, not ``inf * 0 = NaN``."""
+    if activation == "relu":
+        return torch.where(z <= 0, torch.zeros_like(dy), dy)
+    return dy * act_grad(z, activation, slope)
 
 
 def act_inverse(y: Tensor, activation: str, slope: float) -> Tensor:

@@ -376,7 +376,7 @@ class Backend:
         weight must then be non-zero, see ``batch_norm_act``). With ``dz = dy * act'(z)``:
         ``dresidual = dz`` and the BatchNorm backward runs on ``dz``.
         """
-        from .activations import act_grad, act_grad_from_output, act_inverse
+        from .activations import act_backward, act_grad_from_output, act_inverse
 
         acc = acc_dtype(saved)
         dims = reduce_dims(saved)
@@ -396,7 +396,7 @@ class Backend:
             z = xhat * bcast(w, saved) + bcast(b, saved)
             if residual is not None:
                 z = z + residual.to(acc)
-            dz = dyf * act_grad(z, activation, slope)
+            dz = act_backward(dyf, z, activation, slope)
         sum_dz = dz.sum(dims)
         sum_dz_xhat = (dz * xhat).sum(dims)
         dx = None

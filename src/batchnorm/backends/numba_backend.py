@@ -255,8 +255,9 @@ class _View:
       values of each batch row, so that memory streams in long pieces, and when possible at
       most ``_TASK_ELEMS`` values in all, so that the second pass finds the block in cache;
       the batch is split when there are fewer than ``_MIN_TASKS`` blocks (and more than one thread
-      could run; not below ``_PARALLEL_MIN_NUMEL``), which inputs above
-      ``_SPLIT_MAX_BYTES`` avoid with shorter pieces (down to ``_BLOCK_ELEMS_MIN``).
+      could run; not below ``_PARALLEL_MIN_NUMEL``), which shorter pieces (down to
+      ``_BLOCK_ELEMS_MIN``) avoid where they give ``_MIN_TASKS`` blocks, and inputs above
+      ``_SPLIT_MAX_BYTES`` avoid in any case.
     * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
       that each task is one contiguous piece of memory.
     """

@@ -387,3 +387,24 @@ def test_an_infinite_gradient_value_gives_torchs_pattern(backend, channels_last,
             assert torch.equal(f(g), f(e)), f"{activation} {name}: {kind} differs from torch"
         fin = torch.isfinite(e)
         assert_close(g[fin], e[fin].float(), atol=1e-4, rtol=1e-4, what=f"{activation} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+def test_relu_of_a_minus_infinite_pre_activation_is_zero(backend, channels_last):
+    """A -inf residual element (or bias): relu gives 0 there, as torch; numba's fused relu
+    computed -inf * 0 = NaN. NaN stays NaN."""
+    x = make_input((4, 3, 5, 5))
+    r = torch.randn(4, 3, 5, 5)
+    r[0, 0, 0, 0] = float("-inf")
+    r[1, 1, 0, 0] = float("nan")
+    b = torch.tensor([0.0, 0.0, float("-inf")])
+    if channels_last:
+        x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+    y = batch_norm_act(x, None, None, None, b, training=True, activation="relu", residual=r,
+                       backend=backend)
+    want = F.relu(F.batch_norm(x, None, None, None, b, training=True) + r)
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert y[0, 0, 0, 0] == 0 and (y[:, 2] == 0).all()
+    fin = ~torch.isnan(want)
+    assert_close(y[fin], want[fin], 1e-5, 1e-5, "relu")

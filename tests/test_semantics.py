@@ -310,3 +310,51 @@ def test_environment_variable_selects_default(monkeypatch):
     monkeypatch.setenv("BATCHNORM_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend 'bogus'"):
         batchnorm.get_default_backend()
+
+
+def _same_pattern(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN, +inf and -inf where torch has them, finite values close."""
+    got, want = got.detach(), want.detach()
+    for kind, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(f(got), f(want)), f"{what}: {kind} differs from torch"
+    fin = torch.isfinite(want)
+    assert_close(got[fin], want[fin], *F32, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_an_infinite_running_mean_in_eval_follows_torch(backend, bad):
+    """Eval with a non-finite running mean in channel 0: y is -inf/inf (NaN for NaN) there
+    as in torch (numba's mean-rounding term made it inf - inf = NaN), and dx = dy * w *
+    invstd stays finite, as in torch (the composite backends computed (x - mean) * 0 = NaN
+    for the whole channel). Also BatchNormAct with relu: 0 where torch's relu gives 0."""
+    torch.manual_seed(5)
+    x = make_input((4, 3, 5, 5))
+    rm, rv = torch.tensor([bad, 0.1, -0.2]), torch.tensor([1.0, 0.5, 2.0])
+    w = torch.tensor([1.5, 0.5, 2.0])
+    dy = torch.randn(4, 3, 5, 5)
+    xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = batchnorm.batch_norm(xs, rm, rv, w, None, False, backend=backend)
+    want = F.batch_norm(xt, rm, rv, w, None, False)
+    _same_pattern(y, want, "y")
+    _same_pattern(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(want, xt, dy)[0], "dx")
+    xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = batchnorm.batch_norm_act(xs, rm, rv, w, None, False, activation="relu",
+                                 backend=backend)
+    want = F.relu(F.batch_norm(xt, rm, rv, w, None, False))
+    _same_pattern(y, want, "relu y")
+    _same_pattern(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(want, xt, dy)[0],
+                  "relu dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_running_buffer_is_updated_as_torch(backend):
+    """(1 - m) * r + m * batch, as ATen: an infinite buffer stays inf at momentum 0.1 (lerp's
+    r + m * (batch - r) gave NaN on the composite backend)."""
+    x = make_input((8, 2, 3))
+    got = [torch.tensor([float("inf"), 0.0]), torch.tensor([1.0, float("-inf")])]
+    want = [t.clone() for t in got]
+    batchnorm.batch_norm(x, *got, training=True, momentum=0.1, backend=backend)
+    F.batch_norm(x, *want, training=True, momentum=0.1)
+    _same_pattern(got[0], want[0], "running_mean")
+    _same_pattern(got[1], want[1], "running_var")

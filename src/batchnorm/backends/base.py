@@ -166,8 +166,10 @@ def running_update(
         return running_mean.clone(), running_var.clone()
     acc = mean.dtype
     var_unbiased = m2 / max(count - 1, 1)
-    new_mean = torch.lerp(running_mean.to(acc), mean, momentum)
-    new_var = torch.lerp(running_var.to(acc), var_unbiased, momentum)
+    # (1 - m) * r + m * b, as ATen: lerp's r + m * (b - r) is NaN for an infinite buffer and
+    # rounds a tiny b next to a large r away at m = 1
+    new_mean = (1.0 - momentum) * running_mean.to(acc) + momentum * mean
+    new_var = (1.0 - momentum) * running_var.to(acc) + momentum * var_unbiased
     return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
@@ -307,8 +309,12 @@ class Backend:
             if training:
                 dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
             else:
-                zeros = torch.zeros_like(sum_dy)
-                dx = self.backward_apply(dy, x, mean, invstd, weight, zeros, zeros, count)
+                # the statistics are constants: no x term, so that an inf or NaN in x or in
+                # the running mean does not reach dx ((x - mean) * 0 would be NaN), as torch
+                acc = acc_dtype(x)
+                scale = invstd if weight is None else invstd * weight.to(acc)
+                dx = empty_out_like(x)
+                dx.copy_(dy.to(acc) * bcast(scale, x))
         dw = sum_dy_xmu * invstd if output_mask[1] else None
         db = sum_dy if output_mask[2] else None
         return dx, dw, db

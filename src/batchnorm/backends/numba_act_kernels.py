@@ -162,6 +162,17 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
 
 
 @njit(inline="always")
+def _lin_act(z, neg):
+    """identity, relu or leaky_relu (slope ``neg``): relu gives 0 for z <= 0 also at -inf,
+    where ``z * 0`` would be NaN, and NaN at NaN, as torch's."""
+    if z > 0:
+        return z
+    if neg != 0 or z != z:
+        return z * neg
+    return _zero(z)
+
+
+@njit(inline="always")
 def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, lin, res):
     for i in range(s):
         j = _u(o + i)
@@ -169,7 +180,7 @@ def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, lin, res):
         if res:
             z = z + _ld(r[j])
         if lin:
-            y[_u(yo + i)] = _st(z if z > 0 else z * neg, y)
+            y[_u(yo + i)] = _st(_lin_act(z, neg), y)
         else:
             y[_u(yo + i)] = _st(_act(z, a, sl), y)
 
@@ -199,7 +210,7 @@ def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
             if res:
                 z = z + _ld(r[i])
             if lin:
-                y[_u(q + j)] = _st(z if z > 0 else z * neg, y)
+                y[_u(q + j)] = _st(_lin_act(z, neg), y)
             else:
                 y[_u(q + j)] = _st(_act(z, a, sl), y)
 
@@ -522,7 +533,8 @@ def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
         w = np.float64(weight[c]) if weight.size > 0 else 1.0
         co[0, c] = mu
         co[1, c] = inv
-        co[2, c] = -(mu - np.float64(co[0, c])) * inv
+        t = -(mu - np.float64(co[0, c])) * inv
+        co[2, c] = t if np.isfinite(t) else 0.0  # (an infinite mean: see _coef3)
         co[3, c] = w
         co[4, c] = np.float64(bias[c]) if bias.size > 0 else 0.0
         co[5, c] = 1.0 / w if w != 0.0 else 0.0

@@ -404,7 +404,10 @@ def _coef3(mu, inv, w, b, like):
     when ``|mean| >> std``. Scalars only: see the note above."""
     sc = inv * w
     hi = _as(mu, like)
-    return hi, sc, b - (mu - np.float64(hi)) * sc
+    # (the rounding term only where finite: an infinite mean is its own rounding, and
+    # inf - inf would make y NaN where torch gives -inf or inf)
+    t = (mu - np.float64(hi)) * sc
+    return hi, sc, b - (t if np.isfinite(t) else 0.0)
 
 
 @njit

@@ -108,6 +108,22 @@ def is_channels_last(x: Tensor) -> bool:
     return x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous()
 
 
+def assert_same_non_finite(actual: Tensor, expected: Tensor, atol: float, rtol: float,
+                           what: str = "") -> None:
+    """NaN, +inf and -inf exactly where ``expected`` has them (the first differing index in
+    the message), and the finite elements within ``atol + rtol * |expected|``."""
+    a, e = actual.detach(), expected.detach()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    for kind, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        diff = (f(a) != f(e)).nonzero()
+        assert diff.numel() == 0, (
+            f"{what}: {kind} differs from the expected at {diff.shape[0]} places, first "
+            f"{tuple(diff[0].tolist())}: actual {a[tuple(diff[0])]}, "
+            f"expected {e[tuple(diff[0])]}")
+    finite = torch.isfinite(e)
+    assert_close(a[finite], e[finite].to(a.dtype), atol, rtol, what)
+
+
 def backend_params() -> list:
     """Every available backend as a pytest param for the core suite.
 

@@ -16,6 +16,7 @@ from helpers import (
     STAT_TOLERANCES,
     TOLERANCES,
     assert_close,
+    assert_same_non_finite,
     assert_same_state,
     backend_params,
     is_channels_last,
@@ -312,15 +313,6 @@ def test_environment_variable_selects_default(monkeypatch):
         batchnorm.get_default_backend()
 
 
-def _same_pattern(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """NaN, +inf and -inf where torch has them, finite values close."""
-    got, want = got.detach(), want.detach()
-    for kind, f in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
-        assert torch.equal(f(got), f(want)), f"{what}: {kind} differs from torch"
-    fin = torch.isfinite(want)
-    assert_close(got[fin], want[fin], *F32, what)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
 def test_an_infinite_running_mean_in_eval_follows_torch(backend, bad):
@@ -336,15 +328,16 @@ def test_an_infinite_running_mean_in_eval_follows_torch(backend, bad):
     xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     y = batchnorm.batch_norm(xs, rm, rv, w, None, False, backend=backend)
     want = F.batch_norm(xt, rm, rv, w, None, False)
-    _same_pattern(y, want, "y")
-    _same_pattern(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(want, xt, dy)[0], "dx")
+    assert_same_non_finite(y, want, *F32, "y")
+    assert_same_non_finite(torch.autograd.grad(y, xs, dy)[0],
+                           torch.autograd.grad(want, xt, dy)[0], *F32, "dx")
     xs, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     y = batchnorm.batch_norm_act(xs, rm, rv, w, None, False, activation="relu",
                                  backend=backend)
     want = F.relu(F.batch_norm(xt, rm, rv, w, None, False))
-    _same_pattern(y, want, "relu y")
-    _same_pattern(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(want, xt, dy)[0],
-                  "relu dx")
+    assert_same_non_finite(y, want, *F32, "relu y")
+    assert_same_non_finite(torch.autograd.grad(y, xs, dy)[0],
+                           torch.autograd.grad(want, xt, dy)[0], *F32, "relu dx")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -356,5 +349,5 @@ def test_an_infinite_running_buffer_is_updated_as_torch(backend):
     want = [t.clone() for t in got]
     batchnorm.batch_norm(x, *got, training=True, momentum=0.1, backend=backend)
     F.batch_norm(x, *want, training=True, momentum=0.1)
-    _same_pattern(got[0], want[0], "running_mean")
-    _same_pattern(got[1], want[1], "running_var")
+    assert_same_non_finite(got[0], want[0], *F32, "running_mean")
+    assert_same_non_finite(got[1], want[1], *F32, "running_var")

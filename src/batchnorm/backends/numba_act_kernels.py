@@ -34,6 +34,7 @@ from .numba_kernels import (
     STREAM_CHUNK,
     _chunk_end,
     _claim,
+    _finite_or_zero,
     _first_index,
     _given_coefs,
     _ld,
@@ -533,8 +534,7 @@ def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
         w = np.float64(weight[c]) if weight.size > 0 else 1.0
         co[0, c] = mu
         co[1, c] = inv
-        t = -(mu - np.float64(co[0, c])) * inv
-        co[2, c] = t if np.isfinite(t) else 0.0  # (an infinite mean: see _coef3)
+        co[2, c] = _finite_or_zero(-(mu - np.float64(co[0, c])) * inv)
         co[3, c] = w
         co[4, c] = np.float64(bias[c]) if bias.size > 0 else 0.0
         co[5, c] = 1.0 / w if w != 0.0 else 0.0

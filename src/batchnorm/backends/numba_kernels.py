@@ -382,9 +382,11 @@ def _span(total, parts, p):
 
 @njit(inline="always")
 def _finite_or_zero(v):
-    """A centred sum's shift: 0 in place of an infinite or NaN one. The input then holds
-    an inf or NaN, and an infinite shift would turn the sum into inf - inf = NaN where
-    torch's two-pass CPU kernels give an infinite mean (and running mean)."""
+    """``v``, or 0 where it is infinite or NaN: for the helper terms that only refine a
+    result (a centred sum's shift, the mean's rounding correction), which are non-finite
+    only when the data or statistics are. Used as is, they would add inf - inf = NaN where
+    torch gives inf: an infinite shift made the mean NaN where torch's two-pass CPU kernels
+    give an infinite mean, and an infinite correction made a channel's y or dx NaN."""
     return v if np.isfinite(v) else 0.0
 
 
@@ -404,10 +406,8 @@ def _coef3(mu, inv, w, b, like):
     when ``|mean| >> std``. Scalars only: see the note above."""
     sc = inv * w
     hi = _as(mu, like)
-    # (the rounding term only where finite: an infinite mean is its own rounding, and
-    # inf - inf would make y NaN where torch gives -inf or inf)
-    t = (mu - np.float64(hi)) * sc
-    return hi, sc, b - (t if np.isfinite(t) else 0.0)
+    # (an infinite mean is its own rounding: no correction, y is -inf or inf as in torch)
+    return hi, sc, b - _finite_or_zero((mu - np.float64(hi)) * sc)
 
 
 @njit
@@ -951,11 +951,10 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
         coef[0, c] = hi
         coef[1, c] = inv * np.float64(weight[c]) if weight.size > 0 else inv
         coef[2, c] = b
-        # (the rounding term only where finite: with an inf in dy, b is infinite and b * lo
-        # would make every dx of the channel NaN, where torch's form gives inf or NaN by
-        # the sign of x - mean)
-        t = b * (mu - np.float64(hi))
-        coef[3, c] = (-u / count if training else 0.0) - (t if np.isfinite(t) else 0.0)
+        # (with an inf in dy, b is infinite and b * lo would make every dx of the channel
+        # NaN, where torch's form gives inf or NaN by the sign of x - mean)
+        coef[3, c] = ((-u / count if training else 0.0)
+                      - _finite_or_zero(b * (mu - np.float64(hi))))
 
 
 @njit(inline="always")

@@ -153,9 +153,8 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
     xh = (v - hi) * inv + k0
     z = xh * w + b + rv
     if lin:
-        # (relu passes g at a NaN z, as torch's threshold_backward; leaky_relu scales it)
-        # (relu blocks g where z <= 0 with a zero, not g * 0: an infinite g there gives 0 in
-        # torch's threshold_backward, where g * 0 would be NaN)
+        # as torch's threshold_backward, relu passes g at a NaN z and blocks it with a zero
+        # where z <= 0 (not g * 0, which is NaN for an infinite g); leaky_relu scales it
         if z > 0 or (a == 1 and z != z):
             return g, xh
         return (_zero(g) if a == 1 else g * neg), xh

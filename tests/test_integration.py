@@ -203,3 +203,107 @@ def test_in_place_act_with_a_residual_compiles_and_exports(how):
         else:
             got = torch.jit.trace(block, (x.clone(),), check_trace=False)(x.clone())
     assert_close(got, want, *TOL, how)
+
+
+# ---- torch.fx.symbolic_trace: our layers are leaves, as torch.nn's are ------------------------
+
+class _Block(nn.Module):
+    """conv -> BN -> relu -> conv -> BN + residual (the block input) -> relu, in torch.nn or
+    ours (BatchNormAct2d for the second BN)."""
+
+    def __init__(self, ours: bool, backend: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        # no conv biases: a BN right after one makes its gradient exactly 0 (rounding noise)
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        if ours:
+            self.bn1 = batchnorm.BatchNorm2d(3, momentum=None, backend=backend)
+            self.bn2 = batchnorm.BatchNormAct2d(3, backend=backend)
+        else:
+            self.bn1 = nn.BatchNorm2d(3, momentum=None)
+            self.bn2 = nn.BatchNorm2d(3)
+        self.ours = ours
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+        if self.ours:
+            return self.bn2(y, residual=x)
+        return torch.relu(self.bn2(y) + x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fx_symbolic_trace_keeps_the_layers_as_leaves(backend):
+    """One call_module node per layer (with the residual as its second argument), and the
+    graph module trains like torch.nn: outputs, gradients, running buffers and the
+    cumulative-average counter over three steps (momentum=None must not be baked in)."""
+    ours, theirs = _Block(True, backend), _Block(False)
+    theirs.load_state_dict(ours.state_dict())
+    gm = torch.fx.symbolic_trace(ours)
+    calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert set(calls) == {"conv1", "bn1", "conv2", "bn2"}
+    assert [a.name for a in calls["bn2"].args] == ["conv2", "x"]
+    for step in range(3):
+        x = _x((4, 3, 5, 5), seed=step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = gm(x), theirs(x2)
+        assert_close(y, y2, *TOL, f"step {step} output")
+        y.square().sum().backward()
+        y2.square().sum().backward()
+        assert_close(x.grad, x2.grad, *TOL, f"step {step} input gradient")
+    for name, t in theirs.state_dict().items():
+        assert_close(gm.state_dict()[name], t, *TOL, name)
+    assert int(gm.bn1.num_batches_tracked) == 3
+    theirs_params = dict(theirs.named_parameters())
+    assert set(dict(gm.named_parameters())) == set(theirs_params)
+    for name, p in gm.named_parameters():
+        assert_close(p.grad, theirs_params[name].grad, *TOL, f"{name} gradient")
+    gm.eval()
+    theirs.eval()
+    with torch.no_grad():
+        assert_close(gm(_x((4, 3, 5, 5), seed=9)), theirs(_x((4, 3, 5, 5), seed=9)), *TOL, "eval")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: batchnorm.FrozenBatchNorm2d(3),
+    lambda: batchnorm.FrozenBatchNormAct.from_batchnorm(batchnorm.BatchNormAct2d(3)),
+    lambda: batchnorm.SyncBatchNorm(3),
+    lambda: batchnorm.SyncBatchNormAct(3, activation="elu"),
+    lambda: batchnorm.BatchNorm(3),
+], ids=["frozen", "frozen_act", "sync", "sync_act", "any_rank"])
+def test_fx_symbolic_trace_of_the_other_layers(make):
+    """Frozen and Sync layers (the latter without a process group) are leaves too, and the
+    traced graph computes what the layer does."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), make())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    gm = torch.fx.symbolic_trace(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1"]
+    x = _x((2, 3, 4, 4))
+    with torch.no_grad():
+        assert_close(gm(x), model(x), 0.0, 0.0, "traced vs eager")
+
+
+def test_fx_symbolic_trace_with_a_tracer_that_traces_through_everything():
+    """A tracer that keeps no module as a leaf (as some graph tools do) still gets one node for
+    our layer: its forward cannot be traced through."""
+
+    class Through(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+            return False
+
+    model = nn.Sequential(nn.Linear(3, 3), batchnorm.BatchNorm1d(3)).eval()
+    gm = torch.fx.GraphModule(model, Through().trace(model))
+    ops = [(n.op, n.target) for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+    assert ("call_module", "1") in ops and ("call_module", "0") not in ops  # Linear traced in
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert_close(gm(x), model(x), 0.0, 0.0, "traced vs eager")
+
+
+def test_fx_symbolic_trace_of_a_layer_as_the_root_says_why():
+    with pytest.raises(torch.fx.proxy.TraceError, match=r"cannot be the root.*Sequential"):
+        torch.fx.symbolic_trace(batchnorm.BatchNorm2d(3))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..backends.activations import act_forward, check_activation
 from ..functional import _batch_norm_act_unchecked, check_act_args
+from ._fx import fx_leaf
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -74,6 +75,8 @@ class BatchNormAct(BatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; in training also updates the running statistics."""
+        if (node := fx_leaf(self, input, residual)) is not None:
+            return node
         # The activation's, residual's and in-place checks run before _prepare ticks the
         # counter; _prepare runs BatchNorm's.
         check_act_args(input, residual, self.activation, self.negative_slope, self.inplace)

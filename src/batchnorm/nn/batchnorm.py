@@ -18,6 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._validation import check_batch_norm_args
 from ..backends import AUTO, registered_backends, resolve_backend
 from ..functional import _batch_norm_unchecked
+from ._fx import fx_leaf
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "rebuild_as"]
 
@@ -100,6 +101,8 @@ class _BatchNormBase(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training also update the running statistics."""
+        if (node := fx_leaf(self, input)) is not None:
+            return node
         running_mean, running_var, bn_training, momentum, backend = self._prepare(input)
         return _batch_norm_unchecked(
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,

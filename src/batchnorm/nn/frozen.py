@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends.base import acc_dtype, bcast, safe_invstd
+from ._fx import fx_leaf
 from .act import BatchNormAct, apply_activation
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _channel_error
 
@@ -102,6 +103,8 @@ class FrozenBatchNorm(nn.Module):
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
     def forward(self, input: Tensor) -> Tensor:
+        if (node := fx_leaf(self, input)) is not None:
+            return node
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise _channel_error(self.num_features, input)
@@ -203,6 +206,8 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         self._rank_check._check_input_dim(self, input)  # type: ignore[arg-type]
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if (node := fx_leaf(self, input, residual)) is not None:
+            return node
         return apply_activation(super().forward(input), residual, self.activation,
                                 self.negative_slope)
 

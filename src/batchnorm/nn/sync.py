@@ -60,6 +60,7 @@ from ..backends.base import (
     safe_invstd,
 )
 from ..functional import check_act_args
+from ._fx import fx_leaf
 from .act import BatchNormAct
 from .batchnorm import BatchNorm, _BatchNormBase, rebuild_as
 
@@ -315,6 +316,8 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training with world size > 1 the statistics are global."""
+        if (node := fx_leaf(self, input)) is not None:
+            return node
         sync = self._sync_group()
         return super().forward(input) if sync is None else self._forward_sync(input, *sync)
 
@@ -393,6 +396,8 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)`` with the group's statistics in training."""
+        if (node := fx_leaf(self, input, residual)) is not None:
+            return node
         sync = self._sync_group()
         if sync is None:
             return BatchNormAct.forward(self, input, residual)

@@ -5,6 +5,9 @@ layer runs as torch ops or through the custom ops; the numbers must not change.)
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -307,3 +310,120 @@ def test_fx_symbolic_trace_with_a_tracer_that_traces_through_everything():
 def test_fx_symbolic_trace_of_a_layer_as_the_root_says_why():
     with pytest.raises(torch.fx.proxy.TraceError, match=r"cannot be the root.*Sequential"):
         torch.fx.symbolic_trace(batchnorm.BatchNorm2d(3))
+
+
+# ---- torch.jit.script: the layers compile to torch.nn's BatchNorm step on ATen -----------------
+
+# torch 2.13 deprecates TorchScript in favour of torch.compile/torch.export; models still use it
+_JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+
+def _train_like_torch(model: nn.Module, theirs: nn.Module, steps: int = 3) -> None:
+    """``steps`` training steps of ``model`` and of torch.nn's ``theirs`` on the same inputs:
+    outputs, input and parameter gradients, then every state_dict entry."""
+    for step in range(steps):
+        x = _x((4, 3, 5, 5), seed=step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = model(x), theirs(x2)
+        assert_close(y, y2, *TOL, f"step {step} output")
+        y.square().sum().backward()
+        y2.square().sum().backward()
+        assert_close(x.grad, x2.grad, *TOL, f"step {step} input gradient")
+    theirs_params = dict(theirs.named_parameters())
+    assert set(dict(model.named_parameters())) == set(theirs_params)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, theirs_params[name].grad, *TOL, f"{name} gradient")
+    for name, t in theirs.state_dict().items():
+        assert_close(model.state_dict()[name], t, *TOL, name)
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jit_script_trains_like_torch_nn_and_round_trips(backend):
+    """A scripted block (BatchNorm2d with momentum=None, BatchNormAct2d with a residual)
+    trains as torch.nn's does; saved and loaded, it computes the same in eval; scripting
+    leaves the eager model's layers (and their backend) as they were."""
+    ours, theirs = _Block(True, backend), _Block(False)
+    theirs.load_state_dict(ours.state_dict())
+    scripted = torch.jit.script(ours)
+    assert type(ours.bn1) is batchnorm.BatchNorm2d and ours.bn1.backend == backend
+    _train_like_torch(scripted, theirs)
+    assert int(ours.bn1.num_batches_tracked) == 3  # the scripted layers share ours' tensors
+    scripted.eval()
+    theirs.eval()
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    with torch.no_grad():
+        x = _x((4, 3, 5, 5), seed=9)
+        assert_close(loaded(x), theirs(x), *TOL, "loaded, eval")
+        assert_close(scripted(x), ours.eval()(x), *TOL, "scripted vs eager, eval")
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("make", [
+    lambda: batchnorm.FrozenBatchNorm2d(3),
+    lambda: batchnorm.FrozenBatchNormAct.from_batchnorm(batchnorm.BatchNormAct2d(3)),
+    lambda: batchnorm.SyncBatchNorm(3),
+    lambda: batchnorm.SyncBatchNormAct(3, activation="elu"),
+    lambda: batchnorm.BatchNorm2d(3, affine=False),
+    lambda: batchnorm.BatchNorm2d(3, bias=False),
+    lambda: batchnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.2,
+                                     inplace=True),
+    lambda: batchnorm.BatchNormAct2d(3, activation="gelu", track_running_stats=False),
+], ids=["frozen", "frozen_act", "sync", "sync_act", "no_affine", "no_bias", "inplace_act",
+        "untracked_act"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_jit_script_of_the_other_layers(make, training):
+    """Scripted and eager layers agree (in-place BatchNormAct computes out of place when
+    scripted), on fresh copies so that each trains from the same state."""
+    torch.manual_seed(1)
+    layer = make()
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                t.uniform_(0.5, 1.5)
+    eager = nn.Sequential(nn.Conv2d(3, 3, 1), layer).train(training)
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    if training and isinstance(layer, batchnorm.SyncBatchNorm):
+        with pytest.raises(torch.jit.Error, match="eval mode only"):
+            scripted(_x((2, 3, 4, 4)))
+        return
+    for seed in range(2):
+        x = _x((2, 3, 4, 4), seed=seed)
+        assert_close(scripted(x), eager(x), *TOL, f"call {seed}")
+    for name, t in eager.state_dict().items():
+        assert_close(scripted.state_dict()[name], t, *TOL, name)
+
+
+@_JIT_DEPRECATED
+def test_jit_script_of_any_rank_and_1d_layers():
+    for layer, shape in ((batchnorm.BatchNorm(3), (2, 3, 2, 2, 2, 2)),
+                         (batchnorm.BatchNorm1d(3), (4, 3)), (batchnorm.BatchNorm3d(3),
+                                                              (2, 3, 2, 2, 2))):
+        theirs = nn.BatchNorm1d(3) if isinstance(layer, batchnorm.BatchNorm1d) else None
+        scripted = torch.jit.script(nn.Sequential(layer))
+        x = _x(shape)
+        expected = (theirs(x) if theirs is not None
+                    else torch.nn.functional.batch_norm(x, None, None, training=True))
+        assert_close(scripted(x), expected, *TOL, f"{type(layer).__name__} {shape}")
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m(torch.randn(2, 3, 4)), r"expected 4D input \(got 3D input\)"),
+    (lambda m: m(torch.randn(2, 5, 4, 4)), "expected input with 3 channels at dim 1"),
+    (lambda m: m(torch.randn(1, 3, 1, 1)), "Expected more than 1 value per channel"),
+    (lambda m: m(torch.ones(2, 3, 4, 4, dtype=torch.int64)), "floating-point input"),
+    (lambda m: m(torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)),
+     "residual must match the input's shape"),
+], ids=["rank", "channels", "one_value", "dtype", "residual"])
+def test_jit_script_checks_run_before_any_state_changes(call, match):
+    layer = batchnorm.BatchNormAct2d(3, momentum=None)
+    scripted = torch.jit.script(layer)  # a layer can be the root of torch.jit.script
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(torch.jit.Error, match=match):  # (what TorchScript raises)
+        call(scripted)
+    for name, t in layer.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed by a failed scripted call"

@@ -75,6 +75,19 @@ def test_freeze_and_unfreeze_batchnorm_act():
     assert_close(thawed(x, r), before, *TOLERANCES[torch.float32], "unfrozen act")
 
 
+def test_frozen_act_checks_the_residual_and_the_rank_of_its_source():
+    """A residual that would broadcast is an error, as in BatchNormAct (it was added with
+    broadcasting before); the rank check is that of the layer it was frozen from."""
+    frozen = FrozenBatchNormAct.from_batchnorm(batchnorm.BatchNormAct2d(3).eval())
+    x = make_input((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="residual must match the input's shape"):
+        frozen(x, make_input((1, 3, 4, 4)))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        frozen(make_input((2, 3, 4)))
+    any_rank = FrozenBatchNormAct.from_batchnorm(batchnorm.BatchNormAct(3).eval())
+    assert any_rank(make_input((2, 3, 4))).shape == (2, 3, 4)
+
+
 def test_onnx_export_of_batchnorm_act_model(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the tools extra")
     model = _trained(Block("leaky_relu"))

@@ -141,6 +141,20 @@ def _byte_span(t: Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+def check_residual(input: Tensor, residual: Tensor | None) -> None:
+    """Raise unless ``residual`` is None or a floating-point tensor of ``input``'s shape and
+    device (a residual that broadcasts would be a silent wrong answer). TorchScript-compatible
+    (the scripted BatchNormAct layers run it too)."""
+    if residual is None:
+        return
+    if not residual.is_floating_point():
+        raise TypeError("residual must be a floating-point Tensor or None")
+    if residual.shape != input.shape or residual.device != input.device:
+        raise ValueError(
+            f"residual must match the input's shape and device: got {list(residual.shape)} "
+            f"on {residual.device}, expected {list(input.shape)} on {input.device}")
+
+
 def check_act_args(
     input: Tensor,
     residual: Tensor | None,
@@ -154,14 +168,9 @@ def check_act_args(
     from .backends.activations import check_activation
 
     check_activation(activation, negative_slope, inplace)
-    if residual is not None:
-        if not isinstance(residual, Tensor) or not residual.is_floating_point():
-            raise TypeError("residual must be a floating-point Tensor or None")
-        if residual.shape != input.shape or residual.device != input.device:
-            raise ValueError(
-                f"residual must match the input's shape and device: got {tuple(residual.shape)} "
-                f"on {residual.device}, expected {tuple(input.shape)} on {input.device}"
-            )
+    if residual is not None and not isinstance(residual, Tensor):
+        raise TypeError("residual must be a floating-point Tensor or None")
+    check_residual(input, residual)
     if not inplace:
         return
     if input.is_leaf and input.requires_grad:

@@ -66,7 +66,7 @@ def act_forward(z: Tensor, activation: str, slope: float) -> Tensor:
         return F.silu(z)
     if activation == "gelu":
         return F.gelu(z)
-    raise ValueError(f"unknown activation {activation!r}")
+    raise ValueError(f"unknown activation '{activation}'")  # (no !r: TorchScript compiles this)
 
 
 def act_grad(z: Tensor, activation: str, slope: float) -> Tensor:

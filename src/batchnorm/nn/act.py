@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..backends.activations import act_forward, check_activation
-from ..functional import _batch_norm_act_unchecked, check_act_args
+from ..functional import _batch_norm_act_unchecked, check_act_args, check_residual
 from ._fx import fx_leaf
 from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -75,7 +75,13 @@ class BatchNormAct(BatchNorm):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; in training also updates the running statistics."""
-        if (node := fx_leaf(self, input, residual)) is not None:
+        if torch.jit.is_scripting():
+            # TorchScript: torch.nn's BatchNorm step, then the activation out of place
+            check_residual(input, residual)
+            return apply_activation(self._scripted(input), residual, self.activation,
+                                    self.negative_slope)
+        node = fx_leaf(self, input, residual)
+        if node is not None:
             return node
         # The activation's, residual's and in-place checks run before _prepare ticks the
         # counter; _prepare runs BatchNorm's.

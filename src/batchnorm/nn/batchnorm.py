@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._validation import check_batch_norm_args
+from .._validation import BatchNormShapeError, check_batch_norm_args
 from ..backends import AUTO, registered_backends, resolve_backend
 from ..functional import _batch_norm_unchecked
 from ._fx import fx_leaf
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "rebuild_as"]
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "check_channels",
+           "check_input_rank", "rebuild_as"]
 
 
 class _BatchNormBase(_BatchNorm):
@@ -69,8 +70,8 @@ class _BatchNormBase(_BatchNorm):
         for the ticked counter.
         """
         self._check_input_dim(input)
-        if input.dim() >= 2 and input.shape[1] != self.num_features:
-            raise _channel_error(self.num_features, input)
+        if input.dim() >= 2:
+            check_channels(input, self.num_features)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
@@ -89,6 +90,37 @@ class _BatchNormBase(_BatchNorm):
                 momentum = 1.0 / (float(self.num_batches_tracked) + (0 if tick else 1))
         return running_mean, running_var, bn_training, momentum, backend
 
+    def _scripted(self, input: Tensor) -> Tensor:
+        """The forward that ``torch.jit.script`` compiles (``forward`` branches to it while
+        scripting, and TorchScript does not compile the Python path after that branch):
+        torch.nn's BatchNorm step on ATen's kernels, with this module's checks first, so that
+        a bad input still leaves the counter and buffers as they were. The backend setting
+        does not carry over; the numbers are torch.nn's."""
+        self._check_input_dim(input)
+        check_channels(input, self.num_features)
+        if not input.is_floating_point():
+            raise TypeError("batch_norm expected a floating-point input (float16, bfloat16, "
+                            f"float32 or float64), got dtype {input.dtype}")
+        for t in [self.running_mean, self.running_var, self.weight, self.bias]:
+            if t is not None and t.device != input.device:
+                raise ValueError(f"the layer's tensors are on {t.device} but input is on "
+                                 f"{input.device}; expected every tensor on the input's device")
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        if bn_training and input.numel() // input.size(1) == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {list(input.shape)}")
+        use_buffers = not self.training or self.track_running_stats
+        factor = 0.0 if self.momentum is None else self.momentum
+        count = self.num_batches_tracked
+        if self.training and self.track_running_stats and count is not None:
+            count.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(count)
+        return torch.nn.functional.batch_norm(
+            input, self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None, self.weight, self.bias, bn_training,
+            factor, self.eps)
+
     def _counts(self) -> bool:
         """Whether a forward now counts a batch in ``num_batches_tracked``."""
         return bool(self.training and self.track_running_stats
@@ -101,7 +133,10 @@ class _BatchNormBase(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training also update the running statistics."""
-        if (node := fx_leaf(self, input)) is not None:
+        if torch.jit.is_scripting():
+            return self._scripted(input)
+        node = fx_leaf(self, input)
+        if node is not None:
             return node
         running_mean, running_var, bn_training, momentum, backend = self._prepare(input)
         return _batch_norm_unchecked(
@@ -110,13 +145,28 @@ class _BatchNormBase(_BatchNorm):
         )
 
 
-def _channel_error(num_features: int, input: Tensor) -> Exception:
-    from .._validation import BatchNormShapeError
+def check_input_rank(input: Tensor, rank: int | None) -> None:
+    """torch.nn's input-rank check and message for a BatchNorm of spatial ``rank`` (1: ``(N, C)``
+    or ``(N, C, L)``, 2: 4-D, 3: 5-D, None: any rank >= 2). TorchScript-compatible."""
+    d = input.dim()
+    if rank is None:
+        if d < 2:
+            raise ValueError(f"expected at least 2D input (got {d}D input)")
+    elif rank == 1:
+        if d != 2 and d != 3:
+            raise ValueError(f"expected 2D or 3D input (got {d}D input)")
+    elif d != rank + 2:
+        raise ValueError(f"expected {rank + 2}D input (got {d}D input)")
 
-    return BatchNormShapeError(
-        f"expected input with {num_features} channels at dim 1 (num_features={num_features}), "
-        f"got {input.shape[1]} channels (input size {tuple(input.shape)})"
-    )
+
+def check_channels(input: Tensor, num_features: int) -> None:
+    """Raise :class:`BatchNormShapeError` unless ``input`` (rank >= 2) has ``num_features``
+    channels at dim 1. TorchScript-compatible."""
+    if input.size(1) != num_features:
+        raise BatchNormShapeError(
+            f"expected input with {num_features} channels at dim 1 (num_features="
+            f"{num_features}), got {input.size(1)} channels (input size {list(input.shape)})"
+        )
 
 
 class BatchNorm(_BatchNormBase):
@@ -141,32 +191,28 @@ class BatchNorm(_BatchNormBase):
     """
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+        check_input_rank(input, None)
 
 
 class BatchNorm1d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C)`` or ``(N, C, L)`` input (``torch.nn.BatchNorm1d``)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+        check_input_rank(input, 1)
 
 
 class BatchNorm2d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, H, W)`` input (``torch.nn.BatchNorm2d``)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        check_input_rank(input, 2)
 
 
 class BatchNorm3d(BatchNorm):
     """:class:`BatchNorm` for ``(N, C, D, H, W)`` input (``torch.nn.BatchNorm3d``)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+        check_input_rank(input, 3)
 
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -25,10 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..backends.base import acc_dtype, bcast, safe_invstd
+from ..backends.base import safe_invstd
+from ..functional import check_residual
 from ._fx import fx_leaf
 from .act import BatchNormAct, apply_activation
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, _channel_error
+from .batchnorm import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    check_channels,
+    check_input_rank,
+)
 
 __all__ = [
     "FrozenBatchNorm",
@@ -79,7 +87,7 @@ class FrozenBatchNorm(nn.Module):
         self._unfrozen_config: dict[str, Any] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        BatchNorm._check_input_dim(self, input)  # type: ignore[arg-type]
+        check_input_rank(input, None)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -103,15 +111,23 @@ class FrozenBatchNorm(nn.Module):
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
     def forward(self, input: Tensor) -> Tensor:
-        if (node := fx_leaf(self, input)) is not None:
-            return node
+        # TorchScript compiles this forward as it is (no kernels of ours; the fx branch is
+        # resolved away while compiling)
+        if not torch.jit.is_scripting():
+            node = fx_leaf(self, input)
+            if node is not None:
+                return node
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
+        """The checks and ``input * scale + shift`` (TorchScript-compatible)."""
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise _channel_error(self.num_features, input)
-        acc = acc_dtype(input)
+        check_channels(input, self.num_features)
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         scale, shift = self.scale_shift(acc)
         # Elementwise ops keep the input's memory layout (channels-last stays channels-last).
-        y = input.to(acc) * bcast(scale, input) + bcast(shift, input)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        y = input.to(acc) * scale.view(shape) + shift.view(shape)
         return y.to(input.dtype)
 
     def extra_repr(self) -> str:
@@ -160,21 +176,24 @@ class FrozenBatchNorm1d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C)`` or ``(N, C, L)`` input."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        BatchNorm1d._check_input_dim(self, input)  # type: ignore[arg-type]
+        check_input_rank(input, 1)
 
 
 class FrozenBatchNorm2d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C, H, W)`` input (torchvision's FrozenBatchNorm2d)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        BatchNorm2d._check_input_dim(self, input)  # type: ignore[arg-type]
+        check_input_rank(input, 2)
 
 
 class FrozenBatchNorm3d(FrozenBatchNorm):
     """:class:`FrozenBatchNorm` for ``(N, C, D, H, W)`` input."""
 
     def _check_input_dim(self, input: Tensor) -> None:
-        BatchNorm3d._check_input_dim(self, input)  # type: ignore[arg-type]
+        check_input_rank(input, 3)
+
+
+_RANKS: dict[type, int | None] = {BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3, BatchNorm: None}
 
 
 class FrozenBatchNormAct(FrozenBatchNorm):
@@ -200,15 +219,19 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         super().__init__(num_features, eps, device, dtype)
         self.activation = activation
         self.negative_slope = negative_slope
-        self._rank_check: type[BatchNorm] = BatchNorm
+        # the input rank the layer it was frozen from checks (see check_input_rank; None: any)
+        self._input_rank: int | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        self._rank_check._check_input_dim(self, input)  # type: ignore[arg-type]
+        check_input_rank(input, self._input_rank)
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        if (node := fx_leaf(self, input, residual)) is not None:
-            return node
-        return apply_activation(super().forward(input), residual, self.activation,
+        if not torch.jit.is_scripting():
+            node = fx_leaf(self, input, residual)
+            if node is not None:
+                return node
+        check_residual(input, residual)
+        return apply_activation(self._normalize(input), residual, self.activation,
                                 self.negative_slope)
 
     def extra_repr(self) -> str:
@@ -223,8 +246,7 @@ class FrozenBatchNormAct(FrozenBatchNorm):
         assert isinstance(frozen, FrozenBatchNormAct)
         frozen.activation = bn.activation
         frozen.negative_slope = bn.negative_slope
-        frozen._rank_check = next(c for c in type(bn).__mro__
-                                  if c in (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNorm))
+        frozen._input_rank = next(_RANKS[c] for c in type(bn).__mro__ if c in _RANKS)
         assert frozen._unfrozen_config is not None
         frozen._unfrozen_config.update(activation=bn.activation,
                                        negative_slope=bn.negative_slope, inplace=bn.inplace)

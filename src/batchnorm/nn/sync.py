@@ -39,6 +39,7 @@ with a ``TypeError`` rather than converted without its behaviour.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -49,7 +50,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..backends import get_backend
-from ..backends.activations import act_forward, check_activation
+from ..backends.activations import check_activation
 from ..backends.base import (
     acc_dtype,
     as_kernel_layout,
@@ -59,10 +60,10 @@ from ..backends.base import (
     running_update,
     safe_invstd,
 )
-from ..functional import check_act_args
+from ..functional import check_act_args, check_residual
 from ._fx import fx_leaf
-from .act import BatchNormAct
-from .batchnorm import BatchNorm, _BatchNormBase, rebuild_as
+from .act import BatchNormAct, apply_activation
+from .batchnorm import BatchNorm, _BatchNormBase, check_input_rank, rebuild_as
 
 __all__ = [
     "SyncBatchNorm",
@@ -106,6 +107,17 @@ def _unpack(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(counts (W,) int64, means (W, C), m2s (W, C))`` (float64) from the gathered packets."""
     counts = gathered[:, :1].contiguous().view(torch.int64).view(-1)
     return counts, gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :]
+
+
+def _scripted_eval_only(training: bool) -> None:
+    """TorchScript cannot call torch.distributed: a scripted SyncBatchNorm normalizes with its
+    running statistics (eval), and refuses training rather than using this process's batch
+    alone. TorchScript-compatible."""
+    if training:
+        raise RuntimeError(
+            "a scripted SyncBatchNorm runs in eval mode only (TorchScript cannot gather the "
+            "statistics of a process group); call .eval(), or script the model after "
+            "batchnorm.revert_sync_batchnorm for single-process training")
 
 
 def _failed_ranks(counts: list[int]) -> list[int]:
@@ -262,8 +274,8 @@ class SyncBatchNorm(BatchNorm):
         return (group, world) if world > 1 else None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        super()._check_input_dim(input)
-        if input.shape[1] == 0:
+        check_input_rank(input, None)
+        if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def _forward_sync(
@@ -316,7 +328,11 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input``; in training with world size > 1 the statistics are global."""
-        if (node := fx_leaf(self, input)) is not None:
+        if torch.jit.is_scripting():
+            _scripted_eval_only(self.training)
+            return self._scripted(input)
+        node = fx_leaf(self, input)
+        if node is not None:
             return node
         sync = self._sync_group()
         return super().forward(input) if sync is None else self._forward_sync(input, *sync)
@@ -396,18 +412,23 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)`` with the group's statistics in training."""
-        if (node := fx_leaf(self, input, residual)) is not None:
+        if torch.jit.is_scripting():
+            check_residual(input, residual)
+            _scripted_eval_only(self.training)
+            return apply_activation(self._scripted(input), residual, self.activation,
+                                    self.negative_slope)
+        node = fx_leaf(self, input, residual)
+        if node is not None:
             return node
         sync = self._sync_group()
         if sync is None:
             return BatchNormAct.forward(self, input, residual)
         # BatchNormAct's checks too: before any state changes, and known to every rank
         # (without the in-place ones: synchronized, the layer computes out of place).
-        y = self._forward_sync(input, *sync, check=lambda: check_act_args(
-            input, residual, self.activation, self.negative_slope, False))
-        acc = acc_dtype(input)
-        z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
-        return act_forward(z, self.activation, float(self.negative_slope)).to(input.dtype)
+        # (a partial, not a lambda: TorchScript parses this forward, and rejects lambdas)
+        y = self._forward_sync(input, *sync, check=functools.partial(
+            check_act_args, input, residual, self.activation, self.negative_slope, False))
+        return apply_activation(y, residual, self.activation, self.negative_slope)
 
 
 

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..nn.frozen import FrozenBatchNormAct
 from ._modules import _rank_table, bn_config, is_batchnorm
 
 __all__ = ["MANIFEST_KEY", "Loaded", "check_manifest", "load", "manifest", "reference_layers",
@@ -71,11 +72,9 @@ def _rank(module: nn.Module) -> int | None:
     """The spatial rank ``module`` checks its input for: that of the class whose
     ``_check_input_dim`` it runs (``bn_rank`` knows only exact classes, and BatchNormAct2d runs
     BatchNorm2d's). None for any rank, or a check of a class the tools do not know."""
-    # FrozenBatchNormAct delegates its check to the class it was frozen from.
-    cls = getattr(module, "_rank_check", None)
-    if not isinstance(cls, type):
-        cls = type(module)
-    owner = next((c for c in cls.__mro__ if "_check_input_dim" in vars(c)), None)
+    if isinstance(module, FrozenBatchNormAct):  # checks the rank of the layer it was frozen from
+        return module._input_rank
+    owner = next((c for c in type(module).__mro__ if "_check_input_dim" in vars(c)), None)
     return _rank_table().get(owner) if owner is not None else None
 
 

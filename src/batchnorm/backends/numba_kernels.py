@@ -473,6 +473,25 @@ def _run_dev(x, o, s, m):
     return np.float64(s1), np.float64(s2)
 
 
+@njit(fastmath=_REDUCE_MATH)
+def _run_dev4(x, o, st, s, m):
+    """:func:`_run_dev` over the four runs at ``o``, ``o + st``, ``o + 2 st``, ``o + 3 st``
+    (one channel, four consecutive batch rows) in one loop: one horizontal reduction and one
+    float64 conversion per four runs. For short runs (7x7: 49 values) those, not the loads,
+    bounded the loop (one thread, (32, 512, 49): 257 -> 98 us in cache, 317 -> 170 us from
+    memory)."""
+    s1 = _zero(m)
+    s2 = _zero(m)
+    for i in range(o, o + s):
+        d0 = _ld(x[_u(i)]) - m
+        d1 = _ld(x[_u(i + st)]) - m
+        d2 = _ld(x[_u(i + 2 * st)]) - m
+        d3 = _ld(x[_u(i + 3 * st)]) - m
+        s1 += (d0 + d1) + (d2 + d3)
+        s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    return np.float64(s1), np.float64(s2)
+
+
 @njit(fastmath=_ELEM_MATH)
 def _run_norm(x, xo, y, yo, s, hi, sc, sh):
     """y[yo:yo + s] from x[xo:xo + s] (y is the output, or a stream buffer)."""
@@ -490,6 +509,22 @@ def _run_bred(dy, x, o, s, m):
         g = _ld(dy[_u(i)])
         s1 += g
         s2 += g * (_ld(x[_u(i)]) - m)
+    return np.float64(s1), np.float64(s2)
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _run_bred4(dy, x, o, st, s, m):
+    """:func:`_run_bred` over four runs ``st`` apart (see :func:`_run_dev4`)."""
+    s1 = _zero(m)
+    s2 = _zero(m)
+    for i in range(o, o + s):
+        g0 = _ld(dy[_u(i)])
+        g1 = _ld(dy[_u(i + st)])
+        g2 = _ld(dy[_u(i + 2 * st)])
+        g3 = _ld(dy[_u(i + 3 * st)])
+        s1 += (g0 + g1) + (g2 + g3)
+        s2 += ((g0 * (_ld(x[_u(i)]) - m) + g1 * (_ld(x[_u(i + st)]) - m))
+               + (g2 * (_ld(x[_u(i + 2 * st)]) - m) + g3 * (_ld(x[_u(i + 3 * st)]) - m)))
     return np.float64(s1), np.float64(s2)
 
 
@@ -515,10 +550,23 @@ def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
 # coefficient tiles); the last, partial super-row is a call with a smaller ``w``.
 
 
+# The loops take four super-rows a pass (then the rest one at a time): the per-position
+# accumulators and coefficients are then loaded and stored once per four rows instead of once
+# per row, which bounded these loops (one thread, a 3.2 MB input in L3: the centred sums
+# 141 -> 103 us; ATen's plain sum 52 us).
+
+
 @njit(fastmath=_ELEM_MATH)
 def _rows_sum(x, o, w, rows, acc):
     acc[:w] = 0.0
-    for r in range(rows):
+    r4 = 0
+    while r4 + 4 <= rows:
+        p = o + r4 * w
+        for j in range(w):
+            acc[_u(j)] += ((_ld(x[_u(p + j)]) + _ld(x[_u(p + w + j)]))
+                           + (_ld(x[_u(p + 2 * w + j)]) + _ld(x[_u(p + 3 * w + j)])))
+        r4 += 4
+    for r in range(r4, rows):
         p = o + r * w
         for j in range(w):
             acc[_u(j)] += _ld(x[_u(p + j)])
@@ -528,7 +576,19 @@ def _rows_sum(x, o, w, rows, acc):
 def _rows_dev(x, o, w, rows, m, q1, q2):
     q1[:w] = 0.0
     q2[:w] = 0.0
-    for r in range(rows):
+    r4 = 0
+    while r4 + 4 <= rows:
+        p = o + r4 * w
+        for j in range(w):
+            mj = m[_u(j)]
+            d0 = _ld(x[_u(p + j)]) - mj
+            d1 = _ld(x[_u(p + w + j)]) - mj
+            d2 = _ld(x[_u(p + 2 * w + j)]) - mj
+            d3 = _ld(x[_u(p + 3 * w + j)]) - mj
+            q1[_u(j)] += (d0 + d1) + (d2 + d3)
+            q2[_u(j)] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r4 += 4
+    for r in range(r4, rows):
         p = o + r * w
         for j in range(w):
             d = _ld(x[_u(p + j)]) - m[_u(j)]
@@ -553,7 +613,21 @@ def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh, co):
 def _rows_bred(dy, x, o, w, rows, m, q1, q2):
     q1[:w] = 0.0
     q2[:w] = 0.0
-    for r in range(rows):
+    r4 = 0
+    while r4 + 4 <= rows:
+        p = o + r4 * w
+        for j in range(w):
+            mj = m[_u(j)]
+            g0 = _ld(dy[_u(p + j)])
+            g1 = _ld(dy[_u(p + w + j)])
+            g2 = _ld(dy[_u(p + 2 * w + j)])
+            g3 = _ld(dy[_u(p + 3 * w + j)])
+            q1[_u(j)] += (g0 + g1) + (g2 + g3)
+            q2[_u(j)] += ((g0 * (_ld(x[_u(p + j)]) - mj) + g1 * (_ld(x[_u(p + w + j)]) - mj))
+                          + (g2 * (_ld(x[_u(p + 2 * w + j)]) - mj)
+                             + g3 * (_ld(x[_u(p + 3 * w + j)]) - mj)))
+        r4 += 4
+    for r in range(r4, rows):
         p = o + r * w
         for j in range(w):
             g = _ld(dy[_u(p + j)])
@@ -746,7 +820,16 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
         shift[j] = _finite_or_zero(tot / k)
         mean[c0 + j] = 0.0
         m2[c0 + j] = 0.0
-    for n in range(n0, n1):
+    n4 = n0
+    if 4 * s_ <= ROW_SEGMENT:  # four batch rows a pass (their sums stay within a segment)
+        while n4 + 4 <= n1:
+            p = n4 * stride + c0 * s_
+            for j in range(g):
+                u, v = _run_dev4(x, p + j * s_, stride, s_, shift[j])
+                mean[c0 + j] += u
+                m2[c0 + j] += v
+            n4 += 4
+    for n in range(n4, n1):
         p = n * stride + c0 * s_
         for j in range(g):
             u, v = _run_dev(x, p + j * s_, s_, shift[j])
@@ -849,7 +932,17 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
     for c in range(c0, c1):
         sdy[c] = 0.0
         sdx[c] = 0.0
-    for n in range(n0, n1):
+    n4 = n0
+    if 4 * s_ <= ROW_SEGMENT:  # four batch rows a pass, as in _task_stats
+        while n4 + 4 <= n1:
+            o = n4 * stride + c0 * s_
+            for c in range(c0, c1):
+                u, v = _run_bred4(dy, x, o, stride, s_, _as(mean[c], like))
+                sdy[c] += u
+                sdx[c] += v
+                o += s_
+            n4 += 4
+    for n in range(n4, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
             u, v = _run_bred(dy, x, o, s_, _as(mean[c], like))

@@ -389,12 +389,12 @@ def test_jit_script_of_the_other_layers(make, training):
     if training and isinstance(layer, batchnorm.SyncBatchNorm):
         with pytest.raises(torch.jit.Error, match="eval mode only"):
             scripted(_x((2, 3, 4, 4)))
-        return
-    for seed in range(2):
-        x = _x((2, 3, 4, 4), seed=seed)
-        assert_close(scripted(x), eager(x), *TOL, f"call {seed}")
-    for name, t in eager.state_dict().items():
-        assert_close(scripted.state_dict()[name], t, *TOL, name)
+    else:
+        for seed in range(2):
+            x = _x((2, 3, 4, 4), seed=seed)
+            assert_close(scripted(x), eager(x), *TOL, f"call {seed}")
+        for name, t in eager.state_dict().items():
+            assert_close(scripted.state_dict()[name], t, *TOL, name)
 
 
 @_JIT_DEPRECATED

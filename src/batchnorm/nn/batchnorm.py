@@ -15,7 +15,11 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._validation import BatchNormShapeError, check_batch_norm_args
+from .._validation import (
+    BatchNormShapeError,
+    check_batch_norm_args,
+    check_one_value_per_channel,
+)
 from ..backends import AUTO, registered_backends, resolve_backend
 from ..functional import _batch_norm_unchecked
 from ._fx import fx_leaf
@@ -106,9 +110,8 @@ class _BatchNormBase(_BatchNorm):
                 raise ValueError(f"the layer's tensors are on {t.device} but input is on "
                                  f"{input.device}; expected every tensor on the input's device")
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        if bn_training and input.numel() // input.size(1) == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {list(input.shape)}")
+        if bn_training:
+            check_one_value_per_channel(input)
         use_buffers = not self.training or self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         count = self.num_batches_tracked

@@ -371,8 +371,12 @@ def test_jit_script_trains_like_torch_nn_and_round_trips(backend):
     lambda: batchnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.2,
                                      inplace=True),
     lambda: batchnorm.BatchNormAct2d(3, activation="gelu", track_running_stats=False),
+    lambda: batchnorm.BatchNormAct2d(3, affine=False, track_running_stats=False),
+    lambda: batchnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0),
+    lambda: batchnorm.FrozenBatchNormAct.from_batchnorm(
+        batchnorm.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0)),
 ], ids=["frozen", "frozen_act", "sync", "sync_act", "no_affine", "no_bias", "inplace_act",
-        "untracked_act"])
+        "untracked_act", "no_affine_untracked", "int_slope", "frozen_int_slope"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_jit_script_of_the_other_layers(make, training):
     """Scripted and eager layers agree (in-place BatchNormAct computes out of place when
@@ -418,7 +422,8 @@ def test_jit_script_of_any_rank_and_1d_layers():
     (lambda m: m(torch.ones(2, 3, 4, 4, dtype=torch.int64)), "floating-point input"),
     (lambda m: m(torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)),
      "residual must match the input's shape"),
-], ids=["rank", "channels", "one_value", "dtype", "residual"])
+    (lambda m: m(torch.randn(2, 3, 4, 4, dtype=torch.float64)), "differ in dtype"),
+], ids=["rank", "channels", "one_value", "dtype", "residual", "param_dtype"])
 def test_jit_script_checks_run_before_any_state_changes(call, match):
     layer = batchnorm.BatchNormAct2d(3, momentum=None)
     scripted = torch.jit.script(layer)  # a layer can be the root of torch.jit.script
@@ -427,3 +432,17 @@ def test_jit_script_checks_run_before_any_state_changes(call, match):
         call(scripted)
     for name, t in layer.state_dict().items():
         assert torch.equal(t, before[name]), f"{name} changed by a failed scripted call"
+
+
+@_JIT_DEPRECATED
+@pytest.mark.parametrize("name, value, match", [
+    ("eps", 0.0, "eps must be positive during training"),
+    ("momentum", 1.5, r"momentum must be a number in \[0, 1\]"),
+])
+def test_jit_script_rejects_bad_hyperparameters_before_the_counter_ticks(name, value, match):
+    layer = batchnorm.BatchNorm2d(3)
+    setattr(layer, name, value)  # (eager calls reject these too)
+    scripted = torch.jit.script(layer)
+    with pytest.raises(torch.jit.Error, match=match):
+        scripted(torch.randn(2, 3, 4, 4))
+    assert int(layer.num_batches_tracked) == 0

@@ -88,6 +88,20 @@ def test_frozen_act_checks_the_residual_and_the_rank_of_its_source():
     assert any_rank(make_input((2, 3, 4))).shape == (2, 3, 4)
 
 
+def test_frozen_act_pickled_before_input_rank_loads():
+    """A whole-module pickle from before ``_input_rank`` kept the class whose check ran
+    (``_rank_check``); unpickling maps it to the rank."""
+    frozen = FrozenBatchNormAct.from_batchnorm(batchnorm.BatchNormAct2d(3).eval())
+    state = frozen.__dict__.copy()
+    del state["_input_rank"]
+    state["_rank_check"] = batchnorm.BatchNorm2d
+    old = FrozenBatchNormAct.__new__(FrozenBatchNormAct)
+    old.__setstate__(state)
+    assert old._input_rank == 2 and "_rank_check" not in old.__dict__
+    with pytest.raises(ValueError, match="expected 4D input"):
+        old(make_input((2, 3, 4)))
+
+
 def test_onnx_export_of_batchnorm_act_model(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the tools extra")
     model = _trained(Block("leaky_relu"))

@@ -17,7 +17,8 @@ The pass structure is the plain BatchNorm kernels' own:
 Activations (codes): 0 identity, 1 relu, 2 leaky_relu(slope), 3 elu (alpha 1), 4 silu,
 5 gelu (exact, erf). The activation code is loop-invariant, so LLVM unswitches the inner loops
 per activation. Compute is float32 (float64 for float64 storage); per-run sums are in the
-compute dtype, everything beyond in float64; results do not depend on the thread count.
+compute dtype, everything beyond in float64 (the statistics: see numba_kernels); results do
+not depend on the thread count.
 """
 
 from __future__ import annotations

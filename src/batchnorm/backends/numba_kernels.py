@@ -31,8 +31,10 @@ Numerics:
   that is already within a few standard deviations of the mean (the mean of the task's first
   cache-resident segment, at least one sample per channel, from a first pass over it), so
   the correction term is small; with the correction
-  ``M2 = S2 - S1^2 / n``; a run (or a channel over one segment) is summed in the compute dtype,
-  everything beyond in float64, and the parts of the batch are merged with Chan's formula.
+  ``M2 = S2 - S1^2 / n``; a run (four runs of one channel when they hold at most
+  ``FOUR_RUNS_MAX`` values, or a channel over one segment in row mode) is summed in the
+  compute dtype, everything beyond in float64, and the parts of the batch are merged with
+  Chan's formula.
   Never ``E[x^2] - E[x]^2``;
 * normalization computes ``(x - mean_hi) * scale + (shift - mean_lo * scale)`` in the compute
   dtype (float32, or float64 for float64 input), where ``mean_hi + mean_lo`` is the float64
@@ -78,6 +80,11 @@ _ELEM_MATH = {"contract"}
 # (compute dtype) are flushed to float64 every ROW_SEGMENT values.
 SEGMENT = 4096
 ROW_SEGMENT = 1 << 16
+# Short runs are reduced four batch rows a pass (_run_dev4, _run_bred4) when the four hold at
+# most this many values (runs of up to 4096: the 7x7 to 56x56 layers). Beyond, the per-run
+# overhead that this saves is negligible, and longer float32 partial sums would cost
+# accuracy: at (4, 16, 16384) four runs together gave dbias errors 6x ATen's.
+FOUR_RUNS_MAX = 1 << 14
 # Row mode: consecutive rows are processed as super-rows of at least this many values.
 ROW_TILE = 1024
 # Streamed outputs are computed in buffers of this many items (a multiple of 64 bytes for
@@ -476,10 +483,10 @@ def _run_dev(x, o, s, m):
 @njit(fastmath=_REDUCE_MATH)
 def _run_dev4(x, o, st, s, m):
     """:func:`_run_dev` over the four runs at ``o``, ``o + st``, ``o + 2 st``, ``o + 3 st``
-    (one channel, four consecutive batch rows) in one loop: one horizontal reduction and one
-    float64 conversion per four runs. For short runs (7x7: 49 values) those, not the loads,
-    bounded the loop (one thread, (32, 512, 49): 257 -> 98 us in cache, 317 -> 170 us from
-    memory)."""
+    (one channel, four consecutive batch rows; at most FOUR_RUNS_MAX values) in one loop: one
+    horizontal reduction and one float64 conversion per four runs. For short runs (7x7: 49
+    values) those, not the loads, bounded the loop (one thread, (32, 512, 49): 257 -> 98 us
+    in cache, 317 -> 170 us from memory)."""
     s1 = _zero(m)
     s2 = _zero(m)
     for i in range(o, o + s):
@@ -799,9 +806,9 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     ``S1 = sum(x - shift)`` and ``S2 = sum((x - shift)^2)``, and ``mean = shift + S1 / n``,
     ``M2 = S2 - S1^2 / n``. The shift is within a few standard deviations of the
     mean, so the correction term is tiny and nothing cancels (unlike ``E[x^2] - E[x]^2``).
-    Sums run in the compute dtype over one run (or one segment in row mode), in float64
-    beyond; runs longer than ROW_SEGMENT values in pieces of that size
-    (:func:`_task_stats_long`).
+    Sums run in the compute dtype over one run (four runs when they hold at most
+    FOUR_RUNS_MAX values; one segment in row mode), in float64 beyond; runs longer than
+    ROW_SEGMENT values in pieces of that size (:func:`_task_stats_long`).
     """
     if s_ == 1:
         return _rows_stats(x, c_, n0, n1, mean, m2, like)
@@ -821,7 +828,7 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
         mean[c0 + j] = 0.0
         m2[c0 + j] = 0.0
     n4 = n0
-    if 4 * s_ <= ROW_SEGMENT:  # four batch rows a pass (their sums stay within a segment)
+    if 4 * s_ <= FOUR_RUNS_MAX:  # four batch rows a pass
         while n4 + 4 <= n1:
             p = n4 * stride + c0 * s_
             for j in range(g):
@@ -933,7 +940,7 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
         sdy[c] = 0.0
         sdx[c] = 0.0
     n4 = n0
-    if 4 * s_ <= ROW_SEGMENT:  # four batch rows a pass, as in _task_stats
+    if 4 * s_ <= FOUR_RUNS_MAX:  # four batch rows a pass, as in _task_stats
         while n4 + 4 <= n1:
             o = n4 * stride + c0 * s_
             for c in range(c0, c1):

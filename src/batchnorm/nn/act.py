@@ -79,7 +79,7 @@ class BatchNormAct(BatchNorm):
             # TorchScript: torch.nn's BatchNorm step, then the activation out of place
             check_residual(input, residual)
             return apply_activation(self._scripted(input), residual, self.activation,
-                                    self.negative_slope)
+                                    float(self.negative_slope))
         node = fx_leaf(self, input, residual)
         if node is not None:
             return node
@@ -121,7 +121,7 @@ class ResidualActivation(torch.nn.Module):
         self.negative_slope = negative_slope
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return apply_activation(input, residual, self.activation, self.negative_slope)
+        return apply_activation(input, residual, self.activation, float(self.negative_slope))
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, negative_slope={self.negative_slope}"

@@ -103,15 +103,26 @@ class _BatchNormBase(_BatchNorm):
         self._check_input_dim(input)
         check_channels(input, self.num_features)
         if not input.is_floating_point():
+            # (no dtype in the message: TorchScript formats a dtype as its enum number)
             raise TypeError("batch_norm expected a floating-point input (float16, bfloat16, "
-                            f"float32 or float64), got dtype {input.dtype}")
-        for t in [self.running_mean, self.running_var, self.weight, self.bias]:
-            if t is not None and t.device != input.device:
-                raise ValueError(f"the layer's tensors are on {t.device} but input is on "
-                                 f"{input.device}; expected every tensor on the input's device")
+                            "float32 or float64)")
+        _check_scripted_tensor(input, self.weight, "weight")
+        _check_scripted_tensor(input, self.bias, "bias")
+        _check_scripted_tensor(input, self.running_mean, "running_mean")
+        _check_scripted_tensor(input, self.running_var, "running_var")
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         if bn_training:
             check_one_value_per_channel(input)
+            if self.eps <= 0.0:
+                raise ValueError(
+                    f"batch_norm eps must be positive during training, but got {self.eps}")
+        if self.eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}")
+        m = self.momentum
+        if m is not None:  # (nested: TorchScript types m as None when the constant is None)
+            if not (m >= 0.0 and m <= 1.0):
+                raise ValueError("batch_norm momentum must be a number in [0, 1] (the weight "
+                                 f"of the new batch statistics), got {m}")
         use_buffers = not self.training or self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         count = self.num_batches_tracked
@@ -146,6 +157,23 @@ class _BatchNormBase(_BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps, backend,
         )
+
+
+def _check_scripted_tensor(input: Tensor, t: Tensor | None, name: str) -> None:
+    """A parameter or buffer that the scripted step hands to ATen: on the input's device and
+    of a dtype ATen takes with it (the input's, or float32 for a float16/bfloat16 input).
+    The eager layers convert instead; TorchScript runs ATen's kernels as they are."""
+    if t is None:
+        return
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}; expected "
+                         "every tensor on the input's device")
+    half = input.dtype == torch.float16 or input.dtype == torch.bfloat16
+    if t.dtype != input.dtype and not (half and t.dtype == torch.float32):
+        raise TypeError(
+            f"{name} and input differ in dtype, which a scripted layer cannot take: TorchScript "
+            "runs ATen's kernels, which need parameters and buffers of the input's dtype (or "
+            "float32 for float16/bfloat16 input); convert the layer or the input")
 
 
 def check_input_rank(input: Tensor, rank: int | None) -> None:

@@ -232,7 +232,15 @@ class FrozenBatchNormAct(FrozenBatchNorm):
                 return node
         check_residual(input, residual)
         return apply_activation(self._normalize(input), residual, self.activation,
-                                self.negative_slope)
+                                float(self.negative_slope))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a whole-module pickle from before ``_input_rank`` holds the class whose rank check
+        # the layer ran (``_rank_check``)
+        cls = state.pop("_rank_check", None)
+        super().__setstate__(state)
+        if "_input_rank" not in self.__dict__:
+            self._input_rank = _RANKS.get(cls) if isinstance(cls, type) else None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"

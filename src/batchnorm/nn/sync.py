@@ -416,7 +416,7 @@ class SyncBatchNormAct(SyncBatchNorm, BatchNormAct):
             check_residual(input, residual)
             _scripted_eval_only(self.training)
             return apply_activation(self._scripted(input), residual, self.activation,
-                                    self.negative_slope)
+                                    float(self.negative_slope))
         node = fx_leaf(self, input, residual)
         if node is not None:
             return node

@@ -235,6 +235,25 @@ class _Block(nn.Module):
         return torch.relu(self.bn2(y) + x)
 
 
+def _train_like_torch(model: nn.Module, theirs: nn.Module, steps: int = 3) -> None:
+    """``steps`` training steps of ``model`` and of torch.nn's ``theirs`` on the same inputs:
+    outputs, input and parameter gradients, then every state_dict entry."""
+    for step in range(steps):
+        x = _x((4, 3, 5, 5), seed=step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y2 = model(x), theirs(x2)
+        assert_close(y, y2, *TOL, f"step {step} output")
+        y.square().sum().backward()
+        y2.square().sum().backward()
+        assert_close(x.grad, x2.grad, *TOL, f"step {step} input gradient")
+    theirs_params = dict(theirs.named_parameters())
+    assert set(dict(model.named_parameters())) == set(theirs_params)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, theirs_params[name].grad, *TOL, f"{name} gradient")
+    for name, t in theirs.state_dict().items():
+        assert_close(model.state_dict()[name], t, *TOL, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fx_symbolic_trace_keeps_the_layers_as_leaves(backend):
     """One call_module node per layer (with the residual as its second argument), and the
@@ -246,21 +265,8 @@ def test_fx_symbolic_trace_keeps_the_layers_as_leaves(backend):
     calls = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     assert set(calls) == {"conv1", "bn1", "conv2", "bn2"}
     assert [a.name for a in calls["bn2"].args] == ["conv2", "x"]
-    for step in range(3):
-        x = _x((4, 3, 5, 5), seed=step).requires_grad_()
-        x2 = x.detach().clone().requires_grad_()
-        y, y2 = gm(x), theirs(x2)
-        assert_close(y, y2, *TOL, f"step {step} output")
-        y.square().sum().backward()
-        y2.square().sum().backward()
-        assert_close(x.grad, x2.grad, *TOL, f"step {step} input gradient")
-    for name, t in theirs.state_dict().items():
-        assert_close(gm.state_dict()[name], t, *TOL, name)
+    _train_like_torch(gm, theirs)
     assert int(gm.bn1.num_batches_tracked) == 3
-    theirs_params = dict(theirs.named_parameters())
-    assert set(dict(gm.named_parameters())) == set(theirs_params)
-    for name, p in gm.named_parameters():
-        assert_close(p.grad, theirs_params[name].grad, *TOL, f"{name} gradient")
     gm.eval()
     theirs.eval()
     with torch.no_grad():
@@ -316,25 +322,6 @@ def test_fx_symbolic_trace_of_a_layer_as_the_root_says_why():
 
 # torch 2.13 deprecates TorchScript in favour of torch.compile/torch.export; models still use it
 _JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
-
-def _train_like_torch(model: nn.Module, theirs: nn.Module, steps: int = 3) -> None:
-    """``steps`` training steps of ``model`` and of torch.nn's ``theirs`` on the same inputs:
-    outputs, input and parameter gradients, then every state_dict entry."""
-    for step in range(steps):
-        x = _x((4, 3, 5, 5), seed=step).requires_grad_()
-        x2 = x.detach().clone().requires_grad_()
-        y, y2 = model(x), theirs(x2)
-        assert_close(y, y2, *TOL, f"step {step} output")
-        y.square().sum().backward()
-        y2.square().sum().backward()
-        assert_close(x.grad, x2.grad, *TOL, f"step {step} input gradient")
-    theirs_params = dict(theirs.named_parameters())
-    assert set(dict(model.named_parameters())) == set(theirs_params)
-    for name, p in model.named_parameters():
-        assert_close(p.grad, theirs_params[name].grad, *TOL, f"{name} gradient")
-    for name, t in theirs.state_dict().items():
-        assert_close(model.state_dict()[name], t, *TOL, name)
-
 
 @_JIT_DEPRECATED
 @pytest.mark.parametrize("backend", BACKENDS)

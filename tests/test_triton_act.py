@@ -140,6 +140,18 @@ def f64_composite(case: dict, activation: str, training: bool) -> dict:
                 dr=None if r is None else r.grad, rm=rm, rv=rv)
 
 
+def _max_invstd(case: dict, training: bool) -> float:
+    """The largest per-channel ``1 / sqrt(var + eps)`` the layer normalizes with (batch
+    statistics in training, the running variance in eval), in float64."""
+    x = case["x"].double()
+    if training:
+        dims = [d for d in range(x.dim()) if d != 1]
+        var = x.var(dim=dims, unbiased=False)
+    else:
+        var = case["rv"].double()
+    return float((var + EPS).rsqrt().max())
+
+
 def check_case(case: dict, activation: str, training: bool, inplace: bool, path: str,
                dtype: torch.dtype, what: str, launches: list | None = None) -> None:
     """Ours (triton, forced path) vs the torch backend's composite (in-place too) and vs the
@@ -155,8 +167,13 @@ def check_case(case: dict, activation: str, training: bool, inplace: bool, path:
     tol, stol = TOLERANCES[dtype], STAT_TOLERANCES[dtype]
     m = case["x"].numel() // case["x"].shape[1]
     # In-place recomputes x-hat from the rounded y (through act^-1 and a division by gamma):
-    # a few more roundings, amplified by 1/slope on leaky_relu's negative side.
-    grad_tol = (8 * tol[0], 8 * tol[1]) if inplace else tol
+    # a few more roundings, amplified by 1/slope on leaky_relu's negative side, and by invstd:
+    # dx = w * invstd * (...) scales x-hat's error by it, which is large where a channel's
+    # values barely differ (two values per channel drawn close together: bfloat16 dx errors
+    # of 0.49 against 8 * atol = 0.24 at invstd 14). The absolute bound grows with the
+    # largest invstd above 1.
+    grad_tol = (8 * tol[0] * max(1.0, _max_invstd(case, training)), 8 * tol[1]) if inplace \
+        else tol
     sum_tol = (grad_tol[0] * m**0.5, grad_tol[1])  # dweight, dbias: sums of m values
     x = case["x"]
     assert ours["y"].dtype == dtype and ours["y"].stride() == x.stride(), what

@@ -124,11 +124,11 @@ class _BatchNormBase(_BatchNorm):
                 raise ValueError("batch_norm momentum must be a number in [0, 1] (the weight "
                                  f"of the new batch statistics), got {m}")
         use_buffers = not self.training or self.track_running_stats
-        factor = 0.0 if self.momentum is None else self.momentum
+        factor = 0.0 if m is None else m
         count = self.num_batches_tracked
         if self.training and self.track_running_stats and count is not None:
             count.add_(1)
-            if self.momentum is None:  # cumulative moving average
+            if m is None:  # cumulative moving average
                 factor = 1.0 / float(count)
         return torch.nn.functional.batch_norm(
             input, self.running_mean if use_buffers else None,

@@ -17,6 +17,7 @@ Usage::
 
     python benchmarks/bench_act.py [--device cpu|cuda] [--backends numba native]
         [--shapes r50_c64_h56 r50_c256_h14 ...] [--min-run-time 1.0] [--threads N]
+        [--channels-last]
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def interleaved_medians(stmts: dict[str, Callable[[], None]], min_run_time: floa
 
 
 def measure_shape(name: str, shape: tuple[int, ...], dev: torch.device, dtype: torch.dtype,
-                  backends: list[str], min_run_time: float) -> tuple[list[str], list[float]]:
+                  backends: list[str], min_run_time: float,
+                  channels_last: bool = False) -> tuple[list[str], list[float]]:
     """One table row: eager vs ours (each backend) vs ours in place, times and saved bytes."""
     c = shape[1]
-    x0 = torch.randn(shape, device=dev, dtype=dtype)
-    r = torch.randn(shape, device=dev, dtype=dtype)
-    dy = torch.randn(shape, device=dev, dtype=dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x0 = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    r = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+    dy = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
     eager_bn = torch.nn.BatchNorm2d(c, device=dev)
 
     def step(fn, copy_first: bool = False):
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-run-time", type=float, default=1.0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
+    p.add_argument("--channels-last", action="store_true",
+                   help="inputs, residual and gradient in channels-last (NHWC) memory")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes = [s for s in shapes if s[0] in ("r50_c64_h56", "r50_c256_h56", "r50_c256_h14",
                                                   "r50_c512_h28", "r50_c2048_h7")]
     backends = args.backends or ["auto"]
-    print(f"# BN + ReLU + residual, fwd+bwd, {args.dtype} NCHW on {args.device}; "
+    layout = "channels-last" if args.channels_last else "NCHW"
+    print(f"# BN + ReLU + residual, fwd+bwd, {args.dtype} {layout} on {args.device}; "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
     print("| shape | eager ms | " + " | ".join(f"{b} ms | {b} x" for b in backends)
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|" + "---|---|" * len(backends) + "---|---|---|---|")
     speedups: dict[str, list[float]] = {b: [] for b in backends}
     for name, shape in shapes:
-        row, ratios = measure_shape(name, shape, dev, dtype, backends, args.min_run_time)
+        row, ratios = measure_shape(name, shape, dev, dtype, backends, args.min_run_time,
+                                    args.channels_last)
         for be, ratio in zip(backends, ratios):
             speedups[be].append(ratio)
         print("| " + " | ".join(row) + " |")

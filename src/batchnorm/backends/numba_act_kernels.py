@@ -58,6 +58,10 @@ __all__ = ["ACT_CODES", "PACKED", "backward_act", "forward_act"]
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 _ELEM_MATH = {"contract"}
+# The backward's channels-first elementwise pass is compiled twice (a task's whole runs, and
+# the pieces of a streamed chunk); without contraction both round alike, where LLVM fused
+# different multiply-adds in each (dx differed by an ulp between streamed and plain stores)
+_EXACT_MATH: set[str] = set()
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -132,6 +136,28 @@ def _inv_act(y, a, sl):
     return y
 
 
+def _by_flags(body, params: str, flags: tuple[str, ...], fastmath: set[str]):
+    """A compiled ``f(*params, *flags)`` that calls the inline ``body(*params, *flags)`` with
+    each boolean flag as a literal constant: one branch-free (vectorizable) copy of the loop
+    per combination of flags, chosen once per call instead of tested per element."""
+    names = params.split()
+    lines = [f"def dispatch({', '.join(names + list(flags))}):"]
+
+    def emit(depth: int, fixed: list[str], indent: int) -> None:
+        pad = "    " * indent
+        if depth == len(flags):
+            lines.append(f"{pad}return body({', '.join(names + fixed)})")
+            return
+        lines.append(f"{pad}if {flags[depth]}:")
+        emit(depth + 1, [*fixed, "True"], indent + 1)
+        emit(depth + 1, [*fixed, "False"], indent)
+
+    emit(0, [], 1)
+    ns = {"body": body}
+    exec("\n".join(lines), ns)
+    return njit(fastmath=fastmath)(ns["dispatch"])
+
+
 # ---- element and loop bodies ---------------------------------------------------------------
 # The loop bodies take compile-time flags: ``lin`` (identity / relu / leaky_relu, all
 # ``z > 0 ? z : neg * z``: selects only, so the loops vectorize), ``res`` (a residual is read)
@@ -186,18 +212,29 @@ def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, lin, res):
             y[_u(yo + i)] = _st(_act(z, a, sl), y)
 
 
-@njit(fastmath=_ELEM_MATH)
+_run_act_flags = _by_flags(_run_act_body, "x r y o yo s hi sc sh a neg sl", ("lin", "res"),
+                          _ELEM_MATH)
+
+
+@njit(inline="always")
 def _run_act(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl):
     """y[yo:yo + s] from x[o:o + s] (and r): y is the output, or a stream buffer."""
-    if a <= 2:
-        if r.size > 0:
-            _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, True, True)
-        else:
-            _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, True, False)
-    elif r.size > 0:
-        _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, False, True)
-    else:
-        _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, False, False)
+    _run_act_flags(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, a <= 2, r.size > 0)
+
+
+@njit(inline="always")
+def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, a, neg, sl, lin, res):
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_act_body(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl,
+                          lin, res)
+            o += s_
+
+
+# a task's runs (channels-first, not streamed) with the flags chosen once per task
+_runs_act = _by_flags(_runs_act_body, "x r y stride s_ c0 c1 n0 n1 coef a neg sl",
+                      ("lin", "res"), _ELEM_MATH)
 
 
 @njit(inline="always")
@@ -207,7 +244,8 @@ def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
         q = yo + (n - n0) * c_
         for j in range(c_):
             i = _u(p + j)
-            z = (_ld(x[i]) - hi[j]) * sc[j] + sh[j]
+            u = _u(j)
+            z = (_ld(x[i]) - hi[u]) * sc[u] + sh[u]
             if res:
                 z = z + _ld(r[i])
             if lin:
@@ -216,18 +254,14 @@ def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
                 y[_u(q + j)] = _st(_act(z, a, sl), y)
 
 
-@njit(fastmath=_ELEM_MATH)
+_rows_act_flags = _by_flags(_rows_act_body, "x r y c_ n0 n1 yo hi sc sh a neg sl",
+                           ("lin", "res"), _ELEM_MATH)
+
+
+@njit(inline="always")
 def _rows_act(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl):
     """Rows [n0, n1) into y from item yo on (the output, or a stream buffer)."""
-    if a <= 2:
-        if r.size > 0:
-            _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, True, True)
-        else:
-            _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, True, False)
-    elif r.size > 0:
-        _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, False, True)
-    else:
-        _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, False, False)
+    _rows_act_flags(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, a <= 2, r.size > 0)
 
 
 @njit
@@ -274,11 +308,7 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
                 _stream(buf, y, o + a0, b0 - a0)
                 a0 = b0
         return
-    for n in range(n0, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            _run_act(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl)
-            o += s_
+    _runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, a, neg, sl, a <= 2, r.size > 0)
 
 
 # ---- backward: reduction and elementwise pass ---------------------------------------------
@@ -301,34 +331,35 @@ def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin,
     return np.float64(s1), np.float64(s2)
 
 
-@njit(fastmath=_REDUCE_MATH)
+_run_bred_flags = _by_flags(_run_bred_body, "dy v r o s hi inv k0 w b rw a neg rneg sl",
+                           ("lin", "res", "inp"), _REDUCE_MATH)
+
+
+@njit(inline="always")
 def _run_bred(dy, v, r, o, s, co, c, a, neg, rneg, sl, inp):
-    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
-    lin = a <= 2
-    res = r.size > 0
-    if lin and res and inp:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
-                              True, True)
-    if lin and res:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
-                              True, False)
-    if lin and inp:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
-                              False, True)
-    if lin:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, True,
-                              False, False)
-    if res and inp:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
-                              True, True)
-    if res:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
-                              True, False)
-    if inp:
-        return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
-                              False, True)
-    return _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, False,
-                          False, False)
+    """(sum dz, sum dz * xhat) of one run, float64 (compute-dtype partial sums)."""
+    return _run_bred_flags(dy, v, r, o, s, co[0, c], co[1, c], co[2, c], co[3, c], co[4, c],
+                           co[5, c], a, neg, rneg, sl, a <= 2, r.size > 0, inp)
+
+
+@njit(inline="always")
+def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
+                    lin, res, inp):
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            u, w = _run_bred_body(dy, v, r, o, s_, co[0, c], co[1, c], co[2, c], co[3, c],
+                                  co[4, c], co[5, c], a, neg, rneg, sl, lin, res, inp)
+            sdz[c] += u
+            sdx[c] += w
+            o += s_
+
+
+# a task's runs (of at most ROW_SEGMENT values) with the flags chosen once per task: per
+# run, the choice and a call cost as much as the 49 values of a 7x7 run
+_runs_bred = _by_flags(_runs_bred_body,
+                       "dy v r stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx",
+                       ("lin", "res", "inp"), _REDUCE_MATH)
 
 
 @njit(inline="always")
@@ -344,76 +375,100 @@ def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, 
             dr[_u(yo + i)] = _st(dz, dr)
 
 
-@njit(fastmath=_ELEM_MATH)
+_run_bapply_flags = _by_flags(
+    _run_bapply_body, "dy v r dx dr o yo s hi inv k0 w b rw sc k1 k2 a neg rneg sl",
+    ("lin", "res", "inp"), _EXACT_MATH)
+
+
+@njit(inline="always")
 def _run_bapply(dy, v, r, dx, dr, o, yo, s, co, c, a, neg, rneg, sl, inp):
     """dx[yo:yo + s] (and dr) from the inputs at [o, o + s)."""
-    hi, inv, k0, w, b, rw = co[0, c], co[1, c], co[2, c], co[3, c], co[4, c], co[5, c]
-    sc, k1, k2 = co[6, c], co[7, c], co[8, c]
-    lin = a <= 2
-    res = r.size > 0
-    if lin and res and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, True, True, True)
-    elif lin and res:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, True, True, False)
-    elif lin and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, True, False, True)
-    elif lin:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, True, False, False)
-    elif res and inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, False, True, True)
-    elif res:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, False, True, False)
-    elif inp:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, False, False, True)
-    else:
-        _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                         rneg, sl, False, False, False)
+    _run_bapply_flags(dy, v, r, dx, dr, o, yo, s, co[0, c], co[1, c], co[2, c], co[3, c],
+                      co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a, neg, rneg, sl,
+                      a <= 2, r.size > 0, inp)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
-    """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``
-    (generic loop: channels-last rows are short, per-channel coefficients are vectors)."""
-    q1[:] = 0.0
-    q2[:] = 0.0
-    zero = q1[0] - q1[0]
-    neg, rneg = _negs(a, sl)
-    lin = a <= 2
+@njit(inline="always")
+def _runs_bapply_body(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl,
+                      lin, res, inp):
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_bapply_body(dy, v, r, dx, dr, o, o, s_, co[0, c], co[1, c], co[2, c],
+                             co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a,
+                             neg, rneg, sl, lin, res, inp)
+            o += s_
+
+
+_runs_bapply = _by_flags(_runs_bapply_body,
+                         "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl",
+                         ("lin", "res", "inp"), _EXACT_MATH)
+
+
+@njit(inline="always")
+def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, lin, res, inp):
+    hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
+    zero = _zero(q1[0])
     for n in range(nrows):
         p = o + n * c_
         for j in range(c_):
             i = _u(p + j)
-            rv = _ld(r[i]) if r.size > 0 else zero
-            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
-                              co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
-            q1[j] += dz
-            q2[j] += dz * xh
+            u = _u(j)
+            rv = _ld(r[i]) if res else zero
+            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
+                              rw[u], a, neg, rneg, sl, lin, inp)
+            q1[u] += dz
+            q2[u] += dz * xh
 
 
-@njit(fastmath=_ELEM_MATH)
-def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
-    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
-    zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
+_rows_bred_flags = _by_flags(_rows_bred_body, "dy v r o nrows c_ co a neg rneg sl q1 q2",
+                             ("lin", "res", "inp"), _ELEM_MATH)
+
+
+@njit(inline="always")
+def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
+    """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``.
+    The coefficients are read as rows of ``co`` with unsigned indices, and the flags are
+    constants in each copy of the loop: indexed as ``co[k, j]`` with the flags tested per
+    element, the elementwise pass ran 10x slower (40 ms for (32, 2048, 7, 7))."""
+    q1[:] = 0.0
+    q2[:] = 0.0
     neg, rneg = _negs(a, sl)
-    lin = a <= 2
+    _rows_bred_flags(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, a <= 2,
+                     r.size > 0, inplace)
+
+
+@njit(inline="always")
+def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, lin, res,
+                      inp):
+    hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
+    sc, k1, k2 = co[6], co[7], co[8]
+    zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
     for n in range(n0, n1):
         p = n * c_
         q = yo + (n - n0) * c_
         for j in range(c_):
             i = _u(p + j)
-            rv = _ld(r[i]) if r.size > 0 else zero
-            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, co[0, j], co[1, j], co[2, j],
-                              co[3, j], co[4, j], co[5, j], a, neg, rneg, sl, lin, inplace)
-            dx[_u(q + j)] = _st(co[6, j] * (dz + co[7, j] + _xterm(xh, zero, co[8, j])), dx)
-            if r.size > 0:
+            u = _u(j)
+            rv = _ld(r[i]) if res else zero
+            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
+                              rw[u], a, neg, rneg, sl, lin, inp)
+            dx[_u(q + j)] = _st(sc[u] * (dz + k1[u] + _xterm(xh, zero, k2[u])), dx)
+            if res:
                 dr[_u(q + j)] = _st(dz, dr)
+
+
+_rows_bapply_flags = _by_flags(_rows_bapply_body,
+                               "dy v r dx dr c_ n0 n1 yo co a neg rneg sl",
+                               ("lin", "res", "inp"), _ELEM_MATH)
+
+
+@njit(inline="always")
+def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
+    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
+    neg, rneg = _negs(a, sl)
+    _rows_bapply_flags(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, a <= 2,
+                       r.size > 0, inplace)
 
 
 @njit
@@ -447,13 +502,8 @@ def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx
                     sdz[c] += u
                     sdx[c] += w
         return
-    for n in range(n0, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            u, w = _run_bred(dy, v, r, o, s_, co, c, a, neg, rneg, sl, inplace)
-            sdz[c] += u
-            sdx[c] += w
-            o += s_
+    _runs_bred(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, a <= 2,
+               r.size > 0, inplace)
 
 
 @njit
@@ -496,11 +546,8 @@ def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace
                     _stream(br, dr, o + a0, b0 - a0)
                 a0 = b0
         return
-    for n in range(n0, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            _run_bapply(dy, v, r, dx, dr, o, o, s_, co, c, a, neg, rneg, sl, inplace)
-            o += s_
+    _runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, a <= 2,
+                 r.size > 0, inplace)
 
 
 @njit

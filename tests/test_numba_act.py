@@ -42,11 +42,45 @@ SHAPE_IDS = ["nc", "ncl", "nlc", "nchw", "nhwc", "ndhwc"]
 
 @pytest.fixture(scope="module")
 def be():
+    """The numba backend with every activation fused (elu, silu and gelu are delegated to
+    the composite by default, see NumbaActMixin.fuse_all_activations): these tests check
+    the kernels."""
     backend = get_backend("numba")
     ok, why = backend.is_available()
     if not ok:
         pytest.skip(why)
-    return backend
+    before = backend.fuse_all_activations
+    backend.fuse_all_activations = True
+    yield backend
+    backend.fuse_all_activations = before
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_transcendental_activations_delegate_to_the_composite_by_default(activation,
+                                                                         monkeypatch):
+    """By default elu, silu and gelu run as our BatchNorm kernels + torch's activation (the
+    fused kernels' libm calls do not vectorize); the piecewise-linear ones are fused."""
+    import batchnorm.backends.numba_backend as nbb
+
+    backend = nbb.NumbaBackend()
+    assert backend.fuse_all_activations is False
+    launched: list[str] = []
+    launch = nbb._launch
+    monkeypatch.setattr(nbb, "_launch", lambda plan, *a, **k: (
+        launched.append(plan.entry.name), launch(plan, *a, **k))[1])
+    x = make_input((4, 3, 5, 5), torch.float32, False, seed=3)
+    r = make_input((4, 3, 5, 5), torch.float32, False, seed=4, shift=0.0)
+    w, b, rm, rv = _params(3)
+    y, mean, invstd, _, _ = backend.forward_act(x, w, b, rm, rv, r, True, MOMENTUM, EPS,
+                                                activation, SLOPE, empty_out_like(x))
+    backend.backward_act(torch.ones_like(x), x, w, b, mean, invstd, r, True, activation,
+                         SLOPE, False, MASK)
+    fused = activation in ("identity", "relu", "leaky_relu")
+    assert any("act" in name for name in launched) == fused, launched
+    assert launched, "the numba kernels ran neither fused nor as the composite's BatchNorm"
+    ref = TORCH_ACT[activation](F.batch_norm(x.double(), None, None, w.double(), b.double(),
+                                             True, 0.0, EPS) + r.double())
+    assert_close(y, ref.float(), *TOLERANCES[torch.float32], f"{activation} output")
 
 
 def _params(c, dtype=torch.float32):

@@ -96,6 +96,15 @@ def act_backward(dy: Tensor, z: Tensor, activation: str, slope: float) -> Tensor
     torch's threshold_backward does: an infinite ``dy`` there gives 0, not ``inf * 0 = NaN``."""
     if activation == "relu":
         return torch.where(z <= 0, torch.zeros_like(dy), dy)
+    if not (dy.requires_grad or z.requires_grad) and dy.dtype == z.dtype:
+        # ATen's own backward kernels: one vectorized pass each, where act_grad's formulas
+        # take four to eight (same values, NaN and inf included; the composite backward of
+        # BatchNormAct runs here). Not elu: aten's elu_backward gives NaN at a NaN z, where
+        # the gradient through torch's elu (and act_grad) passes dy.
+        if activation == "silu":
+            return torch.ops.aten.silu_backward(dy, z)
+        if activation == "gelu":
+            return torch.ops.aten.gelu_backward(dy, z)
     return dy * act_grad(z, activation, slope)
 
 

@@ -14,14 +14,17 @@ the activation-sized tensors are those of plain BatchNorm:
 In-place mode (``out is x``; identity, leaky_relu with slope > 0, elu) saves only the output:
 the backward recomputes ``z = act^-1(y)`` and ``xhat = (z - r - b) / w`` from it.
 
-Delegated to the composite of :class:`~.base.Backend` (same results, more passes): dtypes the
-numba backend does not support, a residual whose dtype or shape differs from ``x``'s, an
-``out`` whose strides differ from ``x``'s, and in-place mode on a tensor that is neither
-channels-first nor channels-last contiguous.
+Delegated to the composite of :class:`~.base.Backend` (same results, more passes: the numba
+BatchNorm kernels, then torch's activation ops): elu, silu and gelu by default (see
+:attr:`NumbaActMixin.fuse_all_activations`), dtypes the numba backend does not support, a
+residual whose dtype or shape differs from ``x``'s, an ``out`` whose strides differ from
+``x``'s, and in-place mode on a tensor that is neither channels-first nor channels-last
+contiguous.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -53,14 +56,28 @@ def _codes() -> dict[str, int]:
 
 class NumbaActMixin:
     """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
-    class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``)."""
+    class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``).
 
-    @staticmethod
-    def _act_fusable(x: Tensor, residual: Tensor | None, activation: str) -> bool:
+    Attributes:
+        fuse_all_activations: also run elu, silu and gelu in the fused kernels (default
+            False, or ``BATCHNORM_NUMBA_FUSE_ALL_ACTS=1``). Their kernels are correct but
+            call libm's exp, expm1 and erf one element at a time, which does not vectorize:
+            a training step of ``BatchNormAct2d`` measured 2.5-7x slower than eager PyTorch
+            for these three (silu 22.5 vs 8.8 ms, gelu 47.7 vs 6.8 ms at (32, 256, 14, 14),
+            benchmarks/RESULTS.md), while the composite (our BatchNorm kernels, then torch's
+            vectorized activation) is faster than eager. identity, relu and leaky_relu are
+            always fused.
+    """
+
+    fuse_all_activations = os.environ.get("BATCHNORM_NUMBA_FUSE_ALL_ACTS", "0").strip() == "1"
+
+    def _act_fusable(self, x: Tensor, residual: Tensor | None, activation: str) -> bool:
         """Can the fused kernels run on ``x`` (as laid out for them) with this residual?"""
         if x.dtype not in _nb()._DTYPES or x.device.type != "cpu" or x.numel() == 0:
             return False
         if activation not in _codes():
+            return False
+        if _codes()[activation] > 2 and not self.fuse_all_activations:
             return False
         return residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)
 
@@ -131,6 +148,37 @@ class NumbaActMixin:
                 new_rv = new_rv.to(running_var.dtype)
         return out, mean, invstd, new_rm, new_rv
 
+    def _backward_act_unfused(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        output_mask: tuple[bool, bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The backward of a delegated activation (elu, silu, gelu; float32 or float64, not
+        in place) in four passes instead of the composite's dozen: ``z`` from our apply
+        kernel (plus the residual), ``dz`` from torch's activation backward, then our fused
+        BatchNorm backward on ``dz`` (``dresidual = dz``)."""
+        from .activations import act_backward
+
+        z = self.apply(x, mean, invstd, weight, bias)  # type: ignore[attr-defined]
+        if residual is not None:
+            z = z.add_(match_layout(residual, z))
+        dz = act_backward(match_layout(dy, z).to(z.dtype), z, activation, slope)
+        dx, dw, db = self.backward(  # type: ignore[attr-defined]
+            dz, x, weight, mean, invstd, training, output_mask[:3])
+        dres = None
+        if output_mask[3] and residual is not None:
+            dres = dz if dz.stride() == residual.stride() else match_layout(dz, residual)
+        return dx, dw, db, dres
+
     def backward_act(
         self,
         dy: Tensor,
@@ -155,6 +203,13 @@ class NumbaActMixin:
         if not inplace:
             saved = as_kernel_layout(saved)
         if not self._act_fusable(saved, residual, activation) or layout_of(saved) == "other":
+            if (not inplace and activation in ("elu", "silu", "gelu") and saved.numel() > 0
+                    and saved.dtype in (torch.float32, torch.float64)
+                    and layout_of(saved) != "other" and saved.device.type == "cpu"
+                    and (residual is None or residual.dtype == saved.dtype)):
+                return self._backward_act_unfused(dy, saved, weight, bias, mean, invstd,
+                                                  residual, training, activation, slope,
+                                                  output_mask)
             return super().backward_act(  # type: ignore[misc]
                 dy, saved, weight, bias, mean, invstd, residual, training, activation, slope,
                 inplace, output_mask,

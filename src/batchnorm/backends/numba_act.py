@@ -163,9 +163,10 @@ class NumbaActMixin:
         output_mask: tuple[bool, bool, bool, bool],
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """The backward of a delegated activation (elu, silu, gelu; float32 or float64, not
-        in place) in four passes instead of the composite's dozen: ``z`` from our apply
-        kernel (plus the residual), ``dz`` from torch's activation backward, then our fused
-        BatchNorm backward on ``dz`` (``dresidual = dz``)."""
+        in place) in four elementwise passes (five with a residual) instead of the
+        composite's dozen: ``z`` from our apply kernel (then the residual added in place),
+        ``dz`` from torch's activation backward, then our fused BatchNorm backward on ``dz``
+        (its reduction and its dx pass; ``dresidual = dz``, no copy)."""
         from .activations import act_backward
 
         z = self.apply(x, mean, invstd, weight, bias)  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from numba import types
 from numba.extending import overload
 
 from .numba_kernels import (
+    _I0,
     _REDUCE_MATH,
     ROW_SEGMENT,
     STREAM_CHUNK,
@@ -285,7 +286,7 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
         buf = np.empty(k * c_, y.dtype)
         for m0 in range(n0, n1, k):
             m1 = min(m0 + k, n1)
-            _rows_act(x, r, buf, c_, m0, m1, 0, coef[0], coef[1], coef[2], a, neg, sl)
+            _rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], a, neg, sl)
             _stream(buf, y, m0 * c_, (m1 - m0) * c_)
         return
     stride = c_ * s_
@@ -520,7 +521,7 @@ def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace
             return
         for m0 in range(n0, n1, k):
             m1 = min(m0 + k, n1)
-            _rows_bapply(dy, v, r, bx, br, c_, m0, m1, 0, co, a, sl, inplace)
+            _rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, sl, inplace)
             _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
             if r.size > 0:
                 _stream(br, dr, m0 * c_, (m1 - m0) * c_)
@@ -619,11 +620,11 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
                                   coef)
             if parts == 1:
                 if do_stats:
-                    _train_coefs(c0, c1, cnt, pm[0], pq[0], 0, mean, m2, invstd, rmean, rvar,
+                    _train_coefs(c0, c1, cnt, pm[0], pq[0], _I0, mean, m2, invstd, rmean, rvar,
                                  new_rmean, new_rvar, eps, momentum, weight, bias, coef)
                 else:
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
-                _task_act(x, r, y, c_, s_, c0, c1, 0, n_, coef, act, slope, stream)
+                _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
         elif phase == 1:
             _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
                         rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
@@ -662,7 +663,7 @@ def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weig
             if parts == 1:
                 _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1)
                 if do_apply:
-                    _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, 0, n_, coef, act, slope,
+                    _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
                                  inplace, stream)
         elif phase == 1:
             a, b = _merge_range(k, c_)

@@ -92,6 +92,12 @@ ROW_TILE = 1024
 STREAM_CHUNK = 1024
 # Phase 1 (per-channel merge) is shared out in chunks of this many channels.
 MERGE_CHUNK = 256
+# Integer constants for the arguments of compiled (not inlined) functions: numba types a
+# literal argument as its value and compiles the callee once per value, so passing ``0`` at
+# one call site and a variable at another compiled a function (and every loop it calls) twice.
+# An int64 global is typed int64, not as a literal.
+_I0 = np.int64(0)
+_I1 = np.int64(1)
 
 
 def _jit(**kwargs):
@@ -699,7 +705,7 @@ def _rows_stats(x, c_, n0, n1, mean, m2, like):
         _fold_add(mean, q1, w, c_)
         n_first = first * k
     else:
-        _rows_sum(x, o, rem * c_, 1, q1)
+        _rows_sum(x, o, rem * c_, _I1, q1)
         _fold_add(mean, q1, rem * c_, c_)
         n_first = rem
     shift = np.empty(w, like.dtype)
@@ -714,7 +720,7 @@ def _rows_stats(x, c_, n0, n1, mean, m2, like):
         _fold_add(mean, q1, w, c_)
         _fold_add(m2, q2, w, c_)
     if rem > 0:
-        _rows_dev(x, o + full * w, rem * c_, 1, shift, q1, q2)
+        _rows_dev(x, o + full * w, rem * c_, _I1, shift, q1, q2)
         _fold_add(mean, q1, rem * c_, c_)
         _fold_add(m2, q2, rem * c_, c_)
     cnt = np.float64(n1 - n0)
@@ -738,13 +744,13 @@ def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + p, a, end)
-                _rows_norm(x, p + a, buf, 0, b - a, 1, hi, sc, sh, a)
+                _rows_norm(x, p + a, buf, _I0, b - a, _I1, hi, sc, sh, a)
                 _stream(buf, y, p + a, b - a)
                 a = b
         return
-    _rows_norm(x, o, y, o, w, full, hi, sc, sh, 0)
+    _rows_norm(x, o, y, o, w, full, hi, sc, sh, _I0)
     if rem > 0:
-        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, 1, hi, sc, sh, 0)
+        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, _I1, hi, sc, sh, _I0)
 
 
 @njit
@@ -765,7 +771,7 @@ def _rows_task_bred(dy, x, c_, n0, n1, mean, sdy, sdx, like):
         _fold_add(sdy, q1, w, c_)
         _fold_add(sdx, q2, w, c_)
     if rem > 0:
-        _rows_bred(dy, x, o + full * w, rem * c_, 1, m, q1, q2)
+        _rows_bred(dy, x, o + full * w, rem * c_, _I1, m, q1, q2)
         _fold_add(sdy, q1, rem * c_, c_)
         _fold_add(sdx, q2, rem * c_, c_)
 
@@ -783,14 +789,14 @@ def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + p, a, end)
-                _rows_bapply(dy, x, p + a, buf, 0, b - a, 1, hi, a_, b_, k_, a)
+                _rows_bapply(dy, x, p + a, buf, _I0, b - a, _I1, hi, a_, b_, k_, a)
                 _stream(buf, dx, p + a, b - a)
                 a = b
         return
-    _rows_bapply(dy, x, o, dx, o, w, full, hi, a_, b_, k_, 0)
+    _rows_bapply(dy, x, o, dx, o, w, full, hi, a_, b_, k_, _I0)
     if rem > 0:
         q = o + full * w
-        _rows_bapply(dy, x, q, dx, q, rem * c_, 1, hi, a_, b_, k_, 0)
+        _rows_bapply(dy, x, q, dx, q, rem * c_, _I1, hi, a_, b_, k_, _I0)
 
 
 # ---- one task: channels [c0, c1) x batch rows [n0, n1) ------------------------------------
@@ -1127,12 +1133,12 @@ def forward(x, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, b
                                   coef)
             if parts == 1:
                 if do_stats:
-                    _train_coefs(c0, c1, cnt, pm[0], pq[0], 0, mean, m2, invstd, rmean, rvar,
+                    _train_coefs(c0, c1, cnt, pm[0], pq[0], _I0, mean, m2, invstd, rmean, rvar,
                                  new_rmean, new_rvar, eps, momentum, weight, bias, coef)
                 else:
                     _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
                 if do_apply:
-                    _task_norm(x, y, c_, s_, c0, c1, 0, n_, coef, stream)
+                    _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream)
         elif phase == 1:
             _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
                         rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
@@ -1172,7 +1178,7 @@ def backward(dy, x, dx, n_, c_, s_, blocks, parts, mean, invstd, weight, sum_dy,
                 _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count,
                             do_reduce, training, pm, pq, coef, c0, c1)
                 if do_apply:
-                    _task_bapply(dy, x, dx, c_, s_, c0, c1, 0, n_, coef, stream)
+                    _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream)
         elif phase == 1:
             a, b = _merge_range(k, c_)
             _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_reduce,

@@ -969,3 +969,48 @@ def test_long_float32_partial_sums_stay_as_accurate_as_aten(shape):
     ours, aten = errors("numba"), errors(None)
     for name, o, a in zip(("y", "dx", "dweight", "dbias"), ours, aten):
         assert o <= 4 * a + 5e-7, f"{shape} {name}: relative error {o:.2e}, ATen's {a:.2e}"
+
+
+def test_compiled_callees_get_no_literal_integer_arguments():
+    """numba compiles a callee once per literal argument value: a ``0`` at one call site and a
+    variable at another compiled a task function (and every loop under it) twice, which had
+    doubled the kernels' first-call compile time. Static check over the kernel modules: no
+    call to a compiled, not inlined function (``@njit`` without ``inline="always"``, or a
+    ``_by_flags`` dispatcher) passes an integer constant or a module-level integer."""
+    import ast
+    import inspect
+
+    from batchnorm.backends import numba_act_kernels, numba_kernels
+
+    found = []
+    for mod in (numba_kernels, numba_act_kernels):
+        tree = ast.parse(inspect.getsource(mod))
+        int_globals = {t.id for node in tree.body if isinstance(node, ast.Assign)
+                       and isinstance(node.value, (ast.Constant, ast.BinOp))
+                       and not isinstance(getattr(node.value, "value", 0), (str, float))
+                       for t in node.targets if isinstance(t, ast.Name)}
+        compiled = set()
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef):
+                for d in node.decorator_list:
+                    name = d.func.id if isinstance(d, ast.Call) and isinstance(
+                        d.func, ast.Name) else getattr(d, "id", None)
+                    inline = isinstance(d, ast.Call) and any(
+                        k.arg == "inline" for k in d.keywords)
+                    if name == "njit" and not inline:
+                        compiled.add(node.name)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and getattr(
+                    node.value.func, "id", None) == "_by_flags":
+                compiled |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        assert compiled, f"no compiled function found in {mod.__name__} (parser out of date?)"
+        for call in ast.walk(tree):
+            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                    and call.func.id in compiled):
+                continue
+            for arg in call.args:
+                literal = (isinstance(arg, ast.Constant) and type(arg.value) is int) or (
+                    isinstance(arg, ast.Name) and arg.id in int_globals)
+                if literal:
+                    found.append(f"{mod.__name__}:{call.lineno} {call.func.id}(... "
+                                 f"{ast.unparse(arg)} ...)")
+    assert not found, "literal integer arguments to compiled callees:\n" + "\n".join(found)

@@ -98,6 +98,7 @@ MERGE_CHUNK = 256
 # An int64 global is typed int64, not as a literal.
 _I0 = np.int64(0)
 _I1 = np.int64(1)
+_ROW_SEGMENT = np.int64(ROW_SEGMENT)
 
 
 def _jit(**kwargs):
@@ -669,9 +670,10 @@ def _fold_add(acc, v, w, c_):
             acc[c] += np.float64(v[t + c])
 
 
-@njit
+@njit(inline="always")
 def _tile(coef, i, k):
-    """coef[i] repeated k times: a contiguous (k * C,) array."""
+    """coef[i] repeated k times: a contiguous (k * C,) array (inline: called with each row's
+    literal index, it was compiled once per index)."""
     c_ = coef.shape[1]
     out = np.empty(k * c_, coef.dtype)
     for t in range(k):
@@ -870,7 +872,8 @@ def _task_stats_long(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     cnt = np.float64((n1 - n0) * s_)
     for c in range(c0, c1):
         o = n0 * stride + c * s_
-        shift = _as(_finite_or_zero(_run_sum(x, o, ROW_SEGMENT, like) / ROW_SEGMENT), like)
+        shift = _as(_finite_or_zero(_run_sum(x, o, _ROW_SEGMENT, like) / ROW_SEGMENT),
+                    like)
         s1 = 0.0
         s2 = 0.0
         for n in range(n0, n1):

@@ -241,6 +241,19 @@ def test_results_do_not_depend_on_the_thread_count(name, shape, channels_last):
             assert torch.equal(a, e), f"{name}: 1 and 2 threads differ"
 
 
+def test_row_chunks_with_a_reduction_are_capped_and_match_the_reference():
+    """Channels-last rows (here an (N, C) input) are cut into at most
+    ``max(_ROW_PARTS, numel // _ROW_CHUNK_ELEMS)`` chunks when the call reduces (each chunk's
+    partials are read again by the merge), while elementwise-only calls keep their 64K-value
+    chunks; the capped partition matches the reference."""
+    from batchnorm.backends import numba_backend as nb
+
+    shape = (1200, 1000)
+    x = torch.empty(shape)
+    assert nb._View(x, True).parts == nb._ROW_PARTS < nb._View(x, False).parts == 18
+    _check_against_reference(shape, torch.float32, False, True)
+
+
 def _all_outputs(be, x, dy, w, b):
     """Every tensor the kernels produce for one input: training forward, backward, eval and
     the four primitives."""

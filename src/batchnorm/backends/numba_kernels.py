@@ -80,10 +80,10 @@ _ELEM_MATH = {"contract"}
 # (compute dtype) are flushed to float64 every ROW_SEGMENT values.
 SEGMENT = 4096
 ROW_SEGMENT = 1 << 16
-# Short runs are reduced four batch rows a pass (_run_dev4, _run_bred4) when the four hold at
-# most this many values (runs of up to 4096: the 7x7 to 56x56 layers). Beyond, the per-run
-# overhead that this saves is negligible, and longer float32 partial sums would cost
-# accuracy: at (4, 16, 16384) four runs together gave dbias errors 6x ATen's.
+# Short runs are reduced four batch rows a pass (_run_dev4_body, _run_bred4_body) when the
+# four hold at most this many values (runs of up to 4096: the 7x7 to 56x56 layers). Beyond,
+# the per-run overhead that this saves is negligible, and longer float32 partial sums would
+# cost accuracy: at (4, 16, 16384) four runs together gave dbias errors 6x ATen's.
 FOUR_RUNS_MAX = 1 << 14
 # Row mode: consecutive rows are processed as super-rows of at least this many values.
 ROW_TILE = 1024
@@ -474,10 +474,8 @@ def _run_sum(x, o, s, like):
     return np.float64(acc)
 
 
-@njit(fastmath=_REDUCE_MATH)
-def _run_dev(x, o, s, m):
-    """(sum d, sum d^2), d = x - m, m in the compute dtype (from a typed zero, not ``m - m``,
-    which is NaN for a NaN or infinite m)."""
+@njit(inline="always")
+def _run_dev_body(x, o, s, m):
     s1 = _zero(m)
     s2 = _zero(m)
     for i in range(o, o + s):
@@ -488,7 +486,14 @@ def _run_dev(x, o, s, m):
 
 
 @njit(fastmath=_REDUCE_MATH)
-def _run_dev4(x, o, st, s, m):
+def _run_dev(x, o, s, m):
+    """(sum d, sum d^2), d = x - m, m in the compute dtype (from a typed zero, not ``m - m``,
+    which is NaN for a NaN or infinite m)."""
+    return _run_dev_body(x, o, s, m)
+
+
+@njit(inline="always")
+def _run_dev4_body(x, o, st, s, m):
     """:func:`_run_dev` over the four runs at ``o``, ``o + st``, ``o + 2 st``, ``o + 3 st``
     (one channel, four consecutive batch rows; at most FOUR_RUNS_MAX values) in one loop: one
     horizontal reduction and one float64 conversion per four runs. For short runs (7x7: 49
@@ -506,17 +511,49 @@ def _run_dev4(x, o, st, s, m):
     return np.float64(s1), np.float64(s2)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _run_norm(x, xo, y, yo, s, hi, sc, sh):
-    """y[yo:yo + s] from x[xo:xo + s] (y is the output, or a stream buffer)."""
+# A batch row's runs of channels [c0, c0 + g) (four rows' with ``4``), the run loop inlined:
+# a call per run cost 7-20% of a fwd+bwd step for 7x7 and 14x14 layers (see _runs_norm).
+@njit(fastmath=_REDUCE_MATH)
+def _runs_dev(x, p, s_, c0, g, shift, mean, m2):
+    for j in range(g):
+        u, v = _run_dev_body(x, p + j * s_, s_, shift[j])
+        mean[c0 + j] += u
+        m2[c0 + j] += v
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _runs_dev4(x, p, stride, s_, c0, g, shift, mean, m2):
+    for j in range(g):
+        u, v = _run_dev4_body(x, p + j * s_, stride, s_, shift[j])
+        mean[c0 + j] += u
+        m2[c0 + j] += v
+
+
+@njit(inline="always")
+def _run_norm_body(x, xo, y, yo, s, hi, sc, sh):
     for i in range(s):
         y[_u(yo + i)] = _st((_ld(x[_u(xo + i)]) - hi) * sc + sh, y)
 
 
-@njit(fastmath=_REDUCE_MATH)
-def _run_bred(dy, x, o, s, m):
-    """(sum dy, sum dy * (x - m)), m in the compute dtype (from a typed zero: sum dy stays
-    finite when m is not)."""
+@njit(fastmath=_ELEM_MATH)
+def _run_norm(x, xo, y, yo, s, hi, sc, sh):
+    """y[yo:yo + s] from x[xo:xo + s] (y is the output, or a stream buffer)."""
+    _run_norm_body(x, xo, y, yo, s, hi, sc, sh)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _runs_norm(x, y, stride, s_, c0, c1, n0, n1, coef):
+    """A task's whole runs, the loop body inlined: a call per run cost a third of the pass
+    for 7x7 runs of 49 values (one thread, in cache: 30 -> 20 us a MB)."""
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_norm_body(x, o, y, o, s_, coef[0, c], coef[1, c], coef[2, c])
+            o += s_
+
+
+@njit(inline="always")
+def _run_bred_body(dy, x, o, s, m):
     s1 = _zero(m)
     s2 = _zero(m)
     for i in range(o, o + s):
@@ -527,8 +564,15 @@ def _run_bred(dy, x, o, s, m):
 
 
 @njit(fastmath=_REDUCE_MATH)
-def _run_bred4(dy, x, o, st, s, m):
-    """:func:`_run_bred` over four runs ``st`` apart (see :func:`_run_dev4`)."""
+def _run_bred(dy, x, o, s, m):
+    """(sum dy, sum dy * (x - m)), m in the compute dtype (from a typed zero: sum dy stays
+    finite when m is not)."""
+    return _run_bred_body(dy, x, o, s, m)
+
+
+@njit(inline="always")
+def _run_bred4_body(dy, x, o, st, s, m):
+    """:func:`_run_bred` over four runs ``st`` apart (see :func:`_run_dev4_body`)."""
     s1 = _zero(m)
     s2 = _zero(m)
     for i in range(o, o + s):
@@ -542,6 +586,25 @@ def _run_bred4(dy, x, o, st, s, m):
     return np.float64(s1), np.float64(s2)
 
 
+# A batch row's (four rows') runs of channels [c0, c1) into sdy, sdx (as _runs_dev)
+@njit(fastmath=_REDUCE_MATH)
+def _runs_bred(dy, x, o, s_, c0, c1, mean, sdy, sdx, like):
+    for c in range(c0, c1):
+        u, v = _run_bred_body(dy, x, o, s_, _as(mean[c], like))
+        sdy[c] += u
+        sdx[c] += v
+        o += s_
+
+
+@njit(fastmath=_REDUCE_MATH)
+def _runs_bred4(dy, x, o, stride, s_, c0, c1, mean, sdy, sdx, like):
+    for c in range(c0, c1):
+        u, v = _run_bred4_body(dy, x, o, stride, s_, _as(mean[c], like))
+        sdy[c] += u
+        sdx[c] += v
+        o += s_
+
+
 @njit(inline="always")
 def _xterm(x, hi, b):
     """dx's ``(x - mean) * b`` term: exactly 0 where ``b`` is (eval), so that a NaN or
@@ -549,11 +612,27 @@ def _xterm(x, hi, b):
     return (x - hi) * b if b != 0 else b
 
 
-@njit(fastmath=_ELEM_MATH)
-def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
+@njit(inline="always")
+def _run_bapply_body(dy, x, xo, dx, yo, s, hi, a, b, k):
     for i in range(s):
         j = _u(xo + i)
         dx[_u(yo + i)] = _st(a * (_xterm(_ld(x[j]), hi, b) + (_ld(dy[j]) + k)), dx)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
+    _run_bapply_body(dy, x, xo, dx, yo, s, hi, a, b, k)
+
+
+@njit(fastmath=_ELEM_MATH)
+def _runs_bapply(dy, x, dx, stride, s_, c0, c1, n0, n1, coef):
+    """A task's whole runs, the loop body inlined (as _runs_norm)."""
+    for n in range(n0, n1):
+        o = n * stride + c0 * s_
+        for c in range(c0, c1):
+            _run_bapply_body(dy, x, o, dx, o, s_, coef[0, c], coef[1, c], coef[2, c],
+                             coef[3, c])
+            o += s_
 
 
 # ---- row mode (channels last): a task's rows [n0, n1) are contiguous --------------------
@@ -838,18 +917,10 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     n4 = n0
     if 4 * s_ <= FOUR_RUNS_MAX:  # four batch rows a pass
         while n4 + 4 <= n1:
-            p = n4 * stride + c0 * s_
-            for j in range(g):
-                u, v = _run_dev4(x, p + j * s_, stride, s_, shift[j])
-                mean[c0 + j] += u
-                m2[c0 + j] += v
+            _runs_dev4(x, n4 * stride + c0 * s_, stride, s_, c0, g, shift, mean, m2)
             n4 += 4
     for n in range(n4, n1):
-        p = n * stride + c0 * s_
-        for j in range(g):
-            u, v = _run_dev(x, p + j * s_, s_, shift[j])
-            mean[c0 + j] += u
-            m2[c0 + j] += v
+        _runs_dev(x, n * stride + c0 * s_, s_, c0, g, shift, mean, m2)
     cnt = np.float64((n1 - n0) * s_)
     for j in range(g):
         s1 = mean[c0 + j]
@@ -928,11 +999,7 @@ def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream):
                 _stream(buf, y, o + a, b - a)
                 a = b
         return
-    for n in range(n0, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            _run_norm(x, o, y, o, s_, coef[0, c], coef[1, c], coef[2, c])
-            o += s_
+    _runs_norm(x, y, stride, s_, c0, c1, n0, n1, coef)
 
 
 @njit
@@ -951,20 +1018,11 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
     n4 = n0
     if 4 * s_ <= FOUR_RUNS_MAX:  # four batch rows a pass, as in _task_stats
         while n4 + 4 <= n1:
-            o = n4 * stride + c0 * s_
-            for c in range(c0, c1):
-                u, v = _run_bred4(dy, x, o, stride, s_, _as(mean[c], like))
-                sdy[c] += u
-                sdx[c] += v
-                o += s_
+            _runs_bred4(dy, x, n4 * stride + c0 * s_, stride, s_, c0, c1, mean, sdy, sdx,
+                        like)
             n4 += 4
     for n in range(n4, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            u, v = _run_bred(dy, x, o, s_, _as(mean[c], like))
-            sdy[c] += u
-            sdx[c] += v
-            o += s_
+        _runs_bred(dy, x, n * stride + c0 * s_, s_, c0, c1, mean, sdy, sdx, like)
 
 
 @njit
@@ -992,11 +1050,7 @@ def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream):
                 _stream(buf, dx, o + a, b - a)
                 a = b
         return
-    for n in range(n0, n1):
-        o = n * stride + c0 * s_
-        for c in range(c0, c1):
-            _run_bapply(dy, x, o, dx, o, s_, coef[0, c], coef[1, c], coef[2, c], coef[3, c])
-            o += s_
+    _runs_bapply(dy, x, dx, stride, s_, c0, c1, n0, n1, coef)
 
 
 @njit(fastmath=_ELEM_MATH)

@@ -233,6 +233,32 @@ def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_la
                                       f"output {i} differs when streamed"
 
 
+@pytest.mark.parametrize(("shape", "channels_last"),
+                         [((4, 6, 7, 9), False), ((3, 5, 1100), False), ((4, 6, 7, 9), True),
+                          ((300, 37), False)],
+                         ids=["runs", "long_runs", "nhwc", "rows"])
+def test_inplace_forward_writes_the_out_of_place_bits(be, shape, channels_last):
+    """In place, the elementwise pass computes chunks into a buffer and copies them over the
+    input (a loop reading and writing one array through two arguments runs scalar): the
+    output, statistics and running buffers are the out-of-place ones, bit for bit."""
+    c = shape[1]
+    w, b, rm, rv = _params(c)
+    x = make_input(shape, torch.float32, channels_last, seed=16)
+    r = make_input(shape, torch.float32, channels_last, seed=17, shift=0.0)
+    for activation, res, training in (("leaky_relu", r, True), ("identity", None, True),
+                                      ("leaky_relu", None, False)):
+        outs = []
+        for inplace in (False, True):
+            xi = x.clone()
+            out = xi if inplace else empty_out_like(xi)
+            got = be.forward_act(xi, w, b, rm, rv, res, training, MOMENTUM, EPS, activation,
+                                 SLOPE, out)
+            assert (got[0] is xi) == inplace
+            outs.append([t for t in got if t is not None])
+        for i, (p, q) in enumerate(zip(*outs)):
+            assert torch.equal(p, q), f"{activation} res={res is not None}: output {i} differs"
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_results_do_not_depend_on_thread_count(be, channels_last):
     # large enough for several tasks, several batch parts and the parallel path

@@ -43,6 +43,7 @@ from .numba_kernels import (
     _merge_range,
     _merge_unit,
     _piece,
+    _put,
     _span,
     _st,
     _stream,
@@ -287,7 +288,7 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
         for m0 in range(n0, n1, k):
             m1 = min(m0 + k, n1)
             _rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], a, neg, sl)
-            _stream(buf, y, m0 * c_, (m1 - m0) * c_)
+            _put(buf, y, m0 * c_, (m1 - m0) * c_, stream)
         return
     stride = c_ * s_
     if stream:
@@ -306,7 +307,7 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
                     _run_act(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c],
                              coef[2, c], a, neg, sl)
                     p = q
-                _stream(buf, y, o + a0, b0 - a0)
+                _put(buf, y, o + a0, b0 - a0, stream)
                 a0 = b0
         return
     _runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, a, neg, sl, a <= 2, r.size > 0)
@@ -592,7 +593,7 @@ def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
 # ---- kernels (same phases and arguments as numba_kernels.forward / backward) ---------------
 # Their packed arguments, in order (kinds as in numba_kernels.PACKED, see numba_entry).
 PACKED = {
-    "forward_act": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f b d2 d2 a2",
+    "forward_act": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f i d2 d2 a2",
     "backward_act": "s1 s1 s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b i f b d2 d2 a2",
 }
 
@@ -604,8 +605,9 @@ def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, we
     """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
 
     ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
-    otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: non-temporal
-    stores for ``y`` (see ``numba_kernels._stream``).
+    otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: 0 direct stores,
+    1 non-temporal stores for ``y`` (see ``numba_kernels._stream``), 2 ``y`` is ``x``: the
+    elementwise pass computes chunks into a buffer and copies them (``numba_kernels._put``).
     """
     n = units
     k = _claim(ctl, n)

@@ -271,6 +271,36 @@ def _stream(typingctx, src, dst, o, n):
 
 
 @intrinsic
+def _copy(typingctx, src, dst, o, n):
+    """``dst[o:o + n] = src[:n]`` with plain stores (a memcpy)."""
+    sig = types.none(src, dst, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        sa = context.make_array(sig.args[0])(context, builder, args[0])
+        da = context.make_array(sig.args[1])(context, builder, args[1])
+        size = context.get_abi_sizeof(context.get_data_type(sig.args[1].dtype))
+        i8p = ir.IntType(8).as_pointer()
+        out = builder.bitcast(builder.gep(da.data, [args[2]]), i8p)
+        nbytes = builder.mul(args[3], ir.Constant(ir.IntType(64), size))
+        cgutils.raw_memcpy(builder, out, builder.bitcast(sa.data, i8p), nbytes, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _put(src, dst, o, n, mode):
+    """``dst[o:o + n] = src[:n]`` from a chunk buffer: with non-temporal stores (``mode``
+    1, :func:`_stream`) or plain ones (2: an output written over its own input, whose loops
+    compute into a buffer because LLVM's runtime alias check sends a loop that reads and
+    writes one array through two arguments to its scalar version: 3.7x slower, measured)."""
+    if mode == 1:
+        _stream(src, dst, o, n)
+    else:
+        _copy(src, dst, o, n)
+
+
+@intrinsic
 def _fence(typingctx):
     """A full memory fence: non-temporal stores are weakly ordered, so a thread's streamed
     output must be drained before it reports its task done (mfence on x86)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 
 import pytest
 import torch
@@ -51,19 +52,28 @@ def test_helpers():
     assert table.splitlines()[0].startswith("| a") and "1.23" in table and "n/a" in table
 
 
-def test_measure_turns_interleaves_and_rotates():
-    """One call of each statement per round, the order turning by one each round (no
-    statement always follows the same one); the j-th call of round k gets k * len(fns) + j
-    (warm-up rounds first), so that consecutive calls rotate inputs."""
+def test_measure_turns_interleaves_and_shuffles():
+    """One call of each statement per round, in an order shuffled per round, so that each
+    statement follows each other one about equally often (an order turning by one each round
+    made "b" follow "a" in two rounds of three); the j-th call of round k gets
+    k * len(fns) + j (warm-up round first), so that consecutive calls rotate inputs."""
     calls = []
     fns = {n: (lambda i, n=n: calls.append((n, i))) for n in "abc"}
-    times, faults = measure_turns(fns, reps=4, warmup=1, max_seconds=10.0)
-    rounds = [[(n, 3 * k + j) for j, n in enumerate("abc"[r % 3:] + "abc"[:r % 3])]
-              for r, k in enumerate(range(1, 5))]
-    assert calls == [("a", 0), ("b", 1), ("c", 2)] + [c for rnd in rounds for c in rnd]
-    predecessors = {(calls[t - 1][0], calls[t][0]) for t in range(4, len(calls))}
-    assert {("c", "a"), ("a", "b"), ("b", "a")} <= predecessors  # not one fixed order
-    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    reps = 300
+    times, faults = measure_turns(fns, reps=reps, warmup=1, max_seconds=600.0)
+    assert calls[:3] == [("a", 0), ("b", 1), ("c", 2)]
+    for k in range(1, reps + 1):
+        rnd = calls[3 * k:3 * k + 3]
+        assert sorted(n for n, _ in rnd) == ["a", "b", "c"], rnd
+        assert [i for _, i in rnd] == [3 * k, 3 * k + 1, 3 * k + 2], rnd
+    follows = Counter((calls[t - 1][0], calls[t][0]) for t in range(4, len(calls)))
+    # every ordered pair of different statements, and never one statement twice in a row
+    assert len(follows) == 6 and all(p != q for p, q in follows), follows
+    for (p, q), n in follows.items():
+        # each of the two others precedes q about equally often (a turning order: 2:1)
+        share = n / sum(v for (p2, q2), v in follows.items() if q2 == q)
+        assert 0.4 < share < 0.6, (p, q, follows)
+    assert {k: len(v) for k, v in times.items()} == {"a": reps, "b": reps, "c": reps}
     assert set(faults) == set("abc") and all(f >= 0 or f != f for f in faults.values())
 
 

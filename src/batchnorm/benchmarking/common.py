@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -54,13 +55,14 @@ def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmu
                   max_seconds: float = 3.0, sync: Callable[[], Any] | None = None
                   ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Wall times (seconds) of several statements timed in turns: each round calls every one
-    once, in an order that turns by one each round, so that a shared machine's drift, and the
-    state one leaves behind for the next (the caches, torch's OpenMP threads still spinning
-    after an ATen op, the allocator's free lists), falls on all of them alike, as it does
-    between the layers of a network. The ``j``-th call of round ``k`` gets
-    ``i = k * len(fns) + j`` (consecutive calls rotate inputs). At
-    least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement. ``sync``
-    (``torch.cuda.synchronize``, say) runs before and after each timed call.
+    once, in an order shuffled each round (a fixed seed), so that a shared machine's drift,
+    and the state one leaves behind for the next (the caches, torch's OpenMP threads still
+    spinning after an ATen op, the allocator's free lists), falls on all of them alike, as it
+    does between the layers of a network. (An order that only turned by one each round kept
+    the cycle: with three statements, each followed the same one in two rounds of three.)
+    The ``j``-th call of round ``k`` gets ``i = k * len(fns) + j`` (consecutive calls rotate
+    inputs). At least 3 rounds, at most ``reps``, until about ``max_seconds`` per statement.
+    ``sync`` (``torch.cuda.synchronize``, say) runs before and after each timed call.
 
     Returns ``(times, faults)``: per statement, its times and its minor page faults per call
     (NaN where they cannot be counted)."""
@@ -71,10 +73,14 @@ def measure_turns(fns: dict[str, Callable[[int], Any]], *, reps: int = 20, warmu
     times: dict[str, list[float]] = {n: [] for n in names}
     faults = dict.fromkeys(names, 0)
     start = time.perf_counter()
+    rng = random.Random(0)
+    order = list(names)
     for k in range(reps):
-        # the order turns too, so that no statement always follows the same one
-        for j in range(len(names)):
-            name = names[(j + k) % len(names)]
+        last = order[-1]
+        rng.shuffle(order)
+        if order[0] == last and len(order) > 1:  # not twice in a row across rounds
+            order = order[1:] + order[:1]
+        for j, name in enumerate(order):
             if sync is not None:
                 sync()
             f0 = minor_faults()

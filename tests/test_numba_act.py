@@ -233,18 +233,20 @@ def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_la
                                       f"output {i} differs when streamed"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize(("shape", "channels_last"),
                          [((4, 6, 7, 9), False), ((3, 5, 1100), False), ((4, 6, 7, 9), True),
                           ((300, 37), False)],
                          ids=["runs", "long_runs", "nhwc", "rows"])
-def test_inplace_forward_writes_the_out_of_place_bits(be, shape, channels_last):
+def test_inplace_forward_writes_the_out_of_place_bits(be, dtype, shape, channels_last):
     """In place, the elementwise pass computes chunks into a buffer and copies them over the
     input (a loop reading and writing one array through two arguments runs scalar): the
-    output, statistics and running buffers are the out-of-place ones, bit for bit."""
+    output, statistics and running buffers are the out-of-place ones, bit for bit (the copy
+    moves whole elements of the storage dtype, 2 bytes for bfloat16)."""
     c = shape[1]
     w, b, rm, rv = _params(c)
-    x = make_input(shape, torch.float32, channels_last, seed=16)
-    r = make_input(shape, torch.float32, channels_last, seed=17, shift=0.0)
+    x = make_input(shape, dtype, channels_last, seed=16)
+    r = make_input(shape, dtype, channels_last, seed=17, shift=0.0)
     for activation, res, training in (("leaky_relu", r, True), ("identity", None, True),
                                       ("leaky_relu", None, False)):
         outs = []

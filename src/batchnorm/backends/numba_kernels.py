@@ -541,8 +541,9 @@ def _run_dev4_body(x, o, st, s, m):
     return np.float64(s1), np.float64(s2)
 
 
-# A batch row's runs of channels [c0, c0 + g) (four rows' with ``4``), the run loop inlined:
-# a call per run cost 7-20% of a fwd+bwd step for 7x7 and 14x14 layers (see _runs_norm).
+# One batch row's runs of channels [c0, c0 + g) (``_runs_dev4``: four rows' runs a pass)
+# with the run loop inlined: a call per run cost 7-20% of a fwd+bwd step for 7x7 and 14x14
+# layers (paired A/B, benchmarks/RESULTS.md).
 @njit(fastmath=_REDUCE_MATH)
 def _runs_dev(x, p, s_, c0, g, shift, mean, m2):
     for j in range(g):
@@ -616,7 +617,8 @@ def _run_bred4_body(dy, x, o, st, s, m):
     return np.float64(s1), np.float64(s2)
 
 
-# A batch row's (four rows') runs of channels [c0, c1) into sdy, sdx (as _runs_dev)
+# One batch row's runs of channels [c0, c1) into sdy, sdx (``_runs_bred4``: four rows' runs
+# a pass), the run loop inlined as in _runs_dev
 @njit(fastmath=_REDUCE_MATH)
 def _runs_bred(dy, x, o, s_, c0, c1, mean, sdy, sdx, like):
     for c in range(c0, c1):

@@ -541,23 +541,25 @@ def _run_dev4_body(x, o, st, s, m):
     return np.float64(s1), np.float64(s2)
 
 
-# One batch row's runs of channels [c0, c0 + g) (``_runs_dev4``: four rows' runs a pass)
-# with the run loop inlined: a call per run cost 7-20% of a fwd+bwd step for 7x7 and 14x14
-# layers (paired A/B, benchmarks/RESULTS.md).
+# One batch row's runs of channels [c0, c1) from offset o (``_runs_dev4``: four rows' runs
+# a pass) with the run loop inlined: a call per run cost 7-20% of a fwd+bwd step for 7x7 and
+# 14x14 layers (paired A/B, benchmarks/RESULTS.md). ``shift`` is indexed from c0.
 @njit(fastmath=_REDUCE_MATH)
-def _runs_dev(x, p, s_, c0, g, shift, mean, m2):
-    for j in range(g):
-        u, v = _run_dev_body(x, p + j * s_, s_, shift[j])
-        mean[c0 + j] += u
-        m2[c0 + j] += v
+def _runs_dev(x, o, s_, c0, c1, shift, mean, m2):
+    for c in range(c0, c1):
+        u, v = _run_dev_body(x, o, s_, shift[c - c0])
+        mean[c] += u
+        m2[c] += v
+        o += s_
 
 
 @njit(fastmath=_REDUCE_MATH)
-def _runs_dev4(x, p, stride, s_, c0, g, shift, mean, m2):
-    for j in range(g):
-        u, v = _run_dev4_body(x, p + j * s_, stride, s_, shift[j])
-        mean[c0 + j] += u
-        m2[c0 + j] += v
+def _runs_dev4(x, o, stride, s_, c0, c1, shift, mean, m2):
+    for c in range(c0, c1):
+        u, v = _run_dev4_body(x, o, stride, s_, shift[c - c0])
+        mean[c] += u
+        m2[c] += v
+        o += s_
 
 
 @njit(inline="always")
@@ -949,10 +951,10 @@ def _task_stats(x, c_, s_, c0, c1, n0, n1, mean, m2, like):
     n4 = n0
     if 4 * s_ <= FOUR_RUNS_MAX:  # four batch rows a pass
         while n4 + 4 <= n1:
-            _runs_dev4(x, n4 * stride + c0 * s_, stride, s_, c0, g, shift, mean, m2)
+            _runs_dev4(x, n4 * stride + c0 * s_, stride, s_, c0, c1, shift, mean, m2)
             n4 += 4
     for n in range(n4, n1):
-        _runs_dev(x, n * stride + c0 * s_, s_, c0, g, shift, mean, m2)
+        _runs_dev(x, n * stride + c0 * s_, s_, c0, c1, shift, mean, m2)
     cnt = np.float64((n1 - n0) * s_)
     for j in range(g):
         s1 = mean[c0 + j]

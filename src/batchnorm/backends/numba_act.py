@@ -138,7 +138,8 @@ class NumbaActMixin:
             x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
             tmp.rows(3, 0), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm, rv,
             new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
-            1 if nb._streamed(out) else 2 if inplace else 0, *tmp.partials(), tmp.rows(0, 3),
+            1 if nb._streamed(out, reduced=training) else 2 if inplace else 0,
+            *tmp.partials(), tmp.rows(0, 3),
         ], tmp)
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None

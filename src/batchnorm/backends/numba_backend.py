@@ -17,7 +17,8 @@ bfloat16 are read as their bit patterns and computed in float32; statistics are 
 Outputs of ``_STREAM_MIN_BYTES`` (16 MiB, ``$BATCHNORM_NUMBA_STREAM_MIN_BYTES``) and more are
 written with non-temporal stores, which skip the read-for-ownership a plain store makes of
 every line it writes: one memory transfer per output element instead of two (the backward's
-dx only when its pass re-reads x and dy from cache, see ``_streamed``). Smaller outputs keep
+dx only when its pass re-reads x and dy from cache; no pass without a reduction: see
+``_streamed``). Smaller outputs keep
 plain stores, so that the next layer finds them in the caches.
 
 Outputs of 1 MiB and more are recycled (:mod:`.cpu_outputs`): a buffer nothing references any
@@ -205,13 +206,17 @@ _MADV_HUGEPAGE = 14
 _HUGE = 1 << 21
 
 
-def _streamed(t: Tensor | None, view: _View | None = None) -> bool:
+def _streamed(t: Tensor | None, view: _View | None = None, reduced: bool = True) -> bool:
     """Whether the kernels write ``t`` with non-temporal stores. For a backward ``view``:
     only when its elementwise pass re-reads x and dy from the caches (one phase). With two
     input streams from memory, non-temporal stores measured slower than plain ones here
     (channels-last (32, 256, 28, 28): 3.1 vs 2.6 ms), while one input stream gains (the
-    forward's: 1.35 vs 2.0 ms)."""
-    if t is None or t.numel() * t.element_size() < _STREAM_MIN_BYTES:
+    forward's: 1.35 vs 2.0 ms). Not for a pass without a reduction before it (``reduced``
+    False: eval, the apply primitive): the output buffer, recycled, is often still in cache,
+    and plain stores measured as fast or faster (25.7 MB float32 eval: channels-first 1.28 vs
+    1.68-1.78 ms, channels-last 1.30-1.38 ms either way; 103 MB: 4.8 vs 4.7 ms and 3.0 vs
+    3.8 ms)."""
+    if not reduced or t is None or t.numel() * t.element_size() < _STREAM_MIN_BYTES:
         return False
     return view is None or view.parts == 1
 
@@ -287,9 +292,12 @@ class _View:
             if reduce:
                 self.parts = max(1, min(self.parts, max(_ROW_PARTS, numel // _ROW_CHUNK_ELEMS)))
         elif not reduce:
+            # each task one contiguous piece of memory: whole rows, or (fewer rows than
+            # tasks) a channel block of one row
             self.dims = (n, c, s)
-            self.parts = max(1, min(n, _MAX_CHUNKS, n * c * s // _CHUNK_ELEMS))
-            self.blocks = min(c, math.ceil(_MIN_TASKS / self.parts))
+            tasks = max(1, min(_MAX_CHUNKS, n * c * s // _CHUNK_ELEMS))
+            self.parts = min(n, tasks)
+            self.blocks = min(c, math.ceil(min(tasks, _MIN_TASKS) / self.parts))
         else:
             self.dims = (n, c, s)
             per_block = math.ceil(_BLOCK_ELEMS / s)
@@ -698,8 +706,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         _launch(plan, [
             x, y, *view.dims, view.blocks, parts, mean, tmp.rows(3, 0) if m2 is None else m2,
             invstd, _chan(var, acc), _chan(weight, acc), _chan(bias, acc), rm, rv, new_rm,
-            new_rv, eps, momentum, do_stats, apply, _streamed(y), *tmp.partials(),
-            tmp.rows(0, 3),
+            new_rv, eps, momentum, do_stats, apply, _streamed(y, reduced=do_stats),
+            *tmp.partials(), tmp.rows(0, 3),
         ], tmp)
         return y, mean, m2, invstd, new_rm, new_rv
 

@@ -568,10 +568,19 @@ def _run_norm_body(x, xo, y, yo, s, hi, sc, sh):
         y[_u(yo + i)] = _st((_ld(x[_u(xo + i)]) - hi) * sc + sh, y)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _run_norm(x, xo, y, yo, s, hi, sc, sh):
-    """y[yo:yo + s] from x[xo:xo + s] (y is the output, or a stream buffer)."""
-    _run_norm_body(x, xo, y, yo, s, hi, sc, sh)
+@njit(inline="always")
+def _chunk_norm(x, o, buf, a, b, s_, c0, coef):
+    """buf[:b - a] from x[o + a:o + b], a stream chunk of a row of channels from c0 on: the
+    pieces of its runs. Inlined, with the loop body, into _task_norm (compiled with the
+    bodies' ``contract``, so that the bits are those of the unstreamed loops): as a compiled
+    function called per chunk it measured 12-20% slower than a call per piece, inlined as
+    fast or faster (paired, (32, 1024, 14, 14) and (32, 256, 28, 28) forward 1.02-1.03x)."""
+    p = a
+    while p < b:
+        j, q = _piece(p, b, s_)
+        c = c0 + j
+        _run_norm_body(x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c], coef[2, c])
+        p = q
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -653,9 +662,16 @@ def _run_bapply_body(dy, x, xo, dx, yo, s, hi, a, b, k):
         dx[_u(yo + i)] = _st(a * (_xterm(_ld(x[j]), hi, b) + (_ld(dy[j]) + k)), dx)
 
 
-@njit(fastmath=_ELEM_MATH)
-def _run_bapply(dy, x, xo, dx, yo, s, hi, a, b, k):
-    _run_bapply_body(dy, x, xo, dx, yo, s, hi, a, b, k)
+@njit(inline="always")
+def _chunk_bapply(dy, x, o, buf, a, b, s_, c0, coef):
+    """buf[:b - a] = dx at [o + a, o + b), as _chunk_norm (inlined into _task_bapply)."""
+    p = a
+    while p < b:
+        j, q = _piece(p, b, s_)
+        c = c0 + j
+        _run_bapply_body(dy, x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c], coef[2, c],
+                         coef[3, c])
+        p = q
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -1008,7 +1024,7 @@ def _task_bred_long(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
                 sdx[c] += v
 
 
-@njit
+@njit(fastmath=_ELEM_MATH)
 def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream):
     if s_ == 1:
         _rows_task_norm(x, y, c_, n0, n1, coef, stream)
@@ -1024,12 +1040,7 @@ def _task_norm(x, y, c_, s_, c0, c1, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + o, a, end)
-                p = a
-                while p < b:  # the pieces of the channel runs in [a, b)
-                    j, q = _piece(p, b, s_)
-                    c = c0 + j
-                    _run_norm(x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c], coef[2, c])
-                    p = q
+                _chunk_norm(x, o, buf, a, b, s_, c0, coef)
                 _stream(buf, y, o + a, b - a)
                 a = b
         return
@@ -1059,7 +1070,7 @@ def _task_bred(dy, x, c_, s_, c0, c1, n0, n1, mean, sdy, sdx, like):
         _runs_bred(dy, x, n * stride + c0 * s_, s_, c0, c1, mean, sdy, sdx, like)
 
 
-@njit
+@njit(fastmath=_ELEM_MATH)
 def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream):
     if s_ == 1:
         _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream)
@@ -1074,13 +1085,7 @@ def _task_bapply(dy, x, dx, c_, s_, c0, c1, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + o, a, end)
-                p = a
-                while p < b:
-                    j, q = _piece(p, b, s_)
-                    c = c0 + j
-                    _run_bapply(dy, x, o + p, buf, p - a, q - p, coef[0, c], coef[1, c],
-                                coef[2, c], coef[3, c])
-                    p = q
+                _chunk_bapply(dy, x, o, buf, a, b, s_, c0, coef)
                 _stream(buf, dx, o + a, b - a)
                 a = b
         return

@@ -11,6 +11,9 @@ torch.compile / torch.export with this backend selected.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -779,6 +782,50 @@ def test_kernels_compile_uncached_where_no_cache_directory_works():
     exec(compile("def f(a):\n    return a + 1\n", "<generated>", "exec"), ns)
     f = _jit()(ns["f"])
     assert f(1) == 2
+
+
+_DIGEST_SCRIPT = """
+import hashlib, torch
+from batchnorm.backends import get_backend
+g = torch.Generator().manual_seed(0)
+x, dy = torch.randn(8, 64, 30, 30, generator=g), torch.randn(8, 64, 30, 30, generator=g)
+w = torch.rand(64, generator=g) + 0.5
+be = get_backend("numba")
+y, mean, invstd, rm, rv = be.forward_train(x, w, None, torch.zeros(64), torch.ones(64), 0.1, 1e-5)
+dx, dw, db = be.backward(dy, x, w, mean, invstd, True, (True, True, True))
+h = hashlib.sha256()
+for t in (y, mean, invstd, rm, rv, dx, dw, db):
+    h.update(t.contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_the_first_process_after_a_cold_cache_computes_the_cached_bits(tmp_path):
+    """A process that compiled the kernels computed channels-first reductions with last-bit
+    differences from the processes that load them from the cache; entries are therefore
+    compiled in a child process that fills the cache, and loaded. Two processes on an empty
+    cache directory, the first compiling, give the same bits (with
+    BATCHNORM_NUMBA_CHILD_COMPILE=0 they did not)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("BATCHNORM_NUMBA_CHILD_COMPILE", None)
+    digests = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _DIGEST_SCRIPT], env=env,
+                              capture_output=True, text=True, timeout=900, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        digests.append(done.stdout.strip().splitlines()[-1])
+    assert digests[0] == digests[1]
+
+
+def test_a_failed_child_compile_warns_and_leaves_the_compile_to_this_process(monkeypatch):
+    """Compiling in a child needs a Python to start: where that fails the caller is told
+    why, and compiles in its own process (no error, no hang)."""
+    from batchnorm.backends import numba_entry
+
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with pytest.warns(RuntimeWarning, match=r"numba_kernels\.forward .*child process failed"):
+        numba_entry._compile_in_child("numba_kernels", "forward", torch.float32)
 
 
 def _forked_child(x, q):

@@ -39,7 +39,8 @@ results do not depend on either.
 
 Compiled code is cached on disk (numba's ``cache=True``: next to the module, or in the user's
 cache directory when the package is read-only, or not at all when neither is writable); a
-cold first call compiles for several seconds per storage dtype, which ``batchnorm bench``
+cold first call compiles for several seconds per storage dtype, in a child process whose
+cache every process then loads (:func:`.numba_entry._compile`), which ``batchnorm bench``
 reports.
 """
 

@@ -36,8 +36,9 @@ allocation).
 
 Each entry is compiled once per kernel and storage dtype and cached on disk like the kernels
 (the cache key includes the kernels' source files, whose changes numba's own cache would not
-notice here). The kernels are ``inline="always"`` functions: compiled inside their entries
-only, not a second time on their own.
+notice here); on a cache miss in a child process, then loaded (:func:`_compile`). The
+kernels are ``inline="always"`` functions: compiled inside their entries only, not a second
+time on their own (their callees are, in the process that compiles).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ import hashlib
 import importlib
 import os
 import struct
+import subprocess
+import sys
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -55,6 +59,8 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import carray, cfunc, types
+from numba.core import sigutils
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic, overload
 
 from .numba_kernels import CTL_DONE, CTL_NEXT, CTL_SIZE
@@ -170,6 +176,75 @@ def _unpack_call_impl(data, key):
     return ns["impl"]
 
 
+def _compile(fn: Any, module: str | None, name: str, dtype: torch.dtype) -> Any:
+    """The compiled entry ``fn``: loaded from numba's cache; on a miss compiled in a child
+    process that writes the cache, then loaded (``module``: this package's module by its short
+    name; None compiles here, as does a failed child or ``BATCHNORM_NUMBA_CHILD_COMPILE=0``);
+    without a writable cache directory compiled here, uncached.
+
+    Why a child: a process that compiles the kernels computes channels-first reductions with
+    last-bit differences from every process that loads them from the cache (measured: the
+    mean of 41 of 64 channels of an (8, 64, 30, 30) input, by about an ulp; each kind of
+    process deterministic, see benchmarks/RESULTS.md). Loading in every process gives every
+    process the same bits, the first one after an install included.
+    """
+    try:
+        res = CFunc(fn, sigutils.normalize_signature(_SIG), locals={},
+                    options={"error_model": "numpy"})
+        res.enable_caching()
+    except RuntimeError:  # no writable cache directory: compile uncached (as kernels do)
+        return cfunc(_SIG, cache=False, error_model="numpy")(fn)
+    if (module is not None and os.environ.get("BATCHNORM_NUMBA_CHILD_COMPILE", "1") != "0"
+            and not _in_cache(res)):
+        _compile_in_child(module, name, dtype)
+    res.compile()  # a cache hit after the child; compiled here (and saved) otherwise
+    return res
+
+
+def _in_cache(res: Any) -> bool:
+    """Whether numba's cache holds ``res`` (True when that cannot be told: numba's cache
+    internals are private, and an unknown layout must not cost a child compile per call)."""
+    try:
+        cache = res._cache
+        key = cache._index_key(res._sig, res._targetdescr.target_context.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # another numba version: compile here, as before
+        return True
+
+
+def _compile_in_child(module: str, name: str, dtype: torch.dtype) -> None:
+    """Compile the entries of ``module``'s kernels for ``dtype`` (``name`` first) into the
+    cache in a child Python process (see :func:`_compile`); on failure warn and return, and
+    the caller compiles in this process."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, BATCHNORM_NUMBA_CHILD_COMPILE="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # the module's other kernels too (forward and backward, each a few seconds to compile):
+    # a training step needs both, and a child per kernel would start Python twice
+    code = ("import importlib, sys, torch\n"
+            "from batchnorm.backends.numba_entry import entry_for\n"
+            "mod, name, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])\n"
+            "entry_for(mod, name, dtype)\n"
+            "for other in importlib.import_module('batchnorm.backends.' + mod).PACKED:\n"
+            "    entry_for(mod, other, dtype)\n")
+    why = ""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, module, name, str(dtype).rsplit(".", 1)[-1]],
+            env=env, capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S, check=False)
+        if done.returncode != 0:
+            why = f"exit status {done.returncode}: {done.stderr.strip()[-2000:]}"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why = str(exc)
+    if why:
+        warnings.warn(f"batchnorm: compiling numba kernel {module}.{name} ({dtype}) in a child "
+                      f"process failed ({why}); compiling it in this process instead",
+                      RuntimeWarning, stacklevel=3)
+
+
+_CHILD_TIMEOUT_S = 1800
+
+
 def _make_entry(key: int) -> Any:
     def entry(data):
         _unpack_call(data, key)
@@ -272,10 +347,7 @@ def entry_for(module: str | ModuleType, name: str, dtype: torch.dtype) -> Entry:
     key = int(digest[:15], 16)
     _SPECS[key] = (kernel, spec, storage)
     fn = _make_entry(key)
-    try:
-        compiled = cfunc(_SIG, cache=True, error_model="numpy")(fn)
-    except RuntimeError:  # no writable cache directory: compile uncached (as kernels do)
-        compiled = cfunc(_SIG, cache=False, error_model="numpy")(fn)
+    compiled = _compile(fn, module if isinstance(module, str) else None, name, dtype)
     found = Entry(f"{mod_name}.{name}", spec, _checksum(spec, storage), compiled.address)
     _ENTRIES[(mod_name, name, dtype)] = found
     return found

@@ -17,9 +17,9 @@ bfloat16 are read as their bit patterns and computed in float32; statistics are 
 Outputs of ``_STREAM_MIN_BYTES`` (16 MiB, ``$BATCHNORM_NUMBA_STREAM_MIN_BYTES``) and more are
 written with non-temporal stores, which skip the read-for-ownership a plain store makes of
 every line it writes: one memory transfer per output element instead of two (the backward's
-dx only when its pass re-reads x and dy from cache; no pass without a reduction: see
-``_streamed``). Smaller outputs keep
-plain stores, so that the next layer finds them in the caches.
+dx only when its pass re-reads x and dy from cache, and no pass without a reduction, such as
+eval: see ``_streamed``). Smaller outputs keep plain stores, so that the next layer finds
+them in the caches.
 
 Outputs of 1 MiB and more are recycled (:mod:`.cpu_outputs`): a buffer nothing references any
 more is handed out again instead of fresh memory from the allocator, whose pages would be
@@ -275,8 +275,10 @@ class _View:
       could run; not below ``_PARALLEL_MIN_NUMEL``), which shorter pieces (down to
       ``_BLOCK_ELEMS_MIN``) avoid where they give ``_MIN_TASKS`` blocks, and inputs above
       ``_SPLIT_MAX_BYTES`` avoid in any case.
-    * Channels first, elementwise only (eval, the apply primitives): batch ranges first, so
-      that each task is one contiguous piece of memory.
+    * Channels first, elementwise only (eval, the apply primitives): each task is one
+      contiguous piece of memory, a range of whole rows, or, with fewer rows than tasks, a
+      channel block of one row (each break in a stream costs about a microsecond of memory
+      latency; see benchmarks/RESULTS.md).
     """
 
     __slots__ = ("blocks", "channels_last", "dims", "parts")

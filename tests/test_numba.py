@@ -818,6 +818,25 @@ def test_the_first_process_after_a_cold_cache_computes_the_cached_bits(tmp_path)
     assert digests[0] == digests[1]
 
 
+def test_a_cached_entry_is_seen_as_cached():
+    """The cache probe behind the child compile (numba internals) must see an entry this
+    process has loaded: if it answered "missing" for everything, every process would start a
+    child per kernel module on every run."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    from batchnorm.backends import numba_entry as ne
+    from batchnorm.backends import numba_kernels
+
+    ne.entry_for("numba_kernels", "forward", torch.float32)
+    key = next(k for k, (kern, _, storage) in ne._SPECS.items()
+               if kern is numba_kernels.forward and storage == ne._STORAGE[torch.float32])
+    res = CFunc(ne._make_entry(key), sigutils.normalize_signature(ne._SIG), locals={},
+                options={"error_model": "numpy"})
+    res.enable_caching()
+    assert ne._in_cache(res)
+
+
 def test_a_failed_child_compile_warns_and_leaves_the_compile_to_this_process(monkeypatch):
     """Compiling in a child needs a Python to start: where that fails the caller is told
     why, and compiles in its own process (no error, no hang)."""

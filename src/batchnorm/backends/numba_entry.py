@@ -227,6 +227,8 @@ def _compile_in_child(module: str, name: str, dtype: torch.dtype) -> None:
             "entry_for(mod, name, dtype)\n"
             "for other in importlib.import_module('batchnorm.backends.' + mod).PACKED:\n"
             "    entry_for(mod, other, dtype)\n")
+    if not sys.executable:  # an embedded interpreter: no Python to start
+        return
     why = ""
     try:
         done = subprocess.run(
@@ -242,7 +244,7 @@ def _compile_in_child(module: str, name: str, dtype: torch.dtype) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-_CHILD_TIMEOUT_S = 1800
+_CHILD_TIMEOUT_S = 900
 
 
 def _make_entry(key: int) -> Any:

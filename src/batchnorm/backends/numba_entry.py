@@ -189,15 +189,23 @@ def _compile(fn: Any, module: str | None, name: str, dtype: torch.dtype) -> Any:
     process the same bits, the first one after an install included.
     """
     try:
-        res = CFunc(fn, sigutils.normalize_signature(_SIG), locals={},
-                    options={"error_model": "numpy"})
-        res.enable_caching()
+        res = _caching_cfunc(fn)
     except RuntimeError:  # no writable cache directory: compile uncached (as kernels do)
         return cfunc(_SIG, cache=False, error_model="numpy")(fn)
     if (module is not None and os.environ.get("BATCHNORM_NUMBA_CHILD_COMPILE", "1") != "0"
             and not _in_cache(res)):
         _compile_in_child(module, name, dtype)
     res.compile()  # a cache hit after the child; compiled here (and saved) otherwise
+    return res
+
+
+def _caching_cfunc(fn: Any) -> Any:
+    """An entry's numba ``CFunc`` with disk caching on, not compiled yet (what
+    ``cfunc(_SIG, cache=True)`` builds before compiling); raises RuntimeError where no cache
+    directory is writable."""
+    res = CFunc(fn, sigutils.normalize_signature(_SIG), locals={},
+                options={"error_model": "numpy"})
+    res.enable_caching()
     return res
 
 
@@ -216,6 +224,8 @@ def _compile_in_child(module: str, name: str, dtype: torch.dtype) -> None:
     """Compile the entries of ``module``'s kernels for ``dtype`` (``name`` first) into the
     cache in a child Python process (see :func:`_compile`); on failure warn and return, and
     the caller compiles in this process."""
+    if not sys.executable:  # an embedded interpreter: no Python to start
+        return
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, BATCHNORM_NUMBA_CHILD_COMPILE="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -227,8 +237,6 @@ def _compile_in_child(module: str, name: str, dtype: torch.dtype) -> None:
             "entry_for(mod, name, dtype)\n"
             "for other in importlib.import_module('batchnorm.backends.' + mod).PACKED:\n"
             "    entry_for(mod, other, dtype)\n")
-    if not sys.executable:  # an embedded interpreter: no Python to start
-        return
     why = ""
     try:
         done = subprocess.run(

@@ -1050,21 +1050,23 @@ def test_compiled_callees_get_no_literal_integer_arguments():
     variable at another compiled a task function (and every loop under it) twice, which had
     doubled the kernels' first-call compile time. Static check over the kernel modules: no
     call to a compiled, not inlined function (``@njit`` without ``inline="always"``, or a
-    ``_by_flags`` dispatcher) passes an integer constant or a module-level integer."""
+    ``_by_flags`` dispatcher, also those built inside ``numba_act_kernels.kernels``) passes
+    an integer constant or a module-level integer. (The activation kind is a literal on
+    purpose, always: one compiled copy of the math per activation.)"""
     import ast
     import inspect
 
-    from batchnorm.backends import numba_act_kernels, numba_kernels
+    from batchnorm.backends import numba_act_kernels, numba_kernels, numba_smooth_kernels
 
     found = []
-    for mod in (numba_kernels, numba_act_kernels):
+    for mod in (numba_kernels, numba_act_kernels, numba_smooth_kernels):
         tree = ast.parse(inspect.getsource(mod))
         int_globals = {t.id for node in tree.body if isinstance(node, ast.Assign)
                        and isinstance(node.value, (ast.Constant, ast.BinOp))
                        and not isinstance(getattr(node.value, "value", 0), (str, float))
                        for t in node.targets if isinstance(t, ast.Name)}
         compiled = set()
-        for node in tree.body:
+        for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef):
                 for d in node.decorator_list:
                     name = d.func.id if isinstance(d, ast.Call) and isinstance(
@@ -1076,7 +1078,8 @@ def test_compiled_callees_get_no_literal_integer_arguments():
             elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and getattr(
                     node.value.func, "id", None) == "_by_flags":
                 compiled |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        assert compiled, f"no compiled function found in {mod.__name__} (parser out of date?)"
+        assert compiled or mod is numba_smooth_kernels, \
+            f"no compiled function found in {mod.__name__} (parser out of date?)"
         for call in ast.walk(tree):
             if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
                     and call.func.id in compiled):

@@ -42,9 +42,8 @@ SHAPE_IDS = ["nc", "ncl", "nlc", "nchw", "nhwc", "ndhwc"]
 
 @pytest.fixture(scope="module")
 def be():
-    """The numba backend with every activation fused (elu, silu and gelu are delegated to
-    the composite by default, see NumbaActMixin.fuse_all_activations): these tests check
-    the kernels."""
+    """The numba backend with every activation fused (the default; set here so that these
+    tests check the kernels even where ``BATCHNORM_NUMBA_FUSE_ALL_ACTS=0`` is set)."""
     backend = get_backend("numba")
     ok, why = backend.is_available()
     if not ok:
@@ -55,15 +54,18 @@ def be():
     backend.fuse_all_activations = before
 
 
+@pytest.mark.parametrize("fuse_all", [True, False], ids=["default", "delegated"])
 @pytest.mark.parametrize("activation", ACTS)
-def test_transcendental_activations_delegate_to_the_composite_by_default(activation,
-                                                                         monkeypatch):
-    """By default elu, silu and gelu run as our BatchNorm kernels + torch's activation (the
-    fused kernels' libm calls do not vectorize); the piecewise-linear ones are fused."""
+def test_each_activation_runs_in_its_kernel_module(activation, fuse_all, monkeypatch):
+    """By default every activation is fused: identity, relu and leaky_relu in
+    numba_act_kernels, elu, silu and gelu in numba_smooth_kernels (compiled apart). With
+    ``fuse_all_activations`` off the last three run as our BatchNorm kernels + torch's
+    activation."""
     import batchnorm.backends.numba_backend as nbb
 
     backend = nbb.NumbaBackend()
-    assert backend.fuse_all_activations is False
+    assert backend.fuse_all_activations is True
+    backend.fuse_all_activations = fuse_all
     launched: list[str] = []
     launch = nbb._launch
     monkeypatch.setattr(nbb, "_launch", lambda plan, *a, **k: (
@@ -75,9 +77,12 @@ def test_transcendental_activations_delegate_to_the_composite_by_default(activat
                                                 activation, SLOPE, empty_out_like(x))
     backend.backward_act(torch.ones_like(x), x, w, b, mean, invstd, r, True, activation,
                          SLOPE, False, MASK)
-    fused = activation in ("identity", "relu", "leaky_relu")
-    assert any("act" in name for name in launched) == fused, launched
-    assert launched, "the numba kernels ran neither fused nor as the composite's BatchNorm"
+    linear = activation in ("identity", "relu", "leaky_relu")
+    module = "numba_act_kernels" if linear else "numba_smooth_kernels"
+    if linear or fuse_all:
+        assert launched == [f"{module}.forward_act", f"{module}.backward_act"], launched
+    else:
+        assert launched and not any("act" in name for name in launched), launched
     ref = TORCH_ACT[activation](F.batch_norm(x.double(), None, None, w.double(), b.double(),
                                              True, 0.0, EPS) + r.double())
     assert_close(y, ref.float(), *TOLERANCES[torch.float32], f"{activation} output")

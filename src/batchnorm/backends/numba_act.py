@@ -15,11 +15,13 @@ In-place mode (``out is x``; identity, leaky_relu with slope > 0, elu) saves onl
 the backward recomputes ``z = act^-1(y)`` and ``xhat = (z - r - b) / w`` from it.
 
 Delegated to the composite of :class:`~.base.Backend` (same results, more passes: the numba
-BatchNorm kernels, then torch's activation ops): elu, silu and gelu by default (see
-:attr:`NumbaActMixin.fuse_all_activations`), dtypes the numba backend does not support, a
+BatchNorm kernels, then torch's activation ops): dtypes the numba backend does not support, a
 residual whose dtype or shape differs from ``x``'s, an ``out`` whose strides differ from
-``x``'s, and in-place mode on a tensor that is neither channels-first nor channels-last
-contiguous.
+``x``'s, in-place mode on a tensor that is neither channels-first nor channels-last
+contiguous, and elu, silu and gelu when :attr:`NumbaActMixin.fuse_all_activations` is off.
+
+The kernels of identity, relu and leaky_relu (``numba_act_kernels``) and those of elu, silu
+and gelu (``numba_smooth_kernels``) are compiled apart, each on first use.
 """
 
 from __future__ import annotations
@@ -54,22 +56,26 @@ def _codes() -> dict[str, int]:
     return {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 
 
+def _module(activation: str) -> str:
+    """The kernel module of ``activation``: the piecewise-linear ones and the transcendental
+    ones are compiled apart (see ``numba_smooth_kernels``)."""
+    return "numba_act_kernels" if _codes()[activation] <= 2 else "numba_smooth_kernels"
+
+
 class NumbaActMixin:
     """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
     class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``).
 
     Attributes:
-        fuse_all_activations: also run elu, silu and gelu in the fused kernels (default
-            False, or ``BATCHNORM_NUMBA_FUSE_ALL_ACTS=1``). Their kernels are correct but
-            call libm's exp, expm1 and erf one element at a time, which does not vectorize:
-            a training step of ``BatchNormAct2d`` measured 2.5-7x slower than eager PyTorch
-            for these three (silu 22.5 vs 8.8 ms, gelu 47.7 vs 6.8 ms at (32, 256, 14, 14),
-            benchmarks/RESULTS.md), while the composite (our BatchNorm kernels, then torch's
-            vectorized activation) is faster than eager. identity, relu and leaky_relu are
-            always fused.
+        fuse_all_activations: run elu, silu and gelu in the fused kernels (default True;
+            ``BATCHNORM_NUMBA_FUSE_ALL_ACTS=0`` turns it off). Off, these three run as the
+            composite: our BatchNorm kernels, then torch's activation. The fused kernels
+            compute them with float32 exp, expm1 and erf that vectorize (float64: libm's),
+            and a training step of ``BatchNormAct2d`` measured 1.2-2.1x faster than that
+            composite on the ResNet-50 shapes of 14x14 and up (benchmarks/RESULTS.md).
     """
 
-    fuse_all_activations = os.environ.get("BATCHNORM_NUMBA_FUSE_ALL_ACTS", "0").strip() == "1"
+    fuse_all_activations = os.environ.get("BATCHNORM_NUMBA_FUSE_ALL_ACTS", "1").strip() != "0"
 
     def _act_fusable(self, x: Tensor, residual: Tensor | None, activation: str) -> bool:
         """Can the fused kernels run on ``x`` (as laid out for them) with this residual?"""
@@ -119,7 +125,7 @@ class NumbaActMixin:
                 activation, slope, out,
             )
         nb = _nb()
-        plan = nb._plan("numba_act_kernels.forward_act", x, training, True)
+        plan = nb._plan(f"{_module(activation)}.forward_act", x, training, True)
         view, acc = plan.view, plan.acc
         c = x.shape[1]
         new_rm = new_rv = rm = rv = None
@@ -231,8 +237,8 @@ class NumbaActMixin:
         dx = nb._new_output(saved) if do_apply else None
         dres = nb._new_output(saved) if do_apply and residual is not None else None
         if do_reduce or do_apply:
-            plan = nb._plan("numba_act_kernels.backward_act", saved, do_reduce, do_apply,
-                            first=3)
+            plan = nb._plan(f"{_module(activation)}.backward_act", saved, do_reduce,
+                            do_apply, first=3)
             view = plan.view
             parts = view.parts
             tmp = nb._Scratch(parts, c, 9, acc)

@@ -15,19 +15,24 @@ The pass structure is the plain BatchNorm kernels' own:
   ``xhat = (z - r - b) / w``, ``act'`` through ``y``).
 
 Activations (codes): 0 identity, 1 relu, 2 leaky_relu(slope), 3 elu (alpha 1), 4 silu,
-5 gelu (exact, erf). The activation code is loop-invariant, so LLVM unswitches the inner loops
-per activation. Compute is float32 (float64 for float64 storage); per-run sums are in the
-compute dtype, everything beyond in float64 (the statistics: see numba_kernels); results do
-not depend on the thread count.
+5 gelu (exact, erf). Every loop is compiled once per activation kind, with the kind a
+constant (see ``_by_flags``); :func:`kernels` builds the kernels for a set of kinds: this
+module's ``forward_act`` / ``backward_act`` hold the piecewise-linear ones (0-2, one kind),
+``numba_smooth_kernels`` elu, silu and gelu, whose float32 exp, expm1 and erf are written
+here so that LLVM vectorizes them (float64 calls libm). Compute is float32 (float64 for
+float64 storage); per-run sums are in the compute dtype, everything beyond in float64 (the
+statistics: see numba_kernels); results do not depend on the thread count.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .numba_kernels import (
     _I0,
@@ -56,7 +61,7 @@ from .numba_kernels import (
     njit,
 )
 
-__all__ = ["ACT_CODES", "PACKED", "backward_act", "forward_act"]
+__all__ = ["ACT_CODES", "PACKED", "backward_act", "forward_act", "kernels"]
 
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4, "gelu": 5}
 _ELEM_MATH = {"contract"}
@@ -80,24 +85,139 @@ def _k_impl(v, z):
 
 
 # ---- activation math (scalar, compute dtype) ----------------------------------------------
+# float32 exp, expm1 and erf written as straight-line arithmetic that LLVM vectorizes (libm's
+# are calls, one element at a time: silu over 2^18 float32 values in cache took 474 us with
+# np.exp, 50 us with _exp32, as torch's silu); float64 keeps libm. Selects, not min/max or
+# np.rint, which numba compiles to calls.
 
 
-@njit(fastmath=_ELEM_MATH)
+@intrinsic
+def _i32_as_f32(typingctx, v):
+    """The float32 whose bits are the int32 ``v``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always")
+def _exp32(x):
+    """exp(x) in float32 to about 1 ulp: 2^k * e^r, k = round(x / ln 2), r = x - k ln 2 in
+    two parts, e^r by a degree-6 polynomial; inf
+    above 88.72, 0 below -87.34 (where float32 has only subnormals), NaN at NaN."""
+    hi_x, lo_x = np.float32(88.72283), np.float32(-87.33654)
+    c = lo_x if x < lo_x else (hi_x if x > hi_x else x)
+    t = c * np.float32(1.44269504088896341)
+    # round to nearest through an integer conversion (the add-and-subtract 1.5 * 2^23 trick
+    # would be folded away in loops compiled with reassociation, the reductions)
+    # (a NaN t is rounded as 0: converting NaN to an integer is undefined in LLVM; r stays NaN)
+    t = t if t == t else np.float32(0.0)
+    ki = np.int32(t + (np.float32(0.5) if t >= 0 else np.float32(-0.5)))
+    k = np.float32(ki)
+    r = c - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    # 2^k as two normal halves (k in [-126, 128] would leave the exponent's range alone)
+    k1 = ki >> np.int32(1)
+    k2 = ki - k1
+    e = (p * r * r + r + np.float32(1.0)) * _i32_as_f32((k1 + np.int32(127)) << np.int32(23))
+    e = e * _i32_as_f32((k2 + np.int32(127)) << np.int32(23))
+    if x > hi_x:
+        return np.float32(np.inf)
+    return np.float32(0.0) if x < lo_x else e
+
+
+@njit(inline="always")
+def _expm1_32(x):
+    """expm1(x) in float32: a Taylor polynomial near 0 (where exp(x) - 1 cancels), else
+    exp(x) - 1."""
+    t = np.float32(1.0 / 5040.0)
+    t = t * x + np.float32(1.0 / 720.0)
+    t = t * x + np.float32(1.0 / 120.0)
+    t = t * x + np.float32(1.0 / 24.0)
+    t = t * x + np.float32(1.0 / 6.0)
+    t = t * x + np.float32(0.5)
+    small = (t * x) * x + x
+    big = _exp32(x) - np.float32(1.0)
+    return small if (x < np.float32(0.5) and x > np.float32(-0.5)) else big
+
+
+@njit(inline="always")
+def _erf32(x):
+    """erf(x) in float32: an odd over even rational function of x on [-4, 4] (+-1 beyond,
+    to float32 precision)."""
+    c = np.float32(-4.0) if x < np.float32(-4.0) else (
+        np.float32(4.0) if x > np.float32(4.0) else x)
+    x2 = c * c
+    p = np.float32(-2.72614225801306e-10)
+    p = p * x2 + np.float32(2.77068142495902e-08)
+    p = p * x2 + np.float32(-2.10102402082508e-06)
+    p = p * x2 + np.float32(-5.69250639462346e-05)
+    p = p * x2 + np.float32(-7.34990630326855e-04)
+    p = p * x2 + np.float32(-2.95459980854025e-03)
+    p = p * x2 + np.float32(-1.60960333262415e-02)
+    q = np.float32(-1.45660718464996e-05)
+    q = q * x2 + np.float32(-2.13374055278905e-04)
+    q = q * x2 + np.float32(-1.68282697438203e-03)
+    q = q * x2 + np.float32(-7.37332916720468e-03)
+    q = q * x2 + np.float32(-1.42647390514189e-02)
+    return c * p / q
+
+
+def _vexp(z):
+    """exp in the compute dtype (see _exp32)."""
+
+
+def _vexpm1(z):
+    """expm1 in the compute dtype."""
+
+
+def _verf(z):
+    """erf in the compute dtype."""
+
+
+@overload(_vexp)
+def _vexp_impl(z):
+    if z == types.float32:
+        return lambda z: _exp32(z)
+    return lambda z: np.exp(z)
+
+
+@overload(_vexpm1)
+def _vexpm1_impl(z):
+    if z == types.float32:
+        return lambda z: _expm1_32(z)
+    return lambda z: np.expm1(z)
+
+
+@overload(_verf)
+def _verf_impl(z):
+    if z == types.float32:
+        return lambda z: _erf32(z)
+    return lambda z: math.erf(z)
+
+
+@njit(fastmath=_ELEM_MATH, forceinline=True)
 def _act(z, a, sl):
     if a == 1:
         return z if z > 0 else z - z
     if a == 2:
         return z if z > 0 else z * sl
     if a == 3:
-        return z if z > 0 else np.expm1(z)
+        return z if z > 0 else _vexpm1(z)
     if a == 4:
-        return z / (_k(1.0, z) + np.exp(-z))
+        return z / (_k(1.0, z) + _vexp(-z))
     if a == 5:
-        return _k(0.5, z) * z * (_k(1.0, z) + math.erf(z * _k(_INV_SQRT2, z)))
+        return _k(0.5, z) * z * (_k(1.0, z) + _verf(z * _k(_INV_SQRT2, z)))
     return z
 
 
-@njit(fastmath=_ELEM_MATH)
+@njit(fastmath=_ELEM_MATH, forceinline=True)
 def _dact(z, a, sl):
     """``act'(z)`` (0 at z = 0 for relu, as torch; at a NaN ``z`` 1 for relu and elu and the
     slope for leaky_relu, as torch's backward formulas give)."""
@@ -107,87 +227,120 @@ def _dact(z, a, sl):
     if a == 2:
         return one if z > 0 else sl
     if a == 3:
-        return np.exp(z) if z <= 0 else one
+        return _vexp(z) if z <= 0 else one
     if a == 4:
-        s = one / (one + np.exp(-z))
+        s = one / (one + _vexp(-z))
         return s * (one + z * (one - s))
     if a == 5:
-        cdf = _k(0.5, z) * (one + math.erf(z * _k(_INV_SQRT2, z)))
-        return cdf + z * np.exp(_k(-0.5, z) * z * z) * _k(_INV_SQRT_2PI, z)
+        cdf = _k(0.5, z) * (one + _verf(z * _k(_INV_SQRT2, z)))
+        return cdf + z * _vexp(_k(-0.5, z) * z * z) * _k(_INV_SQRT_2PI, z)
     return one
 
 
-@njit(fastmath=_ELEM_MATH)
+@njit(fastmath=_ELEM_MATH, forceinline=True)
 def _dact_y(y, a, sl):
-    """``act'(z)`` through the output ``y`` (invertible activations)."""
+    """``act'(z)`` through the output ``y`` (elu; the piecewise-linear ones are inlined in
+    ``_dz_xhat``)."""
     one = _k(1.0, y)
-    if a == 2:
-        return one if y > 0 else sl
     if a == 3:
         return one if y > 0 else y + one
     return one
 
 
-@njit(fastmath=_ELEM_MATH)
+@njit(fastmath=_ELEM_MATH, forceinline=True)
 def _inv_act(y, a, sl):
-    """``z`` with ``act(z) = y`` (invertible activations; elu clamped as the composite)."""
-    if a == 2:
-        return y if y > 0 else y / sl
+    """``z`` with ``act(z) = y`` (elu, clamped as the composite)."""
     if a == 3:
         return y if y > 0 else np.log1p(max(y, _k(-1.0 + 1e-7, y)))
     return y
 
 
-def _by_flags(body, params: str, flags: tuple[str, ...], fastmath: set[str]):
-    """A compiled ``f(*params, *flags)`` that calls the inline ``body(*params, *flags)`` with
-    each boolean flag as a literal constant: one branch-free (vectorizable) copy of the loop
-    per combination of flags, chosen once per call instead of tested per element."""
-    names = params.split()
-    lines = [f"def dispatch({', '.join(names + list(flags))}):"]
+Flag = tuple[str, tuple, Any]  # (name, values, None or when(earlier flags' values) -> bool)
 
-    def emit(depth: int, fixed: list[str], indent: int) -> None:
+
+def _by_flags(body, params: str, flags: tuple[Flag, ...], fastmath: set[str]):
+    """A compiled ``f(*params, *flag_names)`` that calls the inline ``body(*params,
+    *flag_names)`` with each flag's value as a literal constant: one branch-free
+    (vectorizable) copy of the loop per combination of the flags' ``values``, chosen once per
+    call instead of tested per element. A flag outside its values runs its last value's
+    copy; a flag whose ``when`` is false for the values before it is pinned to its last value
+    (no copies for combinations the host never asks for).
+
+    The function is named after the body and the flags' values: numba names compiled code by
+    qualified name and a per-process counter, and two kernel modules are compiled in two
+    processes (numba_entry), so two different functions of one name could meet under one
+    symbol when both are loaded from the cache."""
+    names = params.split()
+    tag = "__".join("_".join(str(v) for v in values) for _, values, _ in flags)
+    fname = f"{body.__name__}__{tag}"
+    lines = [f"def {fname}({', '.join(names + [f for f, _, _ in flags])}):"]
+
+    def emit(depth: int, fixed: list, indent: int) -> None:
         pad = "    " * indent
         if depth == len(flags):
-            lines.append(f"{pad}return body({', '.join(names + fixed)})")
+            lines.append(f"{pad}return body({', '.join(names + [repr(v) for v in fixed])})")
             return
-        lines.append(f"{pad}if {flags[depth]}:")
-        emit(depth + 1, [*fixed, "True"], indent + 1)
-        emit(depth + 1, [*fixed, "False"], indent)
+        flag, values, when = flags[depth]
+        if when is None or when(*fixed):
+            for v in values[:-1]:
+                lines.append(f"{pad}if {flag}:" if v is True else f"{pad}if {flag} == {v!r}:")
+                emit(depth + 1, [*fixed, v], indent + 1)
+        emit(depth + 1, [*fixed, values[-1]], indent)
 
     emit(0, [], 1)
     ns = {"body": body}
     exec("\n".join(lines), ns)
-    return njit(fastmath=fastmath)(ns["dispatch"])
+    return njit(fastmath=fastmath)(ns[fname])
+
+
+def _named_as(tag: str):
+    """A decorator renaming a function ``<name>__<tag>`` (see :func:`_by_flags` on
+    names)."""
+
+    def rename(fn):
+        fn.__name__ = fn.__qualname__ = f"{fn.__name__}__{tag}"
+        return fn
+
+    return rename
 
 
 # ---- element and loop bodies ---------------------------------------------------------------
-# The loop bodies take compile-time flags: ``lin`` (identity / relu / leaky_relu, all
-# ``z > 0 ? z : neg * z``: selects only, so the loops vectorize), ``res`` (a residual is read)
-# and ``inp`` (in-place: recompute from y). They are inlined (numba ``inline="always"``) into
-# dispatchers that call them with literal flags, so LLVM sees one branch-free loop per case.
-# ``neg``: 1 (identity), 0 (relu), slope (leaky_relu); ``rneg = 1 / neg``.
+# The loop bodies take compile-time flags: ``kind`` (0: identity / relu / leaky_relu, all
+# ``z > 0 ? z : neg * z``, selects only; else the activation's code, 3 elu, 4 silu, 5 gelu),
+# ``res`` (a residual is read) and ``inp`` (in-place: recompute from y). They are inlined
+# (numba ``inline="always"``) into dispatchers that call them with literal flags, so LLVM
+# sees one branch-free loop per case, with one activation's math in it (with the activation
+# a run-time value, LLVM if-converted all three transcendental ones into every iteration:
+# 0.9 ns a value each, benchmarks/RESULTS.md). ``neg``: 1 (identity), 0 (relu), slope
+# (leaky_relu); ``rneg = 1 / neg``.
 
 
 @njit(inline="always")
-def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, inp):
+def _kind(a):
+    """The loop kind of activation code ``a`` (see above)."""
+    return 0 if a <= 2 else a
+
+
+@njit(fastmath=_EXACT_MATH, forceinline=True)
+def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, kind, inp):
     """``(dz, xhat)`` of one element: ``v`` is x (normal mode) or y (in-place mode)."""
     if inp:
-        if lin:
+        if kind == 0:
             dz = g if v > 0 else g * neg
             z = v if v > 0 else v * rneg
         else:
-            dz = g * _dact_y(v, a, sl)
-            z = _inv_act(v, a, sl)
+            dz = g * _dact_y(v, kind, sl)
+            z = _inv_act(v, kind, sl)
         return dz, (z - rv - b) * rw
     xh = (v - hi) * inv + k0
     z = xh * w + b + rv
-    if lin:
+    if kind == 0:
         # as torch's threshold_backward, relu passes g at a NaN z and blocks it with a zero
         # where z <= 0 (not g * 0, which is NaN for an infinite g); leaky_relu scales it
         if z > 0 or (a == 1 and z != z):
             return g, xh
         return (_zero(g) if a == 1 else g * neg), xh
-    return g * _dact(z, a, sl), xh
+    return g * _dact(z, kind, sl), xh
 
 
 @njit(inline="always")
@@ -202,54 +355,41 @@ def _lin_act(z, neg):
 
 
 @njit(inline="always")
-def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, a, neg, sl, lin, res):
+def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, neg, sl, kind, res):
     for i in range(s):
         j = _u(o + i)
         z = (_ld(x[j]) - hi) * sc + sh
         if res:
             z = z + _ld(r[j])
-        if lin:
+        if kind == 0:
             y[_u(yo + i)] = _st(_lin_act(z, neg), y)
         else:
-            y[_u(yo + i)] = _st(_act(z, a, sl), y)
+            y[_u(yo + i)] = _st(_act(z, kind, sl), y)
 
 
 @njit(inline="always")
-def _chunk_act_body(x, r, buf, o, a0, b0, s_, c0, coef, a, neg, sl, lin, res):
+def _chunk_act_body(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, kind, res):
     p = a0
     while p < b0:  # the pieces of the runs in [a0, b0), as numba_kernels._chunk_norm
         j, q = _piece(p, b0, s_)
         c = c0 + j
-        _run_act_body(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c], coef[2, c], a,
-                      neg, sl, lin, res)
+        _run_act_body(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c], coef[2, c],
+                      neg, sl, kind, res)
         p = q
 
 
-# buf[:b0 - a0] from x (and r) at [o + a0, o + b0): a stream or in-place chunk, one call (a
-# call per piece, through the flags' dispatch, measured 1.1-2.1x slower in place: (32, 512,
-# 7, 7) forward 0.438 -> 0.225 ms, (32, 256, 14, 14) 0.447 -> 0.351 ms; streamed (32, 256, 28,
-# 28) 1.52 -> 0.89 ms)
-_chunk_act = _by_flags(_chunk_act_body, "x r buf o a0 b0 s_ c0 coef a neg sl", ("lin", "res"),
-                       _ELEM_MATH)
-
-
 @njit(inline="always")
-def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, a, neg, sl, lin, res):
+def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, kind, res):
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            _run_act_body(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], a, neg, sl,
-                          lin, res)
+            _run_act_body(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], neg, sl,
+                          kind, res)
             o += s_
 
 
-# a task's runs (channels-first, not streamed) with the flags chosen once per task
-_runs_act = _by_flags(_runs_act_body, "x r y stride s_ c0 c1 n0 n1 coef a neg sl",
-                      ("lin", "res"), _ELEM_MATH)
-
-
 @njit(inline="always")
-def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
+def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, neg, sl, kind, res):
     for n in range(n0, n1):
         p = n * c_
         q = yo + (n - n0) * c_
@@ -259,20 +399,10 @@ def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, lin, res):
             z = (_ld(x[i]) - hi[u]) * sc[u] + sh[u]
             if res:
                 z = z + _ld(r[i])
-            if lin:
+            if kind == 0:
                 y[_u(q + j)] = _st(_lin_act(z, neg), y)
             else:
-                y[_u(q + j)] = _st(_act(z, a, sl), y)
-
-
-_rows_act_flags = _by_flags(_rows_act_body, "x r y c_ n0 n1 yo hi sc sh a neg sl",
-                           ("lin", "res"), _ELEM_MATH)
-
-
-@njit(inline="always")
-def _rows_act(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl):
-    """Rows [n0, n1) into y from item yo on (the output, or a stream buffer)."""
-    _rows_act_flags(x, r, y, c_, n0, n1, yo, hi, sc, sh, a, neg, sl, a <= 2, r.size > 0)
+                y[_u(q + j)] = _st(_act(z, kind, sl), y)
 
 
 @njit
@@ -283,39 +413,6 @@ def _negs(a, sl):
     return neg, (one / neg if neg != 0 else one)
 
 
-@njit
-def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
-    sl = _k(slope, coef[0, 0])
-    neg, _ = _negs(a, sl)
-    if s_ == 1:
-        if not stream:
-            _rows_act(x, r, y, c_, n0, n1, n0 * c_, coef[0], coef[1], coef[2], a, neg, sl)
-            return
-        # whole rows per chunk (rows are contiguous; a chunk boundary is a partial line)
-        k = max(1, STREAM_CHUNK // c_)
-        buf = np.empty(k * c_, y.dtype)
-        for m0 in range(n0, n1, k):
-            m1 = min(m0 + k, n1)
-            _rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], a, neg, sl)
-            _put(buf, y, m0 * c_, (m1 - m0) * c_, stream)
-        return
-    stride = c_ * s_
-    if stream:
-        buf = np.empty(STREAM_CHUNK, y.dtype)
-        base = _first_index(y)
-        end = (c1 - c0) * s_
-        for n in range(n0, n1):
-            o = n * stride + c0 * s_
-            a0 = 0
-            while a0 < end:
-                b0 = _chunk_end(base + o, a0, end)
-                _chunk_act(x, r, buf, o, a0, b0, s_, c0, coef, a, neg, sl, a <= 2, r.size > 0)
-                _put(buf, y, o + a0, b0 - a0, stream)
-                a0 = b0
-        return
-    _runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, a, neg, sl, a <= 2, r.size > 0)
-
-
 # ---- backward: reduction and elementwise pass ---------------------------------------------
 # coef rows (compute dtype): 0 mean_hi, 1 invstd, 2 k0 = -(mean - mean_hi) * invstd,
 # 3 weight, 4 bias, 5 1 / weight, 6 weight * invstd, 7 -sum_dz / count,
@@ -324,64 +421,65 @@ def _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
 
 
 @njit(inline="always")
-def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, lin, res, inp):
+def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, bx, kind,
+                   res, inp):
     s1 = _zero(hi)
     s2 = _zero(hi)
-    for i in range(o, o + s):
-        rv = _ld(r[_u(i)]) if res else _zero(hi)
-        dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a, neg,
-                          rneg, sl, lin, inp)
-        s1 += dz
-        s2 += dz * xh
+    if kind == 0:
+        for i in range(o, o + s):
+            rv = _ld(r[_u(i)]) if res else _zero(hi)
+            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
+                              neg, rneg, sl, kind, inp)
+            s1 += dz
+            s2 += dz * xh
+        return np.float64(s1), np.float64(s2)
+    # the transcendental activations: dz and xhat into bz, bx (s <= ROW_SEGMENT), then the
+    # sums. LLVM vectorizes a reduction with interleaved accumulators, 64 float32 values a
+    # step, and ran a 49-value run wholly in its scalar remainder: with exp in the loop that
+    # cost 0.89 ns a value against 0.55 in two loops (silu, one thread)
+    for i in range(s):
+        j = _u(o + i)
+        rv = _ld(r[j]) if res else _zero(hi)
+        bz[_u(i)], bx[_u(i)] = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a,
+                                        neg, rneg, sl, kind, inp)
+    for i in range(s):
+        s1 += bz[_u(i)]
+        s2 += bz[_u(i)] * bx[_u(i)]
     return np.float64(s1), np.float64(s2)
 
 
-_run_bred_flags = _by_flags(_run_bred_body, "dy v r o s hi inv k0 w b rw a neg rneg sl",
-                           ("lin", "res", "inp"), _REDUCE_MATH)
-
-
 @njit(inline="always")
-def _run_bred(dy, v, r, o, s, co, c, a, neg, rneg, sl, inp):
-    """(sum dz, sum dz * xhat) of one run, float64 (compute-dtype partial sums)."""
-    return _run_bred_flags(dy, v, r, o, s, co[0, c], co[1, c], co[2, c], co[3, c], co[4, c],
-                           co[5, c], a, neg, rneg, sl, a <= 2, r.size > 0, inp)
-
-
-@njit(inline="always")
-def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
-                    lin, res, inp):
+def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, bz,
+                    bx, kind, res, inp):
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
-            u, w = _run_bred_body(dy, v, r, o, s_, co[0, c], co[1, c], co[2, c], co[3, c],
-                                  co[4, c], co[5, c], a, neg, rneg, sl, lin, res, inp)
-            sdz[c] += u
-            sdx[c] += w
+            # a long run in pieces of ROW_SEGMENT values (compute-dtype sums; as
+            # numba_kernels._task_bred_long), a short one in one piece
+            for p in range(0, s_, ROW_SEGMENT):
+                u, w = _run_bred_body(dy, v, r, o + p, min(ROW_SEGMENT, s_ - p), co[0, c],
+                                      co[1, c], co[2, c], co[3, c], co[4, c], co[5, c], a,
+                                      neg, rneg, sl, bz, bx, kind, res, inp)
+                sdz[c] += u
+                sdx[c] += w
             o += s_
-
-
-# a task's runs (of at most ROW_SEGMENT values) with the flags chosen once per task: per
-# run, the choice and a call cost as much as the 49 values of a 7x7 run
-_runs_bred = _by_flags(_runs_bred_body,
-                       "dy v r stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx",
-                       ("lin", "res", "inp"), _REDUCE_MATH)
 
 
 @njit(inline="always")
 def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                     rneg, sl, lin, res, inp):
+                     rneg, sl, kind, res, inp):
     for i in range(s):
         j = _u(o + i)
         rv = _ld(r[j]) if res else _zero(hi)
         dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl,
-                          lin, inp)
+                          kind, inp)
         dx[_u(yo + i)] = _st(sc * (dz + k1 + _xterm(xh, _zero(xh), k2)), dx)
         if res:
             dr[_u(yo + i)] = _st(dz, dr)
 
 
 @njit(inline="always")
-def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl, lin, res,
+def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl, kind, res,
                        inp):
     p = a0
     while p < b0:  # the pieces of the runs in [a0, b0), as numba_kernels._chunk_norm
@@ -389,38 +487,32 @@ def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl
         c = c0 + j
         _run_bapply_body(dy, v, r, dx, dr, o + p, p - a0, q - p, co[0, c], co[1, c], co[2, c],
                          co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a, neg,
-                         rneg, sl, lin, res, inp)
+                         rneg, sl, kind, res, inp)
         p = q
-
-
-# dx[:b0 - a0] (and dr) from the inputs at [o + a0, o + b0): a stream chunk, one call (as
-# _chunk_act: streamed backward of (32, 1024, 14, 14) 4.13 -> 3.04 ms)
-_chunk_bapply = _by_flags(
-    _chunk_bapply_body, "dy v r dx dr o a0 b0 s_ c0 co a neg rneg sl", ("lin", "res", "inp"),
-    _EXACT_MATH)
 
 
 @njit(inline="always")
 def _runs_bapply_body(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl,
-                      lin, res, inp):
+                      kind, res, inp):
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
             _run_bapply_body(dy, v, r, dx, dr, o, o, s_, co[0, c], co[1, c], co[2, c],
                              co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a,
-                             neg, rneg, sl, lin, res, inp)
+                             neg, rneg, sl, kind, res, inp)
             o += s_
 
 
-_runs_bapply = _by_flags(_runs_bapply_body,
-                         "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl",
-                         ("lin", "res", "inp"), _EXACT_MATH)
-
-
 @njit(inline="always")
-def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, lin, res, inp):
+def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, kind, res, inp):
+    """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``.
+    The coefficients are read as rows of ``co`` with unsigned indices, and the flags are
+    constants in each copy of the loop: indexed as ``co[k, j]`` with the flags tested per
+    element, the elementwise pass ran 10x slower (40 ms for (32, 2048, 7, 7))."""
     hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
     zero = _zero(q1[0])
+    q1[:] = 0.0
+    q2[:] = 0.0
     for n in range(nrows):
         p = o + n * c_
         for j in range(c_):
@@ -428,31 +520,15 @@ def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, lin, r
             u = _u(j)
             rv = _ld(r[i]) if res else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
-                              rw[u], a, neg, rneg, sl, lin, inp)
+                              rw[u], a, neg, rneg, sl, kind, inp)
             q1[u] += dz
             q2[u] += dz * xh
 
 
-_rows_bred_flags = _by_flags(_rows_bred_body, "dy v r o nrows c_ co a neg rneg sl q1 q2",
-                             ("lin", "res", "inp"), _ELEM_MATH)
-
-
 @njit(inline="always")
-def _rows_bred(dy, v, r, o, nrows, c_, co, a, sl, inplace, q1, q2):
-    """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``.
-    The coefficients are read as rows of ``co`` with unsigned indices, and the flags are
-    constants in each copy of the loop: indexed as ``co[k, j]`` with the flags tested per
-    element, the elementwise pass ran 10x slower (40 ms for (32, 2048, 7, 7))."""
-    q1[:] = 0.0
-    q2[:] = 0.0
-    neg, rneg = _negs(a, sl)
-    _rows_bred_flags(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, a <= 2,
-                     r.size > 0, inplace)
-
-
-@njit(inline="always")
-def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, lin, res,
+def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, kind, res,
                       inp):
+    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
     hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
     sc, k1, k2 = co[6], co[7], co[8]
     zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
@@ -464,98 +540,10 @@ def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, li
             u = _u(j)
             rv = _ld(r[i]) if res else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
-                              rw[u], a, neg, rneg, sl, lin, inp)
+                              rw[u], a, neg, rneg, sl, kind, inp)
             dx[_u(q + j)] = _st(sc[u] * (dz + k1[u] + _xterm(xh, zero, k2[u])), dx)
             if res:
                 dr[_u(q + j)] = _st(dz, dr)
-
-
-_rows_bapply_flags = _by_flags(_rows_bapply_body,
-                               "dy v r dx dr c_ n0 n1 yo co a neg rneg sl",
-                               ("lin", "res", "inp"), _ELEM_MATH)
-
-
-@njit(inline="always")
-def _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, sl, inplace):
-    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
-    neg, rneg = _negs(a, sl)
-    _rows_bapply_flags(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, a <= 2,
-                       r.size > 0, inplace)
-
-
-@njit
-def _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx):
-    """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1)."""
-    sl = _k(slope, co[0, 0])
-    for c in range(c0, c1):
-        sdz[c] = 0.0
-        sdx[c] = 0.0
-    if s_ == 1:
-        q1 = np.empty(c_, co.dtype)
-        q2 = np.empty(c_, co.dtype)
-        seg = max(1, ROW_SEGMENT // c_)
-        for m0 in range(n0, n1, seg):
-            m1 = min(m0 + seg, n1)
-            _rows_bred(dy, v, r, m0 * c_, m1 - m0, c_, co, a, sl, inplace, q1, q2)
-            for c in range(c_):
-                sdz[c] += np.float64(q1[c])
-                sdx[c] += np.float64(q2[c])
-        return
-    neg, rneg = _negs(a, sl)
-    stride = c_ * s_
-    if s_ > ROW_SEGMENT:
-        # long runs in pieces of ROW_SEGMENT values (as numba_kernels._task_bred_long)
-        for n in range(n0, n1):
-            for c in range(c0, c1):
-                o = n * stride + c * s_
-                for p in range(0, s_, ROW_SEGMENT):
-                    u, w = _run_bred(dy, v, r, o + p, min(ROW_SEGMENT, s_ - p), co, c, a, neg,
-                                     rneg, sl, inplace)
-                    sdz[c] += u
-                    sdx[c] += w
-        return
-    _runs_bred(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, a <= 2,
-               r.size > 0, inplace)
-
-
-@njit
-def _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, stream):
-    """dx (and dr) of rows [n0, n1) x channels [c0, c1); streamed as in _task_act (dx and
-    dr are the same shape, so one chunking serves both)."""
-    sl = _k(slope, co[0, 0])
-    k = max(1, STREAM_CHUNK // c_) if s_ == 1 else 1
-    bx = np.empty(max(STREAM_CHUNK, k * c_) if stream else 0, dx.dtype)
-    br = np.empty(bx.size if r.size > 0 else 0, dr.dtype)
-    if s_ == 1:
-        if not stream:
-            _rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, sl, inplace)
-            return
-        for m0 in range(n0, n1, k):
-            m1 = min(m0 + k, n1)
-            _rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, sl, inplace)
-            _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
-            if r.size > 0:
-                _stream(br, dr, m0 * c_, (m1 - m0) * c_)
-        return
-    neg, rneg = _negs(a, sl)
-    stride = c_ * s_
-    if stream:
-        base = _first_index(dx)
-        end = (c1 - c0) * s_
-        for n in range(n0, n1):
-            o = n * stride + c0 * s_
-            a0 = 0
-            while a0 < end:
-                b0 = _chunk_end(base + o, a0, end)
-                _chunk_bapply(dy, v, r, bx, br, o, a0, b0, s_, c0, co, a, neg, rneg, sl,
-                              a <= 2, r.size > 0, inplace)
-                _stream(bx, dx, o + a0, b0 - a0)
-                if r.size > 0:
-                    _stream(br, dr, o + a0, b0 - a0)
-                a0 = b0
-        return
-    _runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, a <= 2,
-                 r.size > 0, inplace)
 
 
 @njit
@@ -604,86 +592,245 @@ PACKED = {
 }
 
 
-@njit(inline="always")
-def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight, bias,
-                rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act, slope, stream,
-                pm, pq, coef, phase, units, ctl):
-    """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
+def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
+    """``(forward_act, backward_act)`` for the activations of loop kinds ``kinds`` (see
+    :func:`_kind`): their task functions and dispatchers hold one copy of each loop per kind,
+    so the piecewise-linear kernels (this module's) compile none of the transcendental
+    activations' loops, and those (``numba_smooth_kernels``) none of the others'. The
+    functions are closures, compiled uncached inside their kernels' cached entries."""
+    kf = ("kind", kinds, None)
+    rf = ("res", (True, False), None)
+    # in place only with an invertible activation (identity, leaky_relu: kind 0; elu)
+    pf = ("inp", (True, False), lambda kind, res: kind in (0, 3))
+    tag = "k" + "_".join(str(k) for k in kinds)
+    # buf[:b0 - a0] from x (and r) at [o + a0, o + b0): a stream or in-place chunk, one call
+    # (a call per piece, through the flags' dispatch, measured 1.1-2.1x slower in place:
+    # (32, 512, 7, 7) forward 0.438 -> 0.225 ms, (32, 256, 14, 14) 0.447 -> 0.351 ms;
+    # streamed (32, 256, 28, 28) 1.52 -> 0.89 ms)
+    chunk_act = _by_flags(_chunk_act_body, "x r buf o a0 b0 s_ c0 coef neg sl", (kf, rf),
+                          _ELEM_MATH)
+    # a task's runs (channels-first, not streamed) with the flags chosen once per task
+    runs_act = _by_flags(_runs_act_body, "x r y stride s_ c0 c1 n0 n1 coef neg sl", (kf, rf),
+                         _ELEM_MATH)
+    rows_act = _by_flags(_rows_act_body, "x r y c_ n0 n1 yo hi sc sh neg sl", (kf, rf),
+                         _ELEM_MATH)
+    # a task's runs with the flags chosen once per task: per run, the choice and a call cost
+    # as much as the 49 values of a 7x7 run
+    runs_bred = _by_flags(_runs_bred_body,
+                          "dy v r stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx bz bx",
+                          (kf, rf, pf), _REDUCE_MATH)
+    rows_bred = _by_flags(_rows_bred_body, "dy v r o nrows c_ co a neg rneg sl q1 q2",
+                          (kf, rf, pf), _ELEM_MATH)
+    # dx[:b0 - a0] (and dr) from the inputs at [o + a0, o + b0): a stream chunk, one call
+    # (as chunk_act: streamed backward of (32, 1024, 14, 14) 4.13 -> 3.04 ms)
+    chunk_bapply = _by_flags(_chunk_bapply_body, "dy v r dx dr o a0 b0 s_ c0 co a neg rneg sl",
+                             (kf, rf, pf), _EXACT_MATH)
+    runs_bapply = _by_flags(_runs_bapply_body,
+                            "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl",
+                            (kf, rf, pf), _EXACT_MATH)
+    rows_bapply = _by_flags(_rows_bapply_body, "dy v r dx dr c_ n0 n1 yo co a neg rneg sl",
+                            (kf, rf, pf), _ELEM_MATH)
 
-    ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
-    otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: 0 direct stores,
-    1 non-temporal stores for ``y`` (see ``numba_kernels._stream``), 2 ``y`` is ``x``: the
-    elementwise pass computes chunks into a buffer and copies them (``numba_kernels._put``).
-    """
-    n = units
-    k = _claim(ctl, n)
-    while k < n:
-        if phase == 0:
-            t = k
-            c0, c1 = _span(c_, blocks, t // parts)
-            n0, n1 = _span(n_, parts, t % parts)
-            cnt = 0.0
-            if do_stats:
-                cnt = _task_stats(x, c_, s_, c0, c1, n0, n1, pm[t % parts], pq[t % parts],
-                                  coef)
-            if parts == 1:
+    @njit
+    @_named_as(tag)
+    def task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
+        sl = _k(slope, coef[0, 0])
+        neg, _ = _negs(a, sl)
+        kind = _kind(a)
+        res = r.size > 0
+        if s_ == 1:
+            if not stream:
+                rows_act(x, r, y, c_, n0, n1, n0 * c_, coef[0], coef[1], coef[2], neg, sl,
+                         kind, res)
+                return
+            # whole rows per chunk (rows are contiguous; a chunk boundary is a partial line)
+            k = max(1, STREAM_CHUNK // c_)
+            buf = np.empty(k * c_, y.dtype)
+            for m0 in range(n0, n1, k):
+                m1 = min(m0 + k, n1)
+                rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], neg, sl, kind,
+                         res)
+                _put(buf, y, m0 * c_, (m1 - m0) * c_, stream)
+            return
+        stride = c_ * s_
+        if stream:
+            buf = np.empty(STREAM_CHUNK, y.dtype)
+            base = _first_index(y)
+            end = (c1 - c0) * s_
+            for n in range(n0, n1):
+                o = n * stride + c0 * s_
+                a0 = 0
+                while a0 < end:
+                    b0 = _chunk_end(base + o, a0, end)
+                    chunk_act(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, kind, res)
+                    _put(buf, y, o + a0, b0 - a0, stream)
+                    a0 = b0
+            return
+        runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, kind, res)
+
+    @njit
+    @_named_as(tag)
+    def task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx):
+        """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1)."""
+        sl = _k(slope, co[0, 0])
+        neg, rneg = _negs(a, sl)
+        kind = _kind(a)
+        res = r.size > 0
+        for c in range(c0, c1):
+            sdz[c] = 0.0
+            sdx[c] = 0.0
+        if s_ == 1:
+            q1 = np.empty(c_, co.dtype)
+            q2 = np.empty(c_, co.dtype)
+            seg = max(1, ROW_SEGMENT // c_)
+            for m0 in range(n0, n1, seg):
+                m1 = min(m0 + seg, n1)
+                rows_bred(dy, v, r, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2, kind,
+                          res, inplace)
+                for c in range(c_):
+                    sdz[c] += np.float64(q1[c])
+                    sdx[c] += np.float64(q2[c])
+            return
+        seg = min(s_, ROW_SEGMENT) if kind != 0 else 0
+        bz = np.empty(seg, co.dtype)
+        bx = np.empty(seg, co.dtype)
+        runs_bred(dy, v, r, c_ * s_, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, bz,
+                  bx, kind, res, inplace)
+
+    @njit
+    @_named_as(tag)
+    def task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, stream):
+        """dx (and dr) of rows [n0, n1) x channels [c0, c1); streamed as in task_act (dx and
+        dr are the same shape, so one chunking serves both)."""
+        sl = _k(slope, co[0, 0])
+        neg, rneg = _negs(a, sl)
+        kind = _kind(a)
+        res = r.size > 0
+        k = max(1, STREAM_CHUNK // c_) if s_ == 1 else 1
+        bx = np.empty(max(STREAM_CHUNK, k * c_) if stream else 0, dx.dtype)
+        br = np.empty(bx.size if res else 0, dr.dtype)
+        if s_ == 1:
+            if not stream:
+                rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, neg, rneg, sl, kind,
+                            res, inplace)
+                return
+            for m0 in range(n0, n1, k):
+                m1 = min(m0 + k, n1)
+                rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, neg, rneg, sl, kind,
+                            res, inplace)
+                _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
+                if res:
+                    _stream(br, dr, m0 * c_, (m1 - m0) * c_)
+            return
+        stride = c_ * s_
+        if stream:
+            base = _first_index(dx)
+            end = (c1 - c0) * s_
+            for n in range(n0, n1):
+                o = n * stride + c0 * s_
+                a0 = 0
+                while a0 < end:
+                    b0 = _chunk_end(base + o, a0, end)
+                    chunk_bapply(dy, v, r, bx, br, o, a0, b0, s_, c0, co, a, neg, rneg, sl,
+                                 kind, res, inplace)
+                    _stream(bx, dx, o + a0, b0 - a0)
+                    if res:
+                        _stream(br, dr, o + a0, b0 - a0)
+                    a0 = b0
+            return
+        runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, kind,
+                    res, inplace)
+
+    @njit(inline="always")
+    @_named_as(tag)
+    def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight,
+                    bias, rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act,
+                    slope, stream, pm, pq, coef, phase, units, ctl):
+        """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
+
+        ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
+        otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: 0 direct
+        stores, 1 non-temporal stores for ``y`` (see ``numba_kernels._stream``), 2 ``y`` is
+        ``x``: the elementwise pass computes chunks into a buffer and copies them
+        (``numba_kernels._put``).
+        """
+        n = units
+        k = _claim(ctl, n)
+        while k < n:
+            if phase == 0:
+                t = k
+                c0, c1 = _span(c_, blocks, t // parts)
+                n0, n1 = _span(n_, parts, t % parts)
+                cnt = 0.0
                 if do_stats:
-                    _train_coefs(c0, c1, cnt, pm[0], pq[0], _I0, mean, m2, invstd, rmean, rvar,
-                                 new_rmean, new_rvar, eps, momentum, weight, bias, coef)
-                else:
-                    _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
-                _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
-        elif phase == 1:
-            _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
-                        rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
-        else:
-            t = units - 1 - k
-            c0, c1 = _span(c_, blocks, t // parts)
-            n0, n1 = _span(n_, parts, t % parts)
-            _task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
-        _unit_done(ctl, stream)
+                    cnt = _task_stats(x, c_, s_, c0, c1, n0, n1, pm[t % parts], pq[t % parts],
+                                      coef)
+                if parts == 1:
+                    if do_stats:
+                        _train_coefs(c0, c1, cnt, pm[0], pq[0], _I0, mean, m2, invstd, rmean,
+                                     rvar, new_rmean, new_rvar, eps, momentum, weight, bias,
+                                     coef)
+                    else:
+                        _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
+                    task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
+            elif phase == 1:
+                _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
+                            rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
+            else:
+                t = units - 1 - k
+                c0, c1 = _span(c_, blocks, t // parts)
+                n0, n1 = _span(n_, parts, t % parts)
+                task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
+            _unit_done(ctl, stream)
+            k = _claim(ctl, n)
+
+    @njit(inline="always")
+    @_named_as(tag)
+    def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weight, bias,
+                     sum_dz, sum_dzx, count, do_reduce, do_apply, training, inplace, act,
+                     slope, stream, pm, pq, coef, phase, units, ctl):
+        """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
+
+        Phase 3 (run first, ``MERGE_CHUNK`` channels a unit) writes ``coef`` rows 0-6 from
+        the saved ``mean``, ``invstd`` and the affine parameters; phases 0-2 as the
+        forward's. ``do_reduce``: ``sum_dz`` and ``sum_dzx = sum(dz * xhat)`` (else they are
+        inputs). ``do_apply``: ``dx = w * invstd * (dz - sum_dz / count - xhat * sum_dzx /
+        count)`` (training; ``w * invstd * dz`` in eval) and, with a residual, ``dr = dz``.
+        ``stream``: non-temporal stores for ``dx`` and ``dr``.
+        """
+        n = units
         k = _claim(ctl, n)
+        while k < n:
+            if phase == 0:
+                t = k
+                c0, c1 = _span(c_, blocks, t // parts)
+                n0, n1 = _span(n_, parts, t % parts)
+                if do_reduce:
+                    task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
+                              pm[t % parts], pq[t % parts])
+                if parts == 1:
+                    _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0,
+                                c1)
+                    if do_apply:
+                        task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act,
+                                    slope, inplace, stream)
+            elif phase == 1:
+                a, b = _merge_range(k, c_)
+                _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, a, b)
+            elif phase == 3:
+                a, b = _merge_range(k, c_)
+                _backward_pre(mean, invstd, weight, bias, coef, a, b)
+            else:
+                t = units - 1 - k
+                c0, c1 = _span(c_, blocks, t // parts)
+                n0, n1 = _span(n_, parts, t % parts)
+                task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
+                            inplace, stream)
+            _unit_done(ctl, stream)
+            k = _claim(ctl, n)
+
+    return forward_act, backward_act
 
 
-@njit(inline="always")
-def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weight, bias,
-                 sum_dz, sum_dzx, count, do_reduce, do_apply, training, inplace, act, slope,
-                 stream, pm, pq, coef, phase, units, ctl):
-    """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
-
-    Phase 3 (run first, ``MERGE_CHUNK`` channels a unit) writes ``coef`` rows 0-6 from the
-    saved ``mean``, ``invstd`` and the affine parameters; phases 0-2 as the forward's.
-    ``do_reduce``: ``sum_dz`` and
-    ``sum_dzx = sum(dz * xhat)`` (else they are inputs). ``do_apply``: ``dx = w * invstd *
-    (dz - sum_dz / count - xhat * sum_dzx / count)`` (training; ``w * invstd * dz`` in eval)
-    and, with a residual, ``dr = dz``. ``stream``: non-temporal stores for ``dx`` and ``dr``.
-    """
-    n = units
-    k = _claim(ctl, n)
-    while k < n:
-        if phase == 0:
-            t = k
-            c0, c1 = _span(c_, blocks, t // parts)
-            n0, n1 = _span(n_, parts, t % parts)
-            if do_reduce:
-                _task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
-                           pm[t % parts], pq[t % parts])
-            if parts == 1:
-                _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0, c1)
-                if do_apply:
-                    _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
-                                 inplace, stream)
-        elif phase == 1:
-            a, b = _merge_range(k, c_)
-            _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, a, b)
-        elif phase == 3:
-            a, b = _merge_range(k, c_)
-            _backward_pre(mean, invstd, weight, bias, coef, a, b)
-        else:
-            t = units - 1 - k
-            c0, c1 = _span(c_, blocks, t // parts)
-            n0, n1 = _span(n_, parts, t % parts)
-            _task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
-                         stream)
-        _unit_done(ctl, stream)
-        k = _claim(ctl, n)
+# identity, relu and leaky_relu (elu, silu and gelu: numba_smooth_kernels)
+forward_act, backward_act = kernels((0,))

@@ -8,6 +8,9 @@ dtype) and an independent float64 ``torch.nn.functional`` composite with autogra
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -318,3 +321,37 @@ def test_output_mask_and_delegation(be):
                             empty_out_like(xs))
     ref = _ref64(xs, w, b, rm, rv, r, True, "relu", dy)
     assert_close(ys, ref[0], *TOLERANCES[torch.float32], "strided input y")
+
+
+_TWO_MODULES_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from batchnorm.backends import get_backend
+from batchnorm.backends.base import empty_out_like
+be = get_backend("numba")
+be.fuse_all_activations = True
+g = torch.Generator().manual_seed(0)
+x = torch.randn(4, 3, 5, 5, generator=g)
+w, b = torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g)
+z = F.batch_norm(x.double(), None, None, w.double(), b.double(), True, 0.0, 1e-5)
+for act in ("relu", "silu"):
+    y = be.forward_act(x, w, b, None, None, None, True, 0.1, 1e-5, act, 0.1,
+                       empty_out_like(x))[0]
+    err = float((y.double() - getattr(F, act)(z)).abs().max())
+    print(act, err)
+    assert err < 1e-5, (act, err)
+"""
+
+
+@pytest.mark.slow
+def test_both_kernel_modules_compiled_cold_in_one_process(tmp_path):
+    """The piecewise-linear and the transcendental kernels are built by one function and
+    compiled in two child processes; numba names compiled code by qualified name and a
+    per-process counter, so before their functions were named per module, loading both
+    from the cache in one process linked silu's kernel to relu's loops (silu returned relu's
+    output). Cold cache, relu then silu in one process: each output is its own."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("BATCHNORM_NUMBA_CHILD_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", _TWO_MODULES_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

@@ -169,6 +169,53 @@ def _erf32(x):
     return c * p / q
 
 
+@intrinsic
+def _f32_as_i32(typingctx, v):
+    """The int32 whose bits are the float32 ``v``."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@njit(inline="always")
+def _log1p32(y):
+    """log1p(y) in float32 for y in [-1 + 2^-23, inf) (in-place elu recovers z from y <= 0):
+    ``u = 1 + y = m 2^e`` with m in [sqrt(1/2), sqrt(2)), ``log m = 2 atanh((m - 1) / (m +
+    1))`` by its odd series to s^9, then ``log1p(y) = log(u) * y / (u - 1)`` (Goldberg: exact
+    up to the log's error even where 1 + y rounds; y itself where u is 1). NaN at NaN."""
+    u = np.float32(1.0) + y
+    bits = _f32_as_i32(u if u == u else np.float32(1.0))
+    e = ((bits >> np.int32(23)) & np.int32(255)) - np.int32(127)
+    m = _i32_as_f32((bits & np.int32(0x7FFFFF)) | np.int32(127 << 23))
+    big = m > np.float32(1.41421356)
+    m = m * np.float32(0.5) if big else m
+    e = e + np.int32(1) if big else e
+    s = (m - np.float32(1.0)) / (m + np.float32(1.0))
+    s2 = s * s
+    p = np.float32(2.0 / 9.0)
+    p = p * s2 + np.float32(2.0 / 7.0)
+    p = p * s2 + np.float32(2.0 / 5.0)
+    p = p * s2 + np.float32(2.0 / 3.0)
+    p = p * s2 + np.float32(2.0)
+    ef = np.float32(e)
+    lg = (ef * np.float32(0.693359375) + s * p) + ef * np.float32(-2.12194440e-4)
+    d = u - np.float32(1.0)
+    return y if d == np.float32(0.0) else (lg * (y / d) if u == u else u)
+
+
+def _vlog1p(z):
+    """log1p in the compute dtype (see _log1p32)."""
+
+
+@overload(_vlog1p)
+def _vlog1p_impl(z):
+    if z == types.float32:
+        return lambda z: _log1p32(z)
+    return lambda z: np.log1p(z)
+
+
 def _vexp(z):
     """exp in the compute dtype (see _exp32)."""
 
@@ -251,7 +298,7 @@ def _dact_y(y, a, sl):
 def _inv_act(y, a, sl):
     """``z`` with ``act(z) = y`` (elu, clamped as the composite)."""
     if a == 3:
-        return y if y > 0 else np.log1p(max(y, _k(-1.0 + 1e-7, y)))
+        return y if y > 0 else _vlog1p(y if y > _k(-1.0 + 1e-7, y) else _k(-1.0 + 1e-7, y))
     return y
 
 

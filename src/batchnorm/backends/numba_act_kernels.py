@@ -205,48 +205,28 @@ def _log1p32(y):
     return y if d == np.float32(0.0) else (lg * (y / d) if u == u else u)
 
 
-def _vlog1p(z):
-    """log1p in the compute dtype (see _log1p32)."""
+def _by_dtype(f32: Any, other: Any, name: str) -> Any:
+    """A function of one float that numba compiles to ``f32`` for float32 arguments (the
+    vectorizable versions above) and to ``other`` (libm's) for float64."""
+
+    def stub(z):
+        raise NotImplementedError(f"{name} runs in numba-compiled code only")
+
+    stub.__name__ = stub.__qualname__ = name
+
+    @overload(stub)
+    def _impl(z):
+        if z == types.float32:
+            return lambda z: f32(z)
+        return lambda z: other(z)
+
+    return stub
 
 
-@overload(_vlog1p)
-def _vlog1p_impl(z):
-    if z == types.float32:
-        return lambda z: _log1p32(z)
-    return lambda z: np.log1p(z)
-
-
-def _vexp(z):
-    """exp in the compute dtype (see _exp32)."""
-
-
-def _vexpm1(z):
-    """expm1 in the compute dtype."""
-
-
-def _verf(z):
-    """erf in the compute dtype."""
-
-
-@overload(_vexp)
-def _vexp_impl(z):
-    if z == types.float32:
-        return lambda z: _exp32(z)
-    return lambda z: np.exp(z)
-
-
-@overload(_vexpm1)
-def _vexpm1_impl(z):
-    if z == types.float32:
-        return lambda z: _expm1_32(z)
-    return lambda z: np.expm1(z)
-
-
-@overload(_verf)
-def _verf_impl(z):
-    if z == types.float32:
-        return lambda z: _erf32(z)
-    return lambda z: math.erf(z)
+_vexp = _by_dtype(_exp32, np.exp, "_vexp")
+_vexpm1 = _by_dtype(_expm1_32, np.expm1, "_vexpm1")
+_verf = _by_dtype(_erf32, math.erf, "_verf")
+_vlog1p = _by_dtype(_log1p32, np.log1p, "_vlog1p")
 
 
 @njit(fastmath=_ELEM_MATH, forceinline=True)

@@ -355,3 +355,15 @@ def test_both_kernel_modules_compiled_cold_in_one_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", _TWO_MODULES_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=1200, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_in_place_backward_refuses_a_non_invertible_activation(be):
+    """The transcendental kernels have in-place loops for elu only: a direct backend call in
+    in-place mode with silu raises (the public entry points check it first) instead of
+    running normal mode's math on the output."""
+    x = make_input((2, 3, 4, 5), torch.float32, False, seed=20)
+    w, b, _, _ = _params(3)
+    mean, invstd = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="invertible"):
+        be.backward_act(torch.ones_like(x), x, w, b, mean, invstd, None, True, "silu", SLOPE,
+                        True, MASK)

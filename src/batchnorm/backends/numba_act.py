@@ -208,7 +208,13 @@ class NumbaActMixin:
         ``output_mask`` are neither computed nor written. ``dweight``/``dbias`` are in the
         accumulation dtype.
         """
-        if not inplace:
+        if inplace:
+            # the kernels build in-place loops for invertible activations only (the public
+            # entry points check this first; a direct call must not get normal mode's math)
+            from .activations import check_activation
+
+            check_activation(activation, slope, True)
+        else:
             saved = as_kernel_layout(saved)
         if not self._act_fusable(saved, residual, activation) or layout_of(saved) == "other":
             if (not inplace and activation in ("elu", "silu", "gelu") and saved.numel() > 0

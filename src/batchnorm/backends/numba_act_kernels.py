@@ -282,10 +282,10 @@ def _inv_act(y, a, sl):
     return y
 
 
-Flag = tuple[str, tuple, Any]  # (name, values, None or when(earlier flags' values) -> bool)
+_Flag = tuple[str, tuple, Any]  # (name, values, None or when(earlier flags' values) -> bool)
 
 
-def _by_flags(body, params: str, flags: tuple[Flag, ...], fastmath: set[str]):
+def _by_flags(body, params: str, flags: tuple[_Flag, ...], fastmath: set[str]):
     """A compiled ``f(*params, *flag_names)`` that calls the inline ``body(*params,
     *flag_names)`` with each flag's value as a literal constant: one branch-free
     (vectorizable) copy of the loop per combination of the flags' ``values``, chosen once per

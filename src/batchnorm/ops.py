@@ -245,6 +245,20 @@ def _grads_with_graph(
     return out
 
 
+def _double_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor, eps: float,
+    need_dx: bool, need_dw: bool, need_db: bool, training: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A backward with ``create_graph=True``: the gradients of the layer recomputed as
+    differentiable torch ops (:func:`_composite_forward`), themselves differentiable;
+    ``dweight``/``dbias`` in the accumulation dtype. Also what the backends' eager steps
+    call back for it (:meth:`~.backends.base.Backend.eager_train`)."""
+    y = _composite_forward(x, weight, None, None, mean, invstd, training, eps)
+    dx, dw = _grads_with_graph(dy, y, (x, weight), (need_dx, need_dw))
+    db = dy.to(y.dtype).sum(reduce_dims(x)) if need_db else None
+    return dx, dw, db
+
+
 def _grads(
     ctx: Any, dy: Tensor, training: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -255,9 +269,8 @@ def _grads(
         return None, None, None
     if torch.is_grad_enabled() and x.numel() > 0:
         # create_graph=True: differentiate the composite instead (see the module docstring).
-        y = _composite_forward(x, weight, None, None, mean, invstd, training, ctx.eps)
-        dx, dw = _grads_with_graph(dy, y, (x, weight), (mask[0], mask[1]))
-        db = dy.to(y.dtype).sum(reduce_dims(x)) if mask[2] else None
+        dx, dw, db = _double_backward(dy, x, weight, mean, invstd, ctx.eps, *mask,
+                                      training=training)
         return (dx, dw if dw is None else dw.to(ctx.weight_dtype),
                 db if db is None else db.to(ctx.bias_dtype))
     # Under torch.compile/export the custom op keeps the backward opaque; eagerly the
@@ -456,9 +469,14 @@ def batch_norm_train(
         y, _, _, new_mean, new_var = forward_train(*args)
     elif _transformed(x, weight, bias):
         return _composite_train(x, weight, bias, running_mean, running_var, momentum, eps)
-    elif _needs_grad(x, weight, bias):
-        return fast_apply(_EagerTrain, *args)
     else:
+        # a backend's own eager step (the numba backend's in C++), else ours below
+        out = get_backend(backend).eager_train(
+            x, weight, bias, running_mean, running_var, momentum, eps, _double_backward)
+        if out is not None:
+            return out
+        if _needs_grad(x, weight, bias):
+            return fast_apply(_EagerTrain, *args)
         y, _, _, new_mean, new_var = _forward_train_impl(*args)
     _copy_running(running_mean, running_var, new_mean, new_var)
     return y
@@ -481,7 +499,8 @@ def batch_norm_eval(
         return _composite_eval(x, weight, bias, running_mean, running_var, eps)
     if _needs_grad(x, weight, bias):
         return fast_apply(_EagerEval, *args)
-    return _forward_eval_impl(*args)
+    out = get_backend(backend).eager_eval(x, weight, bias, running_mean, running_var, eps)
+    return _forward_eval_impl(*args) if out is None else out
 
 
 # ---- BatchNorm + activation (+ residual) ---------------------------------------------------

@@ -24,7 +24,8 @@ once.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -318,6 +319,38 @@ class Backend:
         dw = sum_dy_xmu * invstd if output_mask[1] else None
         db = sum_dy if output_mask[2] else None
         return dx, dw, db
+
+    # ---- eager steps without the Python op layer (optional) ---------------------------------
+    def eager_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        double_backward: Callable[..., Any],
+    ) -> Tensor | None:
+        """The whole eager training step, autograd included: ``y`` (differentiable w.r.t. x,
+        weight and bias), the running buffers updated in place; or None, and the op layer
+        runs its own path. Called outside tracing and transforms only, with validated
+        arguments. ``double_backward(dy, x, weight, mean, invstd, eps, need_dx, need_dweight,
+        need_dbias) -> (dx, dweight, dbias)`` is the op layer's composite for a backward with
+        ``create_graph=True``."""
+        return None
+
+    def eager_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor | None:
+        """The eval forward when nothing needs a gradient, or None (the op layer's path)."""
+        return None
 
     # ---- BatchNorm + activation (+ residual); fused backends override ------------------------
     def forward_act(

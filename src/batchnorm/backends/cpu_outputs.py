@@ -32,6 +32,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -155,16 +156,25 @@ def limit_bytes() -> int:
     return _POOL.limit if _USE_COUNT is not None else 0
 
 
+def _step_pool() -> Any:
+    """The C++ step's own pool (:mod:`.numba_step`), when that module is loaded."""
+    return sys.modules.get(f"{__package__}.numba_step")
+
+
 def cached_bytes() -> int:
-    """Bytes the pool holds, free and in use."""
-    return _POOL.total
+    """Bytes the pool holds, free and in use (the C++ step's pool included)."""
+    step = _step_pool()
+    return _POOL.total + (0 if step is None else step.pool_bytes())
 
 
 def empty_cache() -> None:
     """Release the pool's free buffers to the allocator (those in use are kept until their
-    tensors die, then forgotten)."""
+    tensors die, then forgotten); the C++ step's pool too."""
     with _POOL.lock:
         _POOL.clear()
+    step = _step_pool()
+    if step is not None:
+        step.empty_pool()
 
 
 def new_storage(nbytes: int, on_new: Callable[[torch.UntypedStorage], None] | None = None

@@ -54,7 +54,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -150,6 +150,15 @@ def _kernels() -> Any:
         k = _MODULES["kernels"] = numba_kernels
         _MODULES["entry"] = numba_entry
     return k
+
+
+def _step_module() -> Any:
+    """:mod:`.numba_step` (the eager steps in C++), imported on first use: it imports this
+    module."""
+    from . import numba_step
+
+    _MODULES["step"] = numba_step
+    return numba_step
 
 
 def _chan(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
@@ -620,6 +629,16 @@ def _launch(plan: _Plan, values: list[Any], keep: Any = ()) -> None:
         _run_phase(call, phase, units, nthreads if parallel else 1)
 
 
+class KernelCall(NamedTuple):
+    """A packed kernel call, not run yet: ``_launch(plan, values, scratch)`` runs it and fills
+    ``outputs`` (the C++ step makes a recipe of it instead: :mod:`.numba_step`)."""
+
+    plan: _Plan
+    values: list[Any]
+    scratch: _Scratch
+    outputs: tuple[Tensor | None, ...]
+
+
 class NumbaBackend(NumbaActMixin, TorchBackend):
     """Fused numba kernels for CPU tensors of float16/bfloat16/float32/float64."""
 
@@ -665,7 +684,22 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         return x.numel() >= (_AUTO_MIN_NUMEL_CL if cl else _AUTO_MIN_NUMEL_CF)
 
     # ---- the two kernels behind everything ------------------------------------------------
-    def _forward(
+    def _forward(self, x: Tensor, **options: Any) -> tuple[Tensor | None, Tensor, Tensor | None,
+                                                           Tensor | None, Tensor | None,
+                                                           Tensor | None]:
+        """One forward kernel call (options as :meth:`_forward_call`, which documents them).
+        Statistics are computed when ``mean`` is None, else ``mean`` with ``invstd`` (or
+        ``var`` and ``eps``) normalize.
+
+        Returns ``(y or None, mean, m2, invstd, new_running_mean, new_running_var)`` (the
+        running pair in the accumulation dtype, None when not tracked; ``invstd`` None when
+        ``var`` was given; ``m2`` only without ``apply``, else None).
+        """
+        call = self._forward_call(x, **options)
+        _launch(call.plan, call.values, call.scratch)
+        return call.outputs  # type: ignore[return-value]
+
+    def _forward_call(
         self,
         x: Tensor,
         *,
@@ -678,15 +712,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         momentum: float = 0.0,
         eps: float = 0.0,
         apply: bool = True,
-    ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor | None, Tensor | None,
-               Tensor | None]:
-        """One forward kernel call. Statistics are computed when ``mean`` is None, else
-        ``mean`` with ``invstd`` (or ``var`` and ``eps``) normalize.
-
-        Returns ``(y or None, mean, m2, invstd, new_running_mean, new_running_var)`` (the
-        running pair in the accumulation dtype, None when not tracked; ``invstd`` None when
-        ``var`` was given; ``m2`` only without ``apply``, else None).
-        """
+    ) -> KernelCall:
+        """:meth:`_forward`'s kernel call, packed but not run (its outputs allocated, not
+        written): ``outputs`` is what :meth:`_forward` returns. ``running``: the running
+        buffers to update (their new values are outputs); ``apply``: write y (else ``m2``
+        is an output)."""
         x = as_kernel_layout(x)
         do_stats = mean is None
         plan = _plan("numba_kernels.forward", x, do_stats, apply)
@@ -706,15 +736,27 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         tmp = _Scratch(parts, c, 4, acc)
         # M2 is an output of the stats primitive only; otherwise scratch
         m2 = None if apply else torch.empty(c, dtype=acc)
-        _launch(plan, [
+        values = [
             x, y, *view.dims, view.blocks, parts, mean, tmp.rows(3, 0) if m2 is None else m2,
             invstd, _chan(var, acc), _chan(weight, acc), _chan(bias, acc), rm, rv, new_rm,
             new_rv, eps, momentum, do_stats, apply, _streamed(y, reduced=do_stats),
             *tmp.partials(), tmp.rows(0, 3),
-        ], tmp)
-        return y, mean, m2, invstd, new_rm, new_rv
+        ]
+        return KernelCall(plan, values, tmp, (y, mean, m2, invstd, new_rm, new_rv))
 
-    def _backward(
+    def _backward(self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor,
+                  weight: Tensor | None, **options: Any
+                  ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
+        """One backward kernel call (options as :meth:`_backward_call`): the sums are
+        computed when ``sums`` is None.
+
+        Returns ``(dx or None, sum_dy, sum_dy_xmu, dweight or None)``.
+        """
+        call = self._backward_call(dy, x, mean, invstd, weight, **options)
+        _launch(call.plan, call.values, call.scratch)
+        return call.outputs  # type: ignore[return-value]
+
+    def _backward_call(
         self,
         dy: Tensor,
         x: Tensor,
@@ -727,11 +769,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         training: bool = True,
         apply: bool = True,
         dweight: bool = False,
-    ) -> tuple[Tensor | None, Tensor, Tensor, Tensor | None]:
-        """One backward kernel call: the sums are computed when ``sums`` is None.
-
-        Returns ``(dx or None, sum_dy, sum_dy_xmu, dweight or None)``.
-        """
+    ) -> KernelCall:
+        """:meth:`_backward`'s kernel call, packed but not run. ``sums``: given
+        ``(sum_dy, sum_dy_xmu)`` (else reduced here); ``count``: values per channel behind
+        them (0: this input's); ``training``: dx through the batch statistics; ``apply``:
+        write dx; ``dweight``: compute it."""
         x = as_kernel_layout(x)
         if dy.stride() != x.stride():
             dy = empty_out_like(x).copy_(dy)
@@ -747,13 +789,42 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         dw = torch.empty(c, dtype=acc) if dweight else None
         parts = view.parts
         tmp = _Scratch(parts, c, 4, acc)
-        _launch(plan, [
+        values = [
             dy, x, dx, *view.dims, view.blocks, parts, _chan(mean, acc), _chan(invstd, acc),
             _chan(weight, acc), sum_dy, sum_dy_xmu, dw, float(count or x.numel() // c),
             do_reduce, apply, training, _streamed(dx, view), *tmp.partials(), tmp.rows(0, 4),
-        ], tmp)
+        ]
         assert sum_dy is not None and sum_dy_xmu is not None
-        return dx, sum_dy, sum_dy_xmu, dw
+        return KernelCall(plan, values, tmp, (dx, sum_dy, sum_dy_xmu, dw))
+
+    # ---- the eager steps in C++ (numba_step) ----------------------------------------------
+    def eager_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        double_backward: Callable[..., Any],
+    ) -> Tensor | None:
+        step = _MODULES.get("step") or _step_module()
+        if step.double_backward is not double_backward:
+            step.set_double_backward(double_backward)
+        return step.train_step(x, weight, bias, running_mean, running_var, momentum, eps)
+
+    def eager_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: float,
+    ) -> Tensor | None:
+        step = _MODULES.get("step") or _step_module()
+        return step.eval_step(x, weight, bias, running_mean, running_var, eps)
 
     # ---- primitives -----------------------------------------------------------------------
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,428 @@
+// The eager training and eval steps of the "numba" backend, without Python on the way.
+//
+// A training step through the Python layers costs 0.15-0.35 ms of interpreter time on top
+// of the kernels (more when another layer has evicted the interpreter's code and data from
+// the caches), which on small layers is more than ATen's whole step. Here the same compiled
+// numba entries run from C++, and the backward is a C++ autograd node that autograd's engine
+// calls directly. See numba_step.py for how a recipe is made and when this path is taken.
+//
+// A recipe is one packed kernel call with its tensors' addresses left open: the int64 buffer
+// that numba_entry.PackedCall would hold (counters, phase, checksum, arguments), a list of
+// (slot, source, offset) patches that put a call's tensor addresses in, and the phases to
+// run. Everything else in it (shape, task split, flags, floats) depends only on what the
+// recipe's key holds, so a call copies the template, patches it and runs the phases, each
+// a GOMP_parallel region of torch's own OpenMP runtime, as the Python path does.
+
+#include <torch/extension.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <sys/mman.h>
+
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace py = pybind11;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+typedef void (*entry_fn)(int64_t*);
+typedef void (*gomp_fn)(void (*)(void*), void*, unsigned, unsigned);
+
+// numba_entry's buffer layout (checked against the Python constants at load: set_layout).
+int64_t g_ctl_next = 0, g_ctl_done = 8, g_phase = 16, g_units = 17;
+constexpr int64_t kMaxThreads = 64;
+std::atomic<gomp_fn> g_gomp{nullptr};
+
+// Sources a patch can take an address from. Forward: x, y, mean, invstd, weight, bias,
+// running mean and var, their new values, var (eval), scratch. Backward: dy, x, dx, mean,
+// invstd, weight, sum_dy, sum_dy_xmu, dweight, (unused), (unused), scratch.
+constexpr int kSources = 12;
+constexpr int kScratch = 11;
+
+struct Recipe {
+  entry_fn entry = nullptr;
+  std::vector<int64_t> templ;
+  std::vector<std::array<int64_t, 3>> patches;  // slot, source, offset
+  std::vector<std::array<int64_t, 3>> phases;   // phase, units, parallel
+  int64_t scratch_bytes = 0;
+  bool small = false;
+  // what the recipe was made for, checked on every call
+  std::vector<int64_t> sizes, strides, out_strides;
+  at::ScalarType dtype = at::kFloat;
+  int64_t backward = -1;  // first of the 4 backward recipes (dx?, dweight?), or -1
+};
+
+constexpr int64_t kMaxRecipes = 32768;  // 4096 training keys of 5 recipes, and eval's
+std::array<std::atomic<Recipe*>, kMaxRecipes> g_recipes{};
+std::atomic<int64_t> g_count{0};
+std::mutex g_add;
+
+const Recipe& recipe(int64_t id) {
+  TORCH_CHECK(id >= 0 && id < g_count.load(), "batchnorm numba step: unknown recipe ", id);
+  return *g_recipes[id].load(std::memory_order_acquire);
+}
+
+// ---- recycled outputs ---------------------------------------------------------------------
+// As cpu_outputs.py does for the Python path: outputs of 1 MiB and more come from storages
+// that nothing references any more (use count 1: only the pool), so their pages are not
+// faulted in afresh on every call.
+
+constexpr int64_t kPoolMin = 1 << 20;
+constexpr int64_t kHugeMin = 1 << 23;
+constexpr int64_t kHuge = 1 << 21;
+
+struct PoolEntry {
+  c10::Storage storage;
+  int64_t tick;
+  const void* data;
+};
+
+struct Pool {
+  std::mutex m;
+  std::unordered_map<int64_t, std::vector<PoolEntry>> by_size;
+  int64_t total = 0, tick = 0, limit = 0;
+  bool huge = true;
+
+  static bool free(const PoolEntry& e) { return e.storage.use_count() == 1; }
+
+  c10::Storage take(int64_t nbytes) {
+    auto it = by_size.find(nbytes);
+    if (it == by_size.end()) return c10::Storage();
+    auto& entries = it->second;
+    for (int64_t i = (int64_t)entries.size() - 1; i >= 0; --i) {
+      if (!free(entries[i])) continue;
+      PoolEntry e = std::move(entries[i]);
+      entries.erase(entries.begin() + i);
+      if ((int64_t)e.storage.nbytes() != nbytes || e.storage.data() != e.data) {
+        total -= nbytes;  // resized, or moved to shared memory: not ours any more
+        continue;
+      }
+      e.tick = ++tick;
+      entries.push_back(e);
+      return e.storage;
+    }
+    return c10::Storage();
+  }
+
+  bool make_room(int64_t nbytes) {
+    if (total + nbytes <= limit) return true;
+    std::vector<std::tuple<int64_t, int64_t, const void*>> free_ones;  // tick, size, data
+    int64_t free_bytes = 0;
+    for (auto& kv : by_size)
+      for (auto& e : kv.second)
+        if (free(e)) {
+          free_ones.emplace_back(e.tick, kv.first, e.data);
+          free_bytes += kv.first;
+        }
+    if (total - free_bytes + nbytes > limit) return false;
+    std::sort(free_ones.begin(), free_ones.end());
+    for (auto& f : free_ones) {
+      if (total + nbytes <= limit) break;
+      auto& entries = by_size[std::get<1>(f)];
+      for (size_t i = 0; i < entries.size(); ++i)
+        if (entries[i].data == std::get<2>(f)) {
+          entries.erase(entries.begin() + i);
+          total -= std::get<1>(f);
+          break;
+        }
+    }
+    return true;
+  }
+
+  void clear() {
+    for (auto it = by_size.begin(); it != by_size.end();) {
+      auto& entries = it->second;
+      int64_t before = (int64_t)entries.size();
+      entries.erase(std::remove_if(entries.begin(), entries.end(), free), entries.end());
+      total -= it->first * (before - (int64_t)entries.size());
+      it = entries.empty() ? by_size.erase(it) : std::next(it);
+    }
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: storages may outlive static teardown
+  return *p;
+}
+
+c10::Storage new_storage(int64_t nbytes) {
+  Pool& p = pool();
+  bool pooled = nbytes >= kPoolMin && p.limit > 0;
+  if (pooled) {
+    std::lock_guard<std::mutex> lock(p.m);
+    c10::Storage st = p.take(nbytes);
+    if (st) return st;
+  }
+  c10::Storage st(c10::Storage::use_byte_size_t(), nbytes, c10::GetCPUAllocator(),
+                  /*resizable=*/false);
+  if (p.huge && nbytes >= kHugeMin) {
+    // advice only (transparent huge pages in madvise mode); see numba_backend._advise_huge
+    auto start = (reinterpret_cast<uintptr_t>(st.mutable_data()) + kHuge - 1) & ~(kHuge - 1);
+    auto end = (reinterpret_cast<uintptr_t>(st.mutable_data()) + nbytes) & ~(kHuge - 1);
+    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+  }
+  if (pooled) {
+    std::lock_guard<std::mutex> lock(p.m);
+    if (p.make_room(nbytes)) {
+      p.by_size[nbytes].push_back(PoolEntry{st, ++p.tick, st.data()});
+      p.total += nbytes;
+    }
+  }
+  return st;
+}
+
+Tensor new_output(const Recipe& r, const Tensor& like) {
+  int64_t nbytes = like.numel() * (int64_t)like.element_size();
+  auto opts = like.options().memory_format(c10::nullopt);
+  if (nbytes < kPoolMin || pool().limit <= 0)
+    return at::empty_strided(r.sizes, r.out_strides, opts);
+  return at::empty({0}, opts).set_(new_storage(nbytes), 0, r.sizes, r.out_strides);
+}
+
+// ---- running a recipe ---------------------------------------------------------------------
+
+int64_t address(const Tensor& t) { return t.defined() ? (int64_t)t.data_ptr() : 0; }
+
+void run(const Recipe& r, const std::array<int64_t, kSources>& sources) {
+  // the counters get cache lines of their own (numba_entry: ARGS starts on a fresh line)
+  alignas(64) int64_t local[128];
+  std::vector<int64_t> heap;
+  int64_t* buf = local;
+  if (r.templ.size() > 128) {
+    heap.resize(r.templ.size() + 8);
+    buf = heap.data();
+  }
+  std::memcpy(buf, r.templ.data(), r.templ.size() * sizeof(int64_t));
+  for (const auto& p : r.patches) buf[p[0]] = sources[p[1]] + p[2];
+  int64_t nthreads = r.small ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  gomp_fn gomp = g_gomp.load(std::memory_order_relaxed);
+  for (const auto& ph : r.phases) {
+    buf[g_ctl_next] = 0;
+    buf[g_ctl_done] = 0;
+    buf[g_phase] = ph[0];
+    buf[g_units] = ph[1];
+    int64_t p = std::min(std::min(ph[2] ? nthreads : int64_t(1), ph[1]), kMaxThreads);
+    if (p <= 1 || gomp == nullptr)
+      r.entry(buf);
+    else
+      gomp(reinterpret_cast<void (*)(void*)>(r.entry), buf, (unsigned)p, 0);
+    TORCH_CHECK(buf[g_ctl_done] == ph[1], "numba kernel (C++ step): ", buf[g_ctl_done], " of ",
+                ph[1], " units of phase ", ph[0], " completed (see the error printed above)");
+  }
+}
+
+// A per-channel argument the kernels read in place: absent, or a contiguous CPU tensor of the
+// accumulation dtype. Anything else leaves the call to the Python path (which converts).
+bool channel_ok(const Tensor& t, bool expected, at::ScalarType acc) {
+  if (!t.defined()) return !expected;
+  return expected && t.device().is_cpu() && t.scalar_type() == acc && t.is_contiguous();
+}
+
+bool matches(const Recipe& r, const Tensor& x) {
+  return x.device().is_cpu() && x.scalar_type() == r.dtype && x.sizes() == r.sizes &&
+         x.strides() == r.strides;
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+py::object* g_double_backward = nullptr;  // a Python callable, never freed (see set_...)
+
+struct Train : public torch::autograd::Function<Train> {
+  // (optional tensors as std::optional: autograd takes no undefined tensor as an input)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias,
+                        const c10::optional<Tensor>& running_mean,
+                        const c10::optional<Tensor>& running_var, int64_t id, double eps) {
+    const Recipe& r = recipe(id);
+    Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+    int64_t c = x.size(1);
+    auto opts = x.options().dtype(acc_of(x.scalar_type()));
+    Tensor y = new_output(r, x);
+    Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
+    Tensor new_rm, new_rv;
+    if (rm.defined()) {
+      new_rm = at::empty({c}, opts);
+      new_rv = at::empty({c}, opts);
+    }
+    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+    run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
+            address(rm), address(rv), address(new_rm), address(new_rv), 0, address(scratch)});
+    if (rm.defined()) {  // only after every phase completed: a failed call changes nothing
+      rm.copy_(new_rm);
+      rv.copy_(new_rv);
+    }
+    ctx->save_for_backward({x, w, mean, invstd});
+    ctx->saved_data["recipe"] = id;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_weight"] = w.defined();
+    ctx->saved_data["has_bias"] = b.defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    Tensor x = saved[0], w = saved[1], mean = saved[2], invstd = saved[3];
+    // needs_input_grad counts the inputs that were given (absent optional ones have no edge)
+    bool has_w = ctx->saved_data["has_weight"].toBool(), has_b = ctx->saved_data["has_bias"].toBool();
+    bool ndx = ctx->needs_input_grad(0), ndw = has_w && ctx->needs_input_grad(1),
+         ndb = has_b && ctx->needs_input_grad(has_w ? 2 : 1);
+    variable_list out(7);
+    if (!(ndx || ndw || ndb)) return out;
+    Tensor dy = grads[0];
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: differentiate the composite (ops._double_backward), as the
+      // Python path does, so that second derivatives are exact
+      TORCH_CHECK(g_double_backward != nullptr, "batchnorm numba step: no double backward");
+      py::gil_scoped_acquire gil;
+      py::tuple got = (*g_double_backward)(dy, x, w, mean, invstd, ctx->saved_data["eps"].toDouble(),
+                                           ndx, ndw, ndb);
+      for (int i = 0; i < 3; ++i)
+        if (!got[i].is_none()) out[i] = got[i].cast<Tensor>();
+      return out;
+    }
+    const Recipe& fwd = recipe(ctx->saved_data["recipe"].toInt());
+    const Recipe& r = recipe(fwd.backward + (ndx ? 2 : 0) + (ndw ? 1 : 0));
+    if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type())
+      dy = at::empty_strided(r.sizes, r.out_strides, x.options()).copy_(dy);
+    int64_t c = x.size(1);
+    auto opts = mean.options();
+    Tensor dx = ndx ? new_output(r, x) : Tensor();
+    Tensor sum_dy = at::empty({c}, opts), sum_dy_xmu = at::empty({c}, opts);
+    Tensor dw = ndw ? at::empty({c}, opts) : Tensor();
+    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+    run(r, {address(dy), address(x), address(dx), address(mean), address(invstd), address(w),
+            address(sum_dy), address(sum_dy_xmu), address(dw), 0, 0, address(scratch)});
+    out[0] = dx;
+    out[1] = dw;
+    if (ndb) out[2] = sum_dy;
+    return out;
+  }
+};
+
+}  // namespace
+
+// ---- Python bindings ----------------------------------------------------------------------
+
+int64_t add_recipe(int64_t entry, std::vector<int64_t> templ, std::vector<int64_t> patches,
+                   std::vector<int64_t> phases, int64_t scratch_bytes, bool small,
+                   std::vector<int64_t> sizes, std::vector<int64_t> strides,
+                   std::vector<int64_t> out_strides, const std::string& dtype, int64_t backward) {
+  TORCH_CHECK(patches.size() % 3 == 0 && phases.size() % 3 == 0, "bad recipe");
+  auto r = std::make_unique<Recipe>();
+  r->entry = reinterpret_cast<entry_fn>(entry);
+  r->templ = std::move(templ);
+  for (size_t i = 0; i < patches.size(); i += 3) {
+    TORCH_CHECK(patches[i] >= 0 && patches[i] < (int64_t)r->templ.size() &&
+                    patches[i + 1] >= 0 && patches[i + 1] < kSources,
+                "bad recipe patch");
+    r->patches.push_back({patches[i], patches[i + 1], patches[i + 2]});
+  }
+  for (size_t i = 0; i < phases.size(); i += 3)
+    r->phases.push_back({phases[i], phases[i + 1], phases[i + 2]});
+  r->scratch_bytes = std::max<int64_t>(scratch_bytes, 1);
+  r->small = small;
+  r->sizes = std::move(sizes);
+  r->strides = std::move(strides);
+  r->out_strides = std::move(out_strides);
+  if (dtype == "float32") r->dtype = at::kFloat;
+  else if (dtype == "float64") r->dtype = at::kDouble;
+  else if (dtype == "float16") r->dtype = at::kHalf;
+  else if (dtype == "bfloat16") r->dtype = at::kBFloat16;
+  else TORCH_CHECK(false, "batchnorm numba step: no recipe for dtype ", dtype);
+  r->backward = backward;
+  std::lock_guard<std::mutex> lock(g_add);
+  int64_t id = g_count.load();
+  if (id >= kMaxRecipes) return -1;  // full: the caller keeps the Python path
+  g_recipes[id].store(r.release(), std::memory_order_release);
+  g_count.store(id + 1);
+  return id;
+}
+
+void set_layout(int64_t ctl_next, int64_t ctl_done, int64_t phase, int64_t units) {
+  g_ctl_next = ctl_next;
+  g_ctl_done = ctl_done;
+  g_phase = phase;
+  g_units = units;
+}
+
+void set_gomp(int64_t address) { g_gomp.store(reinterpret_cast<gomp_fn>(address)); }
+
+void set_double_backward(py::object fn) {
+  if (g_double_backward == nullptr) g_double_backward = new py::object();
+  *g_double_backward = std::move(fn);
+}
+
+void set_pool(int64_t limit, bool huge) {
+  std::lock_guard<std::mutex> lock(pool().m);
+  pool().limit = limit;
+  pool().huge = huge;
+}
+
+int64_t pool_bytes() {
+  std::lock_guard<std::mutex> lock(pool().m);
+  return pool().total;
+}
+
+void empty_pool() {
+  std::lock_guard<std::mutex> lock(pool().m);
+  pool().clear();
+}
+
+// The training step: y, with the running buffers updated in place; None (an undefined
+// tensor) when the arguments are not what recipe ``id`` was made for.
+Tensor train(const Tensor& x, const c10::optional<Tensor>& weight,
+             const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
+             const c10::optional<Tensor>& running_var, int64_t id, double eps, bool has_weight,
+             bool has_bias, bool running) {
+  const Recipe& r = recipe(id);
+  Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+  auto acc = acc_of(r.dtype);
+  if (!matches(r, x) || !channel_ok(w, has_weight, acc) || !channel_ok(b, has_bias, acc) ||
+      !channel_ok(rm, running, acc) || !channel_ok(rv, running, acc))
+    return Tensor();
+  py::gil_scoped_release nogil;
+  return Train::apply(x, weight, bias, running_mean, running_var, id, eps);
+}
+
+// The eval forward (no autograd: the caller takes it only when nothing needs a gradient).
+Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
+            const c10::optional<Tensor>& bias, const Tensor& running_mean,
+            const Tensor& running_var, int64_t id, bool has_weight, bool has_bias) {
+  const Recipe& r = recipe(id);
+  Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  auto acc = acc_of(r.dtype);
+  if (!matches(r, x) || !channel_ok(w, has_weight, acc) || !channel_ok(b, has_bias, acc) ||
+      !channel_ok(running_mean, true, acc) || !channel_ok(running_var, true, acc))
+    return Tensor();
+  py::gil_scoped_release nogil;
+  Tensor y = new_output(r, x);
+  Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+  run(r, {address(x), address(y), address(running_mean), 0, address(w), address(b), 0, 0, 0, 0,
+          address(running_var), address(scratch)});
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_recipe", &add_recipe);
+  m.def("set_layout", &set_layout);
+  m.def("set_gomp", &set_gomp);
+  m.def("set_double_backward", &set_double_backward);
+  m.def("set_pool", &set_pool);
+  m.def("pool_bytes", &pool_bytes);
+  m.def("empty_pool", &empty_pool);
+  m.def("train", &train);
+  m.def("eval", &eval);
+}

@@ -1,0 +1,312 @@
+"""The numba backend's eager training and eval steps in C++ (``numba_step.cpp``).
+
+Why: the kernels of a small layer take less time than the Python around them. A
+``(32, 512, 7, 7)`` channels-last training step (forward and backward) measured 0.83 ms
+through the Python layers, 0.56 ms with this path and 0.64 ms in ATen, with another layer's
+pass over memory between steps (which evicts the interpreter's code and data too; see
+benchmarks/RESULTS.md). Here one C++ call runs the forward, with the running buffers
+updated, and returns ``y`` from a C++ autograd function whose backward autograd's engine
+calls without entering Python.
+
+How: the first call for a key (shape, strides, dtype, which of weight/bias/running buffers
+are given, momentum, eps) packs the numba backend's kernel calls as it always does
+(:meth:`.NumbaBackend._forward_call`, ``_backward_call``) without running them, and hands
+them to C++ as *recipes*: the packed buffer with the tensor addresses left open. Every call
+then copies a recipe, fills in its tensors' addresses and runs its phases in torch's OpenMP
+threads, exactly as :func:`.numba_backend._launch` would: same kernels, same task split,
+the same bits. Outputs of 1 MiB and more are recycled as in :mod:`.cpu_outputs` (a pool of
+the C++ side's own, under the same limit; :func:`.cpu_outputs.empty_cache` empties both).
+
+The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++
+compiler and ninja; about 20 s, once, cached in torch's extensions directory,
+``$TORCH_EXTENSIONS_DIR``). Where that fails, or with ``BATCHNORM_NUMBA_CPP=0``, or without
+torch's OpenMP runtime (the pool threads stay Python's), the Python path runs instead, with
+a warning when the build failed. A call whose arguments the C++ side does not take as they
+are (a weight of another dtype, a strided running buffer) also takes the Python path.
+
+Double backward (``create_graph=True``) calls back into Python for the composite
+(:func:`set_double_backward`), as the Python path does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import cpu_outputs
+from . import numba_backend as nb
+from .base import acc_dtype, layout_of, out_strides
+
+__all__ = ["available", "eval_step", "set_double_backward", "train_step"]
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_step.cpp")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
+                torch.float16: "float16", torch.bfloat16: "bfloat16"}
+# Source indices of the C++ side (numba_step.cpp, run()).
+_FWD_SOURCES = ("x", "y", "mean", "invstd", "weight", "bias", "running_mean", "running_var",
+                "new_mean", "new_var", "var")
+_BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "dweight")
+_SCRATCH = 11
+_MAX_KEYS = 4096
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ext": the loaded module, or None once it failed / is off
+double_backward: Callable[..., Any] | None = None  # see set_double_backward
+_train_recipes: dict[tuple, int | None] = {}  # key -> forward recipe id, None: Python path
+_eval_recipes: dict[tuple, int | None] = {}
+
+
+def _enabled() -> bool:
+    return os.environ.get("BATCHNORM_NUMBA_CPP", "1").strip() != "0"
+
+
+def _build() -> Any:
+    """Compile (or load the cached build of) the extension and set it up; None on failure."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        _find_ninja()
+        ext = load(name=_extension_name(), sources=[_SOURCE], extra_cflags=["-O2"],
+                   verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a read-only extensions directory, ...
+        warnings.warn(f"batchnorm: building the numba backend's C++ step failed ({exc}); "
+                      "the Python path runs instead (BATCHNORM_NUMBA_CPP=0 skips the build)",
+                      RuntimeWarning, stacklevel=5)
+        return None
+    k = nb._kernels()
+    entry = nb._MODULES["entry"]
+    ext.set_layout(k.CTL_NEXT, k.CTL_DONE, entry.PHASE, entry.UNITS)
+    ext.set_pool(cpu_outputs.limit_bytes(), nb._MADVISE is not None)
+    omp = nb._openmp()
+    ext.set_gomp(0 if omp is None else ctypes.cast(omp, ctypes.c_void_p).value)
+    if double_backward is not None:
+        ext.set_double_backward(double_backward)
+    return ext
+
+
+def _extension_name() -> str:
+    """The build's name, one per torch and Python version: torch rebuilds an extension when
+    its sources change, not when torch does, and a build against another torch's headers
+    would not load (or worse)."""
+    tag = hashlib.sha256(f"{torch.__version__}|{sys.version}".encode()).hexdigest()[:12]
+    return f"batchnorm_numba_step_{tag}"
+
+
+def _find_ninja() -> None:
+    """torch's builder runs ``ninja`` from PATH: where it is not there, the one the ``ninja``
+    package installed (a dependency of the ``numba`` extra) is put on PATH."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # type: ignore[import-not-found]
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, os.environ.get("PATH", "")))
+
+
+def _ext() -> Any:
+    """The extension, built or loaded on first use; None where this path is off."""
+    if "ext" in _state:
+        return _state["ext"]
+    with _lock:
+        if "ext" not in _state:
+            _state["ext"] = _build() if _enabled() else None
+    return _state["ext"]
+
+
+def _after_fork() -> None:
+    # torch's OpenMP threads do not survive a fork (numba_backend drops them in the child)
+    ext = _state.get("ext")
+    if ext is not None:
+        ext.set_gomp(0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def available() -> bool:
+    """Whether the C++ step is on and built (builds it on first call): it needs torch's
+    OpenMP runtime, whose threads run its phases."""
+    return _enabled() and nb._openmp() is not None and _ext() is not None
+
+
+def set_double_backward(fn: Callable[..., Any]) -> None:
+    """The Python function a ``create_graph=True`` backward calls:
+    ``fn(dy, x, weight, mean, invstd, eps, need_dx, need_dweight, need_dbias) -> (dx, dweight,
+    dbias)`` (None where not asked for). Set by the op layer, which owns the composite."""
+    global double_backward
+    double_backward = fn
+    ext = _state.get("ext")
+    if ext is not None:
+        ext.set_double_backward(fn)
+
+
+def empty_pool() -> None:
+    """Release the C++ side's free recycled outputs (when it is loaded)."""
+    ext = _state.get("ext")
+    if ext is not None:
+        ext.empty_pool()
+
+
+def pool_bytes() -> int:
+    """Bytes the C++ side's output pool holds (0 when it is not loaded)."""
+    ext = _state.get("ext")
+    return 0 if ext is None else int(ext.pool_bytes())
+
+
+# ---- recipes ------------------------------------------------------------------------------
+
+
+def _recipe(ext: Any, call: nb.KernelCall, sources: dict[str, Tensor | None], like: Tensor,
+            backward: int = -1) -> int | None:
+    """Register ``call`` (packed, not run) as a recipe: its tensors found by identity among
+    ``sources`` (named as ``_FWD_SOURCES`` or ``_BWD_SOURCES``, in that order), its scratch
+    pieces as offsets into the scratch allocation. None when a tensor is not one of the
+    sources (a converted copy: such calls keep the Python path) or the C++ side is full."""
+    entry, scratch = call.plan.entry, call.scratch
+    base = scratch.tensor.data_ptr()
+    end = base + scratch.tensor.numel()
+    index = {id(t): i for i, t in enumerate(sources.values()) if t is not None}
+    templ = [0] * nb._MODULES["entry"].ARGS + entry.pack(call.values)
+    templ[nb._MODULES["entry"].CHECK] = entry.check
+    patches: list[int] = []
+    slot = nb._MODULES["entry"].ARGS
+    for (kind, rank, _), v in zip(entry.spec, call.values):
+        if kind == 0 and v is not None:  # an array
+            if type(v) is tuple:
+                if not base <= v[0] <= end:
+                    return None
+                patches += [slot, _SCRATCH, v[0] - base]
+            elif id(v) in index:
+                patches += [slot, index[id(v)], 0]
+            else:
+                return None
+        slot += 1 + rank
+    phases = [v for phase in call.plan.phases for v in (phase[0], phase[1], int(phase[2]))]
+    rid = ext.add_recipe(entry.address, templ, patches, phases, scratch.tensor.numel(),
+                         call.plan.small, list(like.shape), list(like.stride()),
+                         out_strides(like), _DTYPE_NAMES[like.dtype], backward)
+    return None if rid < 0 else rid
+
+
+def _train_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                  eps: float) -> int | None:
+    be = nb.NumbaBackend()
+    x, weight, bias = x.detach(), _detached(weight), _detached(bias)
+    running = None if running_mean is None else (running_mean, running_var)
+    fwd = be._forward_call(x, weight=weight, bias=bias, running=running,  # type: ignore[arg-type]
+                           momentum=momentum, eps=eps)
+    y, mean, _, invstd, new_mean, new_var = fwd.outputs
+    assert mean is not None and invstd is not None
+    dy = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+    first = None
+    for need_dx in (False, True):
+        for need_dw in (False, True):
+            bwd = be._backward_call(dy, x, mean, invstd, weight, apply=need_dx, dweight=need_dw)
+            dx, sum_dy, sum_dy_xmu, dw = bwd.outputs
+            rid = _recipe(ext, bwd, dict(zip(_BWD_SOURCES, (
+                dy, x, dx, mean, invstd, weight, sum_dy, sum_dy_xmu, dw))), x)
+            if rid is None or (first is not None and rid != first + 2 * need_dx + need_dw):
+                return None
+            first = rid if first is None else first
+    return _recipe(ext, fwd, dict(zip(_FWD_SOURCES, (
+        x, y, mean, invstd, weight, bias, running_mean, running_var, new_mean, new_var, None))),
+        x, first)
+
+
+def _eval_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 running_mean: Tensor, running_var: Tensor, eps: float) -> int | None:
+    be = nb.NumbaBackend()
+    call = be._forward_call(x, mean=running_mean, var=running_var, weight=weight, bias=bias,
+                            eps=eps)
+    y = call.outputs[0]
+    return _recipe(ext, call, dict(zip(_FWD_SOURCES, (
+        x, y, running_mean, None, weight, bias, None, None, None, None, running_var))), x)
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _eligible(x: Tensor, *channel: Tensor | None) -> bool:
+    """What the C++ step takes: a non-empty input in a kernel layout (no copy), per-channel
+    tensors contiguous in the accumulation dtype (the kernels read them in place)."""
+    if x.numel() == 0 or x.dtype not in _DTYPE_NAMES or layout_of(x) == "other":
+        return False
+    acc = acc_dtype(x)
+    return all(t is None or (t.dtype == acc and t.is_contiguous() and t.device == x.device)
+               for t in channel)
+
+
+def _lookup(table: dict[tuple, int | None], key: tuple, make: Callable[[], int | None]
+            ) -> int | None:
+    rid = table.get(key, -1)
+    if rid == -1:
+        with _lock:
+            rid = table.get(key, -1)
+            if rid == -1:
+                rid = make() if len(table) < _MAX_KEYS else None
+                table[key] = rid
+    return rid
+
+
+def train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+               eps: float) -> Tensor | None:
+    """The eager training step in C++: ``y`` (differentiable through a C++ autograd node),
+    the running buffers updated in place; None where the C++ step does not take this call
+    (the caller then runs the Python path). Arguments are validated by the caller."""
+    ext = _state.get("ext", _state)
+    if ext is _state:
+        ext = _ext()
+    if ext is None or nb._OPENMP is None:
+        return None
+    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
+           momentum, eps)
+    rid = _train_recipes.get(key, -1)
+    if rid == -1:
+        if nb._openmp() is None:
+            return None
+        rid = _lookup(_train_recipes, key, lambda: _train_recipe(
+            ext, x, weight, bias, running_mean, running_var, momentum, eps)
+            if _eligible(x, weight, bias, running_mean, running_var) else None)
+    if rid is None:
+        return None
+    # None when these arguments are not what the recipe was made for (a dtype, a layout)
+    return ext.train(x, weight, bias, running_mean, running_var, rid, eps,
+                     weight is not None, bias is not None, running_mean is not None)
+
+
+def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor,
+              running_var: Tensor, eps: float) -> Tensor | None:
+    """The eval forward in C++ (no autograd: for calls where nothing needs a gradient);
+    None where the C++ step does not take this call."""
+    ext = _state.get("ext", _state)
+    if ext is _state:
+        ext = _ext()
+    if ext is None or nb._OPENMP is None:
+        return None
+    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, eps)
+    rid = _eval_recipes.get(key, -1)
+    if rid == -1:
+        if nb._openmp() is None:
+            return None
+        rid = _lookup(_eval_recipes, key, lambda: _eval_recipe(
+            ext, x, weight, bias, running_mean, running_var, eps)
+            if _eligible(x, weight, bias, running_mean, running_var) else None)
+    if rid is None:
+        return None
+    return ext.eval(x, weight, bias, running_mean, running_var, rid, weight is not None,
+                    bias is not None)

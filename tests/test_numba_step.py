@@ -17,7 +17,7 @@ pytest.importorskip("numba", reason="the numba backend needs numba (pip install 
 
 import batchnorm
 from batchnorm import reference as ref
-from batchnorm.backends import cpu_outputs, numba_step
+from batchnorm.backends import cpu_outputs, numba_step, resolve_backend
 from helpers import TOLERANCES, assert_close, make_input
 
 pytestmark = pytest.mark.skipif(
@@ -301,3 +301,14 @@ def test_switched_off_by_the_environment():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_auto_trains_smaller_channels_first_inputs_with_the_cpp_step(monkeypatch):
+    """The C++ step moves the channels-first crossover with ATen from 256K values down to
+    64K (``NumbaBackend.preferred_for``); without it the old threshold holds."""
+    x = torch.randn(8, 32, 16, 16)  # 64K values
+    assert resolve_backend("auto", x, training=True) == "numba"
+    assert resolve_backend("auto", torch.randn(8, 16, 12, 12), training=True) != "numba"
+    _python_path(monkeypatch)
+    assert resolve_backend("auto", x, training=True) != "numba"
+    assert resolve_backend("auto", torch.randn(16, 64, 16, 16), training=True) == "numba"

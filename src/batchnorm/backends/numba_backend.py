@@ -131,8 +131,10 @@ def _env_bytes(name: str, default: int) -> int:
 
 _STREAM_MIN_BYTES = _env_bytes("BATCHNORM_NUMBA_STREAM_MIN_BYTES", 1 << 24)
 # "auto" picks numba for training from this many elements on (measured crossover, see
-# preferred_for); channels-first and channels-last differ.
-_AUTO_MIN_NUMEL_CF = 1 << 18
+# preferred_for); channels-first and channels-last differ, and channels-first depends on
+# whether the eager step runs in C++ (numba_step) or in Python.
+_AUTO_MIN_NUMEL_CF = 1 << 16
+_AUTO_MIN_NUMEL_CF_PYTHON = 1 << 18
 _AUTO_MIN_NUMEL_CL = 1 << 22
 
 
@@ -159,6 +161,15 @@ def _step_module() -> Any:
 
     _MODULES["step"] = numba_step
     return numba_step
+
+
+def _cpp_step_on() -> bool:
+    """Whether eager steps run in C++, as far as known without building it: not switched off
+    (``BATCHNORM_NUMBA_CPP=0``), and not failed to build."""
+    step = sys.modules.get(f"{__package__}.numba_step")
+    if step is not None:
+        return step._state.get("ext", step) is not None and step._enabled()
+    return os.environ.get("BATCHNORM_NUMBA_CPP", "1").strip() != "0"
 
 
 def _chan(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
@@ -671,17 +682,20 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         values a channel: relative output error 1e-4 at a ratio of 100, 0.8 at 1e4; ours
         7e-8); those always take the fused kernels. Elsewhere speed decides
         (``batchnorm bench --crossover``, inputs read from memory, 1 and 2 threads): from
-        about 256K elements channels-first (at 131K: 0.77-0.9x with 2 threads, 1.23x with
-        1), 4M channels-last (ATen's channels-last kernels read x twice too, and
-        at 2M we were still 0.95x). Below, the fixed cost of a call (tens of microseconds of
-        Python) dominates. Eval is a single elementwise pass that ATen already runs at copy
-        speed and accurately: it stays native."""
+        64K elements channels-first with the eager step in C++ (:mod:`.numba_step`; at 64K
+        1.28-1.36x with 2 threads, 1.86x with 1; at 18K 0.92-0.94x with 2), 256K where the
+        step runs in Python (at 131K: 0.77-0.9x with 2 threads, 1.23x with 1); 4M
+        channels-last (ATen's channels-last kernels read x twice too, and at 2M we were still
+        0.95x). Below, the fixed cost of a call dominates. Eval is a single elementwise pass
+        that ATen already runs at copy speed and accurately: it stays native."""
         if not training or x.dtype not in _DTYPES:
             return False
         cl = layout_of(x) == "cl"
         if x.numel() == x.shape[0] * x.shape[1] or (cl and x.dim() >= 4):
             return True
-        return x.numel() >= (_AUTO_MIN_NUMEL_CL if cl else _AUTO_MIN_NUMEL_CF)
+        if cl:
+            return x.numel() >= _AUTO_MIN_NUMEL_CL
+        return x.numel() >= (_AUTO_MIN_NUMEL_CF if _cpp_step_on() else _AUTO_MIN_NUMEL_CF_PYTHON)
 
     # ---- the two kernels behind everything ------------------------------------------------
     def _forward(self, x: Tensor, **options: Any) -> tuple[Tensor | None, Tensor, Tensor | None,

@@ -312,3 +312,100 @@ def test_auto_trains_smaller_channels_first_inputs_with_the_cpp_step(monkeypatch
     _python_path(monkeypatch)
     assert resolve_backend("auto", x, training=True) != "numba"
     assert resolve_backend("auto", torch.randn(16, 64, 16, 16), training=True) == "numba"
+
+
+# ---- BatchNorm + activation (+ residual) ----------------------------------------------------
+
+
+def _act_step(x, w, b, r, dy, need, activation):
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rm, rv = torch.linspace(-1, 1, c, dtype=acc), torch.linspace(0.5, 2, c, dtype=acc)
+    x = x.detach().requires_grad_(need[0])
+    w = None if w is None else w.detach().requires_grad_(need[1])
+    b = None if b is None else b.detach().requires_grad_(need[2])
+    r = None if r is None else r.detach().requires_grad_(need[3])
+    y = batchnorm.batch_norm_act(x, rm, rv, w, b, True, activation=activation, residual=r,
+                                 backend="numba")
+    leaves = [t for t in (x, w, b, r) if t is not None and t.requires_grad]
+    return [y, *torch.autograd.grad(y, leaves, dy), rm, rv]
+
+
+ACTS = ["identity", "relu", "leaky_relu", "elu", "silu", "gelu"]
+ACT_CASES = [((8, 16, 6, 6), False, torch.float32), ((8, 16, 6, 6), True, torch.float32),
+             ((32, 64, 16, 16), False, torch.float32), ((32, 64, 16, 16), True, torch.float32),
+             ((16, 32), False, torch.float32), ((4, 8, 3, 4, 5), True, torch.float64),
+             ((8, 16, 6, 6), True, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("shape", "cl", "dtype"), ACT_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{'cl' if c else 'cf'}-{str(d)[6:]}"
+                              for s, c, d in ACT_CASES])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_the_cpp_act_step_gives_the_python_paths_bits(monkeypatch, shape, cl, dtype,
+                                                      activation, with_residual):
+    c = shape[1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = _layout(make_input(shape, dtype, shift=1.0), cl)
+    r = _layout(torch.randn(shape, dtype=dtype), cl) if with_residual else None
+    w, b = torch.rand(c, dtype=acc) + 0.5, torch.randn(c, dtype=acc)
+    dy = _layout(torch.randn(shape, dtype=dtype), cl)
+    need = (True, True, True, with_residual)
+    numba_step._act_recipes.clear()
+    got = _act_step(x, w, b, r, dy, need, activation)
+    assert [k for k, v in numba_step._act_recipes.items() if v is not None], \
+        "the C++ step did not take the call"
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = _act_step(x, w, b, r, dy, need, activation)
+    assert len(got) == len(expected)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.dtype == e.dtype and a.stride() == e.stride(), i
+        assert torch.equal(a, e), f"output {i}: max diff {(a.double() - e.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("need", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, False, True), (True, False, False, True),
+                                  (False, True, True, True), (False, False, True, False)])
+def test_each_subset_of_act_gradients(monkeypatch, need):
+    """Three backward recipes: elementwise only (dresidual alone), reduction only (dweight,
+    dbias), both."""
+    x, r = make_input((8, 16, 6, 6)), torch.randn(8, 16, 6, 6)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    dy = torch.randn(8, 16, 6, 6)
+    got = _act_step(x, w, b, r, dy, need, "relu")
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = _act_step(x, w, b, r, dy, need, "relu")
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_act_double_backward_and_gradcheck():
+    x = make_input((4, 3, 2, 2), torch.float64).requires_grad_()
+    r = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def fn(x_, w_, b_, r_):
+        return batchnorm.batch_norm_act(x_, None, None, w_, b_, True, activation="silu",
+                                        residual=r_, backend="numba")
+
+    numba_step._act_recipes.clear()
+    assert torch.autograd.gradcheck(fn, (x, w, b, r))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert any(v is not None for v in numba_step._act_recipes.values())
+
+
+def test_a_residual_in_another_layout_goes_the_python_way(monkeypatch):
+    x = make_input((8, 16, 6, 6))
+    r = _layout(torch.randn(8, 16, 6, 6), True)
+    dy = torch.randn(8, 16, 6, 6)
+    w, b = torch.rand(16) + 0.5, torch.randn(16)
+    got = _act_step(x, w, b, r, dy, (True, True, True, True), "relu")
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = _act_step(x, w, b, r, dy, (True, True, True, True), "relu")
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a, e) and a.stride() == e.stride()

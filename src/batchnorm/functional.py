@@ -240,8 +240,7 @@ def _batch_norm_act_unchecked(
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         z = y.to(acc) if residual is None else y.to(acc) + residual.to(acc)
         return act_forward(z, activation, float(negative_slope)).to(input.dtype)
-    return ops.fast_apply(
-        ops.BatchNormActFunction,
+    return ops.batch_norm_act(
         input, weight, bias, running_mean, running_var, residual, training, float(momentum),
         float(eps), activation, float(negative_slope), inplace, name,
     )

@@ -45,6 +45,7 @@ from .backends.base import (
 __all__ = [
     "BatchNormActFunction",
     "backward",
+    "batch_norm_act",
     "batch_norm_eval",
     "batch_norm_train",
     "forward_eval",
@@ -521,6 +522,48 @@ def invertible_weight(weight: Tensor | None) -> Tensor | None:
                        weight)
 
 
+def _double_backward_act(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, mean: Tensor, invstd: Tensor, eps: float, activation: str,
+    slope: float, need_dx: bool, need_dw: bool, need_db: bool, need_dr: bool,
+    training: bool = True,
+) -> list[Tensor | None]:
+    """:func:`_double_backward` for BatchNorm + activation (+ residual): ``(dx, dweight,
+    dbias, dresidual)``, differentiable."""
+    y = _composite_forward(x, weight, bias, residual, mean, invstd, training, eps, activation,
+                           slope)
+    return _grads_with_graph(dy, y, (x, weight, bias, residual),
+                             (need_dx, need_dw, need_db, need_dr))
+
+
+def batch_norm_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    residual: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    slope: float,
+    inplace: bool,
+    backend: str,
+) -> Tensor:
+    """``act(BN(x) + residual)`` eagerly (not traced, not transformed; validated): the
+    backend's own eager step where it has one (training, out of place), else
+    :class:`BatchNormActFunction`."""
+    if training and not inplace:
+        out = get_backend(backend).eager_act_train(
+            x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
+            slope, _double_backward_act)
+        if out is not None:
+            return out
+    return fast_apply(BatchNormActFunction, x, weight, bias, running_mean, running_var,
+                      residual, training, momentum, eps, activation, slope, inplace, backend)
+
+
 class BatchNormActFunction(torch.autograd.Function):
     """``y = act(BN(x) + residual)`` with a fused backward; optionally in place over ``x``."""
 
@@ -579,9 +622,9 @@ class BatchNormActFunction(torch.autograd.Function):
                     "double backward (create_graph=True) is not supported with inplace=True: "
                     "the input was overwritten by the output; use inplace=False"
                 )
-            y = _composite_forward(saved, w, bias, residual, mean, invstd, training, eps,
-                                   activation, slope)
-            dx, dw, db, dres = _grads_with_graph(dy, y, (saved, w, bias, residual), mask)
+            dx, dw, db, dres = _double_backward_act(dy, saved, w, bias, residual, mean, invstd,
+                                                    eps, activation, slope, *mask,
+                                                    training=training)
             return (dx, dw if dw is None else dw.to(wdt), db if db is None else db.to(bdt),
                     None, None, dres, *([None] * 7))
         if saved.numel() == 0:

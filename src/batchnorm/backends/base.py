@@ -352,6 +352,26 @@ class Backend:
         """The eval forward when nothing needs a gradient, or None (the op layer's path)."""
         return None
 
+    def eager_act_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        double_backward: Callable[..., Any],
+    ) -> Tensor | None:
+        """As :meth:`eager_train` for ``act(BN(x) + residual)`` in training, out of place
+        (differentiable w.r.t. x, weight, bias and the residual), or None.
+        ``double_backward(dy, x, weight, bias, residual, mean, invstd, eps, activation, slope,
+        need_dx, need_dweight, need_dbias, need_dresidual)`` returns the four gradients."""
+        return None
+
     # ---- BatchNorm + activation (+ residual); fused backends override ------------------------
     def forward_act(
         self,

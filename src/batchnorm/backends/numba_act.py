@@ -125,6 +125,38 @@ class NumbaActMixin:
                 activation, slope, out,
             )
         nb = _nb()
+        call = self._forward_act_call(x, weight, bias, running_mean, running_var, residual,
+                                      training, momentum, eps, activation, slope, out)
+        nb._launch(call.plan, call.values, call.scratch)
+        _, mean, invstd, new_rm, new_rv = call.outputs
+        if new_rm is not None and new_rv is not None:
+            assert running_mean is not None and running_var is not None
+            if new_rm.dtype != running_mean.dtype:
+                new_rm = new_rm.to(running_mean.dtype)
+            if new_rv.dtype != running_var.dtype:
+                new_rv = new_rv.to(running_var.dtype)
+        return out, mean, invstd, new_rm, new_rv
+
+    def _forward_act_call(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        out: Tensor,
+    ) -> Any:
+        """:meth:`forward_act`'s fused kernel call, packed but not run (a
+        ``numba_backend.KernelCall``; ``outputs``: ``(out, mean, invstd, new_running_mean,
+        new_running_var)``, the running pair in the accumulation dtype or None). ``x`` is in
+        a kernel layout and fusable (:meth:`_act_fusable`)."""
+        nb = _nb()
         plan = nb._plan(f"{_module(activation)}.forward_act", x, training, True)
         view, acc = plan.view, plan.acc
         c = x.shape[1]
@@ -140,20 +172,14 @@ class NumbaActMixin:
             invstd = safe_invstd(running_var.detach().to(acc), eps)
         parts = view.parts
         tmp = nb._Scratch(parts, c, 4, acc)
-        nb._launch(plan, [
+        values = [
             x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
             tmp.rows(3, 0), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm, rv,
             new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
-            1 if nb._streamed(out, reduced=training) else 2 if inplace else 0,
+            1 if nb._streamed(out, reduced=training) else 2 if out is x else 0,
             *tmp.partials(), tmp.rows(0, 3),
-        ], tmp)
-        if new_rm is not None and new_rv is not None:
-            assert running_mean is not None and running_var is not None
-            if new_rm.dtype != running_mean.dtype:
-                new_rm = new_rm.to(running_mean.dtype)
-            if new_rv.dtype != running_var.dtype:
-                new_rv = new_rv.to(running_var.dtype)
-        return out, mean, invstd, new_rm, new_rv
+        ]
+        return nb.KernelCall(plan, values, tmp, (out, mean, invstd, new_rm, new_rv))
 
     def _backward_act_unfused(
         self,
@@ -235,6 +261,38 @@ class NumbaActMixin:
         need_dr = need_dr and residual is not None
         do_reduce = need_dw or need_db or (training and need_dx)
         do_apply = need_dx or need_dr
+        if do_reduce or do_apply:
+            call = self._backward_act_call(dy, saved, weight, bias, mean, invstd, residual,
+                                           training, activation, slope, inplace, do_reduce,
+                                           do_apply)
+            nb._launch(call.plan, call.values, call.scratch)
+            dx, sum_dz, sum_dzx, dres = call.outputs
+        else:
+            dx = dres = None
+            sum_dz = sum_dzx = torch.zeros(saved.shape[1], dtype=acc_dtype(saved))
+        return (dx if need_dx else None, sum_dzx if need_dw else None,
+                sum_dz if need_db else None, dres if need_dr else None)
+
+    def _backward_act_call(
+        self,
+        dy: Tensor,
+        saved: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        residual: Tensor | None,
+        training: bool,
+        activation: str,
+        slope: float,
+        inplace: bool,
+        do_reduce: bool,
+        do_apply: bool,
+    ) -> Any:
+        """:meth:`backward_act`'s fused kernel call, packed but not run (``outputs``: ``(dx,
+        sum_dz, sum_dz_xhat, dresidual)``). ``dy`` has ``saved``'s strides and dtype. The
+        sums start at zero, which is what the elementwise pass reads without a reduction."""
+        nb = _nb()
         acc = acc_dtype(saved)
         c = saved.shape[1]
         sum_dz, sum_dzx = torch.zeros(c, dtype=acc), torch.zeros(c, dtype=acc)
@@ -242,18 +300,16 @@ class NumbaActMixin:
         # branch-free loop): an output not asked for goes to scratch (rare in practice)
         dx = nb._new_output(saved) if do_apply else None
         dres = nb._new_output(saved) if do_apply and residual is not None else None
-        if do_reduce or do_apply:
-            plan = nb._plan(f"{_module(activation)}.backward_act", saved, do_reduce,
-                            do_apply, first=3)
-            view = plan.view
-            parts = view.parts
-            tmp = nb._Scratch(parts, c, 9, acc)
-            nb._launch(plan, [
-                dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
-                parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
-                nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
-                do_apply, training, inplace, _codes()[activation], slope,
-                nb._streamed(dx, view), *tmp.partials(), tmp.rows(0, 9),
-            ], tmp)
-        return (dx if need_dx else None, sum_dzx if need_dw else None,
-                sum_dz if need_db else None, dres if need_dr else None)
+        plan = nb._plan(f"{_module(activation)}.backward_act", saved, do_reduce, do_apply,
+                        first=3)
+        view = plan.view
+        parts = view.parts
+        tmp = nb._Scratch(parts, c, 9, acc)
+        values = [
+            dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
+            parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
+            nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
+            do_apply, training, inplace, _codes()[activation], slope,
+            nb._streamed(dx, view), *tmp.partials(), tmp.rows(0, 9),
+        ]
+        return nb.KernelCall(plan, values, tmp, (dx, sum_dz, sum_dzx, dres))

@@ -828,6 +828,26 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
             step.set_double_backward(double_backward)
         return step.train_step(x, weight, bias, running_mean, running_var, momentum, eps)
 
+    def eager_act_train(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        residual: Tensor | None,
+        momentum: float,
+        eps: float,
+        activation: str,
+        slope: float,
+        double_backward: Callable[..., Any],
+    ) -> Tensor | None:
+        step = _MODULES.get("step") or _step_module()
+        if step.double_backward_act is not double_backward:
+            step.set_double_backward_act(double_backward)
+        return step.act_train_step(x, weight, bias, running_mean, running_var, residual,
+                                   momentum, eps, activation, slope)
+
     def eager_eval(
         self,
         x: Tensor,

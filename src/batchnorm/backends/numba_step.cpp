@@ -311,6 +311,103 @@ struct Train : public torch::autograd::Function<Train> {
   }
 };
 
+py::object* g_double_backward_act = nullptr;
+
+// BatchNorm + activation (+ residual), training, out of place: y = act(BN(x) + residual).
+// Forward sources: as Train's, with the residual at 10. Backward sources: dy, x, dx, mean,
+// invstd, weight, sum_dz, sum_dz_xhat, bias, residual, dresidual, scratch. The backward
+// recipes are three, by what the call does: elementwise only, reduction only, both.
+struct TrainAct : public torch::autograd::Function<TrainAct> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias,
+                        const c10::optional<Tensor>& running_mean,
+                        const c10::optional<Tensor>& running_var,
+                        const c10::optional<Tensor>& residual, int64_t id, double eps,
+                        const std::string& activation, double slope) {
+    const Recipe& r = recipe(id);
+    Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+    Tensor res = residual.value_or(Tensor());
+    int64_t c = x.size(1);
+    auto opts = x.options().dtype(acc_of(x.scalar_type()));
+    Tensor y = new_output(r, x);
+    Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
+    Tensor new_rm, new_rv;
+    if (rm.defined()) {
+      new_rm = at::empty({c}, opts);
+      new_rv = at::empty({c}, opts);
+    }
+    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+    run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
+            address(rm), address(rv), address(new_rm), address(new_rv), address(res),
+            address(scratch)});
+    if (rm.defined()) {
+      rm.copy_(new_rm);
+      rv.copy_(new_rv);
+    }
+    ctx->save_for_backward({x, w, b, mean, invstd, res});
+    ctx->saved_data["recipe"] = id;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["slope"] = slope;
+    // needs_input_grad counts the inputs that were given: x, then each optional one present
+    int64_t edge = 1;
+    ctx->saved_data["edge_w"] = w.defined() ? edge++ : int64_t(-1);
+    ctx->saved_data["edge_b"] = b.defined() ? edge++ : int64_t(-1);
+    edge += rm.defined() + rv.defined();
+    ctx->saved_data["edge_r"] = res.defined() ? edge : int64_t(-1);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    Tensor x = saved[0], w = saved[1], b = saved[2], mean = saved[3], invstd = saved[4],
+           res = saved[5];
+    auto needs = [&](const char* key) {
+      int64_t e = ctx->saved_data[key].toInt();
+      return e >= 0 && ctx->needs_input_grad(e);
+    };
+    bool ndx = ctx->needs_input_grad(0), ndw = needs("edge_w"), ndb = needs("edge_b"),
+         ndr = needs("edge_r");
+    variable_list out(10);
+    Tensor dy = grads[0];
+    if (!(ndx || ndw || ndb || ndr)) return out;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the composite, in Python
+      TORCH_CHECK(g_double_backward_act != nullptr, "batchnorm numba step: no double backward");
+      py::gil_scoped_acquire gil;
+      py::tuple got = (*g_double_backward_act)(
+          dy, x, w, b, res, mean, invstd, ctx->saved_data["eps"].toDouble(),
+          ctx->saved_data["activation"].toStringRef(), ctx->saved_data["slope"].toDouble(), ndx,
+          ndw, ndb, ndr);
+      const int slot[4] = {0, 1, 2, 5};
+      for (int i = 0; i < 4; ++i)
+        if (!got[i].is_none()) out[slot[i]] = got[i].cast<Tensor>();
+      return out;
+    }
+    bool reduce = ndw || ndb || ndx, apply = ndx || ndr;  // (training: dx needs the sums)
+    const Recipe& fwd = recipe(ctx->saved_data["recipe"].toInt());
+    const Recipe& r = recipe(fwd.backward + (reduce ? 2 : 0) + (apply ? 1 : 0) - 1);
+    if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type())
+      dy = at::empty_strided(r.sizes, r.out_strides, x.options()).copy_(dy);
+    int64_t c = x.size(1);
+    auto opts = mean.options();
+    // an output not asked for still gets a buffer when the elementwise pass runs (it
+    // writes dx and dresidual together)
+    Tensor dx = apply ? new_output(r, x) : Tensor();
+    Tensor dres = apply && res.defined() ? new_output(r, x) : Tensor();
+    Tensor sum_dz = at::zeros({c}, opts), sum_dzx = at::zeros({c}, opts);
+    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+    run(r, {address(dy), address(x), address(dx), address(mean), address(invstd), address(w),
+            address(sum_dz), address(sum_dzx), address(b), address(res), address(dres),
+            address(scratch)});
+    if (ndx) out[0] = dx;
+    if (ndw) out[1] = sum_dzx;
+    if (ndb) out[2] = sum_dz;
+    if (ndr) out[5] = dres;
+    return out;
+  }
+};
+
 }  // namespace
 
 // ---- Python bindings ----------------------------------------------------------------------
@@ -364,6 +461,11 @@ void set_double_backward(py::object fn) {
   *g_double_backward = std::move(fn);
 }
 
+void set_double_backward_act(py::object fn) {
+  if (g_double_backward_act == nullptr) g_double_backward_act = new py::object();
+  *g_double_backward_act = std::move(fn);
+}
+
 void set_pool(int64_t limit, bool huge) {
   std::lock_guard<std::mutex> lock(pool().m);
   pool().limit = limit;
@@ -397,6 +499,29 @@ Tensor train(const Tensor& x, const c10::optional<Tensor>& weight,
   return Train::apply(x, weight, bias, running_mean, running_var, id, eps);
 }
 
+// BatchNorm + activation (+ residual), training, out of place: y; None (an undefined
+// tensor) when the arguments are not what recipe ``id`` was made for.
+Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
+                 const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
+                 const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& residual,
+                 int64_t id, double eps, const std::string& activation, double slope,
+                 bool has_weight, bool has_bias, bool running, bool has_residual) {
+  const Recipe& r = recipe(id);
+  Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
+  Tensor res = residual.value_or(Tensor());
+  auto acc = acc_of(r.dtype);
+  if (!matches(r, x) || !channel_ok(w, has_weight, acc) || !channel_ok(b, has_bias, acc) ||
+      !channel_ok(rm, running, acc) || !channel_ok(rv, running, acc) ||
+      res.defined() != has_residual ||
+      (res.defined() && (res.scalar_type() != x.scalar_type() || res.strides() != x.strides() ||
+                         res.sizes() != x.sizes() || !res.device().is_cpu())))
+    return Tensor();
+  py::gil_scoped_release nogil;
+  return TrainAct::apply(x, weight, bias, running_mean, running_var, residual, id, eps,
+                         activation, slope);
+}
+
 // The eval forward (no autograd: the caller takes it only when nothing needs a gradient).
 Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
             const c10::optional<Tensor>& bias, const Tensor& running_mean,
@@ -420,9 +545,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_layout", &set_layout);
   m.def("set_gomp", &set_gomp);
   m.def("set_double_backward", &set_double_backward);
+  m.def("set_double_backward_act", &set_double_backward_act);
   m.def("set_pool", &set_pool);
   m.def("pool_bytes", &pool_bytes);
   m.def("empty_pool", &empty_pool);
   m.def("train", &train);
+  m.def("train_act", &train_act);
   m.def("eval", &eval);
 }

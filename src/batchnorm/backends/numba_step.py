@@ -47,7 +47,8 @@ from . import cpu_outputs
 from . import numba_backend as nb
 from .base import acc_dtype, layout_of, out_strides
 
-__all__ = ["available", "eval_step", "set_double_backward", "train_step"]
+__all__ = ["act_train_step", "available", "eval_step", "set_double_backward",
+           "set_double_backward_act", "train_step"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_step.cpp")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
@@ -62,6 +63,8 @@ _MAX_KEYS = 4096
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ext": the loaded module, or None once it failed / is off
 double_backward: Callable[..., Any] | None = None  # see set_double_backward
+double_backward_act: Callable[..., Any] | None = None
+_act_recipes: dict[tuple, int | None] = {}
 _train_recipes: dict[tuple, int | None] = {}  # key -> forward recipe id, None: Python path
 _eval_recipes: dict[tuple, int | None] = {}
 
@@ -91,6 +94,8 @@ def _build() -> Any:
     ext.set_gomp(0 if omp is None else ctypes.cast(omp, ctypes.c_void_p).value)
     if double_backward is not None:
         ext.set_double_backward(double_backward)
+    if double_backward_act is not None:
+        ext.set_double_backward_act(double_backward_act)
     return ext
 
 
@@ -150,6 +155,17 @@ def set_double_backward(fn: Callable[..., Any]) -> None:
     ext = _state.get("ext")
     if ext is not None:
         ext.set_double_backward(fn)
+
+
+def set_double_backward_act(fn: Callable[..., Any]) -> None:
+    """As :func:`set_double_backward`, for BatchNorm + activation: ``fn(dy, x, weight, bias,
+    residual, mean, invstd, eps, activation, slope, need_dx, need_dweight, need_dbias,
+    need_dresidual) -> (dx, dweight, dbias, dresidual)``."""
+    global double_backward_act
+    double_backward_act = fn
+    ext = _state.get("ext")
+    if ext is not None:
+        ext.set_double_backward_act(fn)
 
 
 def empty_pool() -> None:
@@ -234,6 +250,68 @@ def _eval_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None
     y = call.outputs[0]
     return _recipe(ext, call, dict(zip(_FWD_SOURCES, (
         x, y, running_mean, None, weight, bias, None, None, None, None, running_var))), x)
+
+
+_ACT_BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dz", "sum_dz_xhat",
+                    "bias", "residual", "dresidual")
+
+
+def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                running_mean: Tensor | None, running_var: Tensor | None,
+                residual: Tensor | None, momentum: float, eps: float, activation: str,
+                slope: float) -> int | None:
+    be = nb.NumbaBackend()
+    x, weight, bias = x.detach(), _detached(weight), _detached(bias)
+    residual = _detached(residual)
+    if not be._act_fusable(x, residual, activation):
+        return None
+    out = nb._new_output(x)
+    fwd = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, True,
+                               momentum, eps, activation, slope, out)
+    y, mean, invstd, new_mean, new_var = fwd.outputs
+    dy = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+    first = None
+    # in the order the C++ backward indexes them: elementwise only, reduction only, both
+    for i, (reduce, apply) in enumerate(((False, True), (True, False), (True, True))):
+        bwd = be._backward_act_call(dy, x, weight, bias, mean, invstd, residual, True,
+                                    activation, slope, False, reduce, apply)
+        dx, sum_dz, sum_dzx, dres = bwd.outputs
+        rid = _recipe(ext, bwd, dict(zip(_ACT_BWD_SOURCES, (
+            dy, x, dx, mean, invstd, weight, sum_dz, sum_dzx, bias, residual, dres))), x)
+        if rid is None or (first is not None and rid != first + i):
+            return None
+        first = rid if first is None else first
+    return _recipe(ext, fwd, dict(zip(_FWD_SOURCES, (
+        x, y, mean, invstd, weight, bias, running_mean, running_var, new_mean, new_var,
+        residual))), x, first)
+
+
+def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   running_mean: Tensor | None, running_var: Tensor | None,
+                   residual: Tensor | None, momentum: float, eps: float, activation: str,
+                   slope: float) -> Tensor | None:
+    """``act(BN(x) + residual)`` in training, out of place, in C++ (as :func:`train_step`);
+    None where the C++ step does not take this call."""
+    ext = _state.get("ext", _state)
+    if ext is _state:
+        ext = _ext()
+    if ext is None or nb._OPENMP is None:
+        return None
+    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
+           None if residual is None else residual.dtype, momentum, eps, activation, slope)
+    rid = _act_recipes.get(key, -1)
+    if rid == -1:
+        if nb._openmp() is None:
+            return None
+        rid = _lookup(_act_recipes, key, lambda: _act_recipe(
+            ext, x, weight, bias, running_mean, running_var, residual, momentum, eps,
+            activation, slope)
+            if _eligible(x, weight, bias, running_mean, running_var) else None)
+    if rid is None:
+        return None
+    return ext.train_act(x, weight, bias, running_mean, running_var, residual, rid, eps,
+                         activation, slope, weight is not None, bias is not None,
+                         running_mean is not None, residual is not None)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

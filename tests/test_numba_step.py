@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -409,3 +410,27 @@ def test_a_residual_in_another_layout_goes_the_python_way(monkeypatch):
         expected = _act_step(x, w, b, r, dy, (True, True, True, True), "relu")
     for a, e in zip(got, expected, strict=True):
         assert torch.equal(a, e) and a.stride() == e.stride()
+
+
+def test_the_first_calls_do_not_wait_for_the_build(monkeypatch):
+    """The build runs in a background thread: calls take the Python path (same bits) until
+    it is ready, then the C++ step."""
+    ext = numba_step._ext()
+    gate = threading.Event()
+
+    def slow_build():
+        gate.wait(60)
+        return ext
+
+    monkeypatch.setattr(numba_step, "_build", slow_build)
+    monkeypatch.setattr(numba_step, "_state", {})
+    numba_step._train_recipes.clear()
+    x = make_input((8, 16, 6, 6))
+    y1 = batchnorm.batch_norm(x, None, None, training=True, backend="numba")
+    thread = numba_step._state["thread"]
+    assert thread.is_alive() and not numba_step._train_recipes
+    gate.set()
+    thread.join(60)
+    y2 = batchnorm.batch_norm(x, None, None, training=True, backend="numba")
+    assert any(v is not None for v in numba_step._train_recipes.values())
+    assert torch.equal(y1, y2)

@@ -17,12 +17,14 @@ threads, exactly as :func:`.numba_backend._launch` would: same kernels, same tas
 the same bits. Outputs of 1 MiB and more are recycled as in :mod:`.cpu_outputs` (a pool of
 the C++ side's own, under the same limit; :func:`.cpu_outputs.empty_cache` empties both).
 
-The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (a C++
-compiler and ninja; about 20 s, once, cached in torch's extensions directory,
-``$TORCH_EXTENSIONS_DIR``). Where that fails, or with ``BATCHNORM_NUMBA_CPP=0``, or without
-torch's OpenMP runtime (the pool threads stay Python's), the Python path runs instead, with
-a warning when the build failed. A call whose arguments the C++ side does not take as they
-are (a weight of another dtype, a strided running buffer) also takes the Python path.
+The extension is compiled with ``torch.utils.cpp_extension.load`` (a C++ compiler and
+ninja; about 20 s, once, cached in torch's extensions directory, ``$TORCH_EXTENSIONS_DIR``),
+in a background thread started by the first call (:func:`_ext_nowait`): calls take the
+Python path until it is ready. Where the build fails, or with ``BATCHNORM_NUMBA_CPP=0``, or
+without torch's OpenMP runtime (the pool threads stay Python's), the Python path runs
+instead, with a warning when the build failed. A call whose arguments the C++ side does
+not take as they are (a weight of another dtype, a strided running buffer) also takes the
+Python path.
 
 Double backward (``create_graph=True``) calls back into Python for the composite
 (:func:`set_double_backward`), as the Python path does.
@@ -60,7 +62,8 @@ _BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dy", "sum_dy_x
 _SCRATCH = 11
 _MAX_KEYS = 4096
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # recipe tables, starting the build thread
+_build_lock = threading.Lock()  # the build itself
 _state: dict[str, Any] = {}  # "ext": the loaded module, or None once it failed / is off
 double_backward: Callable[..., Any] | None = None  # see set_double_backward
 double_backward_act: Callable[..., Any] | None = None
@@ -120,20 +123,46 @@ def _find_ninja() -> None:
 
 
 def _ext() -> Any:
-    """The extension, built or loaded on first use; None where this path is off."""
+    """The extension, built or loaded on first use (waiting for a build in progress); None
+    where this path is off."""
     if "ext" in _state:
         return _state["ext"]
-    with _lock:
+    with _build_lock:
         if "ext" not in _state:
             _state["ext"] = _build() if _enabled() else None
     return _state["ext"]
 
 
+def _ext_nowait() -> Any:
+    """The extension if it is ready; else None, after starting its build in a background
+    thread. A step's first call then takes the Python path, whose kernels compile meanwhile
+    (numba's compile runs in a child process, the C++ build in a compiler process: on two
+    cores the first call costs about the longer of the two instead of their sum). The
+    thread is not a daemon: exiting Python waits for the build rather than killing it,
+    which would leave torch's build lock behind for the next process to wait on."""
+    if "ext" in _state:
+        return _state["ext"]
+    if not _enabled():
+        _state["ext"] = None
+        return None
+    with _lock:
+        if "thread" not in _state:
+            thread = threading.Thread(target=_ext, name="batchnorm-numba-step-build")
+            _state["thread"] = thread
+            thread.start()
+    return None
+
+
 def _after_fork() -> None:
-    # torch's OpenMP threads do not survive a fork (numba_backend drops them in the child)
+    # torch's OpenMP threads do not survive a fork (numba_backend drops them in the child),
+    # nor does a build thread: the child starts over (a lock its thread held is replaced)
+    global _lock, _build_lock
+    _lock, _build_lock = threading.Lock(), threading.Lock()
     ext = _state.get("ext")
     if ext is not None:
         ext.set_gomp(0)
+    elif "thread" in _state:
+        del _state["thread"]
 
 
 if hasattr(os, "register_at_fork"):
@@ -294,7 +323,7 @@ def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     None where the C++ step does not take this call."""
     ext = _state.get("ext", _state)
     if ext is _state:
-        ext = _ext()
+        ext = _ext_nowait()
     if ext is None or nb._OPENMP is None:
         return None
     key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
@@ -348,7 +377,7 @@ def train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     (the caller then runs the Python path). Arguments are validated by the caller."""
     ext = _state.get("ext", _state)
     if ext is _state:
-        ext = _ext()
+        ext = _ext_nowait()
     if ext is None or nb._OPENMP is None:
         return None
     key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
@@ -373,7 +402,7 @@ def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     None where the C++ step does not take this call."""
     ext = _state.get("ext", _state)
     if ext is _state:
-        ext = _ext()
+        ext = _ext_nowait()
     if ext is None or nb._OPENMP is None:
         return None
     key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, eps)

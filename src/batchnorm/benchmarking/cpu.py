@@ -295,8 +295,9 @@ def _run_case(case: Case, args: argparse.Namespace, compiled: bool) -> None:
 
 
 def _first_call(dtype: str) -> list[str]:
-    """numba's first-call cost in fresh processes: compiling into an empty cache, then
-    loading from it (fwd + bwd, channels first and last)."""
+    """numba's first-call cost in fresh processes: compiling into an empty cache (numba's,
+    and torch's extensions directory for the C++ step), then loading from it (fwd + bwd,
+    channels first and last)."""
     code = textwrap.dedent(f"""
         import time, torch
         t0 = time.perf_counter()
@@ -309,7 +310,8 @@ def _first_call(dtype: str) -> list[str]:
     """)
     lines = []
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache,
+               "TORCH_EXTENSIONS_DIR": os.path.join(cache, "torch_extensions")}
         for label in ("compile (empty cache)", "load (cached)"):
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env=env, timeout=900)

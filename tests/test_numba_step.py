@@ -179,9 +179,12 @@ def test_arguments_it_does_not_take_go_the_python_way(monkeypatch):
     w64 = torch.rand(16, dtype=torch.float64) + 0.5
     numba_step._train_recipes.clear()
     y1 = batchnorm.batch_norm(x, rm_view, rv, w64, None, True, backend="numba")
+    assert not any(v is not None for v in numba_step._train_recipes.values())
     rm2, rv2 = torch.zeros(16), torch.ones(16)
     y2 = batchnorm.batch_norm(x, rm2, rv2, w64.float(), None, True, backend="numba")
     assert torch.equal(y1, y2) and torch.equal(rm_view, rm2) and torch.equal(rv, rv2)
+    # the same shape with arguments it takes: the C++ step (the dtypes are in the key)
+    assert any(v is not None for v in numba_step._train_recipes.values())
     x.requires_grad_()
     g = torch.autograd.grad(batchnorm.batch_norm(x, None, None, w64, None, True,
                                                  backend="numba"), x, dy)[0]

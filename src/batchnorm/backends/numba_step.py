@@ -321,23 +321,14 @@ def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                    slope: float) -> Tensor | None:
     """``act(BN(x) + residual)`` in training, out of place, in C++ (as :func:`train_step`);
     None where the C++ step does not take this call."""
-    ext = _state.get("ext", _state)
-    if ext is _state:
-        ext = _ext_nowait()
-    if ext is None or nb._OPENMP is None:
+    key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
+           _dtype(residual), momentum, eps, activation, slope)
+    found = _find(_act_recipes, key, lambda ext: _act_recipe(
+        ext, x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
+        slope), x, weight, bias, running_mean, running_var)
+    if found is None:
         return None
-    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
-           None if residual is None else residual.dtype, momentum, eps, activation, slope)
-    rid = _act_recipes.get(key, -1)
-    if rid == -1:
-        if nb._openmp() is None:
-            return None
-        rid = _lookup(_act_recipes, key, lambda: _act_recipe(
-            ext, x, weight, bias, running_mean, running_var, residual, momentum, eps,
-            activation, slope)
-            if _eligible(x, weight, bias, running_mean, running_var) else None)
-    if rid is None:
-        return None
+    ext, rid = found
     return ext.train_act(x, weight, bias, running_mean, running_var, residual, rid, eps,
                          activation, slope, weight is not None, bias is not None,
                          running_mean is not None, residual is not None)
@@ -357,16 +348,30 @@ def _eligible(x: Tensor, *channel: Tensor | None) -> bool:
                for t in channel)
 
 
-def _lookup(table: dict[tuple, int | None], key: tuple, make: Callable[[], int | None]
-            ) -> int | None:
+def _dtype(t: Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+def _find(table: dict[tuple, int | None], key: tuple, make: Callable[[Any], int | None],
+          x: Tensor, *channel: Tensor | None) -> tuple[Any, int] | None:
+    """``(extension, recipe id)`` for ``key``, the recipe made on first sight (``make(ext)``,
+    when the arguments are :func:`_eligible`); None where the C++ step is off, not built
+    yet, or does not take such calls."""
+    ext = _state.get("ext", _state)
+    if ext is _state:
+        ext = _ext_nowait()
+    if ext is None or nb._OPENMP is None:
+        return None
     rid = table.get(key, -1)
     if rid == -1:
+        if nb._openmp() is None:
+            return None
         with _lock:
             rid = table.get(key, -1)
             if rid == -1:
-                rid = make() if len(table) < _MAX_KEYS else None
-                table[key] = rid
-    return rid
+                ok = len(table) < _MAX_KEYS and _eligible(x, *channel)
+                rid = table[key] = make(ext) if ok else None
+    return None if rid is None else (ext, rid)
 
 
 def train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -375,23 +380,15 @@ def train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     """The eager training step in C++: ``y`` (differentiable through a C++ autograd node),
     the running buffers updated in place; None where the C++ step does not take this call
     (the caller then runs the Python path). Arguments are validated by the caller."""
-    ext = _state.get("ext", _state)
-    if ext is _state:
-        ext = _ext_nowait()
-    if ext is None or nb._OPENMP is None:
-        return None
-    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, running_mean is None,
+    key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
            momentum, eps)
-    rid = _train_recipes.get(key, -1)
-    if rid == -1:
-        if nb._openmp() is None:
-            return None
-        rid = _lookup(_train_recipes, key, lambda: _train_recipe(
-            ext, x, weight, bias, running_mean, running_var, momentum, eps)
-            if _eligible(x, weight, bias, running_mean, running_var) else None)
-    if rid is None:
+    found = _find(_train_recipes, key, lambda ext: _train_recipe(
+        ext, x, weight, bias, running_mean, running_var, momentum, eps),
+        x, weight, bias, running_mean, running_var)
+    if found is None:
         return None
-    # None when these arguments are not what the recipe was made for (a dtype, a layout)
+    ext, rid = found
+    # None when these arguments are not what the recipe was made for (a layout, a stride)
     return ext.train(x, weight, bias, running_mean, running_var, rid, eps,
                      weight is not None, bias is not None, running_mean is not None)
 
@@ -400,20 +397,13 @@ def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
               running_var: Tensor, eps: float) -> Tensor | None:
     """The eval forward in C++ (no autograd: for calls where nothing needs a gradient);
     None where the C++ step does not take this call."""
-    ext = _state.get("ext", _state)
-    if ext is _state:
-        ext = _ext_nowait()
-    if ext is None or nb._OPENMP is None:
+    key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
+           eps)
+    found = _find(_eval_recipes, key, lambda ext: _eval_recipe(
+        ext, x, weight, bias, running_mean, running_var, eps),
+        x, weight, bias, running_mean, running_var)
+    if found is None:
         return None
-    key = (x.shape, x.stride(), x.dtype, weight is None, bias is None, eps)
-    rid = _eval_recipes.get(key, -1)
-    if rid == -1:
-        if nb._openmp() is None:
-            return None
-        rid = _lookup(_eval_recipes, key, lambda: _eval_recipe(
-            ext, x, weight, bias, running_mean, running_var, eps)
-            if _eligible(x, weight, bias, running_mean, running_var) else None)
-    if rid is None:
-        return None
+    ext, rid = found
     return ext.eval(x, weight, bias, running_mean, running_var, rid, weight is not None,
                     bias is not None)

@@ -437,3 +437,55 @@ def test_the_first_calls_do_not_wait_for_the_build(monkeypatch):
     y2 = batchnorm.batch_norm(x, None, None, training=True, backend="numba")
     assert any(v is not None for v in numba_step._train_recipes.values())
     assert torch.equal(y1, y2)
+
+
+def _inplace_step(x0, w, b, r, dy, activation, slope=0.01):
+    c = x0.shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    leaf = x0.clone().requires_grad_()
+    x = leaf * 1.0  # in-place mode refuses a leaf: a stand-in producer
+    w, b = w.clone().requires_grad_(), b.clone().requires_grad_()
+    r = None if r is None else r.clone().requires_grad_()
+    y = batchnorm.batch_norm_act(x, rm, rv, w, b, True, activation=activation,
+                                 negative_slope=slope, residual=r, inplace=True,
+                                 backend="numba")
+    assert y.data_ptr() == x.data_ptr(), "in-place mode did not write over its input"
+    leaves = [t for t in (leaf, w, b, r) if t is not None]
+    return [y, *torch.autograd.grad(y, leaves, dy), rm, rv]
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "elu"])
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_the_cpp_inplace_step_gives_the_python_paths_bits(monkeypatch, activation, cl,
+                                                          with_residual):
+    """In place: y over x (marked dirty), x-hat recomputed from y, the weight kept
+    invertible (weights 0 and -1e-8 included, used as +-1e-6) as on the Python path."""
+    shape = (32, 64, 16, 16)
+    x0 = _layout(make_input(shape, shift=1.0), cl)
+    r = _layout(torch.randn(shape), cl) if with_residual else None
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    w[::5], w[1::5] = 0.0, -1e-8
+    dy = _layout(torch.randn(shape), cl)
+    numba_step._act_recipes.clear()
+    got = _inplace_step(x0, w, b, r, dy, activation)
+    assert [k for k, v in numba_step._act_recipes.items() if v is not None and k[-1]], \
+        "the C++ step did not take the in-place call"
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = _inplace_step(x0, w, b, r, dy, activation)
+    assert len(got) == len(expected)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.stride() == e.stride(), i
+        assert torch.equal(a, e), f"output {i}: max diff {(a.double() - e.double()).abs().max()}"
+
+
+def test_inplace_double_backward_raises_and_the_input_is_marked_dirty():
+    leaf = make_input((8, 16, 6, 6)).requires_grad_()
+    x = leaf * 1.0
+    version = x._version
+    y = batchnorm.batch_norm_act(x, None, None, None, None, True, activation="elu",
+                                 inplace=True, backend="numba")
+    assert x._version > version and y.grad_fn is x.grad_fn
+    with pytest.raises(RuntimeError, match="not supported with inplace=True"):
+        torch.autograd.grad(y.sum(), leaf, create_graph=True)

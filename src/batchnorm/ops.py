@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from .backends import get_backend
-from .backends.activations import act_forward
+from .backends.activations import act_forward, invertible_weight
 from .backends.base import (
     acc_dtype,
     bcast,
@@ -509,19 +509,6 @@ def batch_norm_eval(
 # autograd formula; both modes therefore go through one autograd.Function over the backends'
 # ``forward_act``/``backward_act`` entry points.
 
-INPLACE_MIN_ABS_WEIGHT = 1e-6
-
-
-def invertible_weight(weight: Tensor | None) -> Tensor | None:
-    """In-place mode divides by gamma to recompute x-hat: keep ``|gamma| >= 1e-6`` (sign kept,
-    0 -> +1e-6). Every weight of magnitude 1e-6 or more is used exactly."""
-    if weight is None:
-        return None
-    sign = torch.where(weight < 0, -torch.ones_like(weight), torch.ones_like(weight))
-    return torch.where(weight.abs() < INPLACE_MIN_ABS_WEIGHT, sign * INPLACE_MIN_ABS_WEIGHT,
-                       weight)
-
-
 def _double_backward_act(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     residual: Tensor | None, mean: Tensor, invstd: Tensor, eps: float, activation: str,
@@ -552,12 +539,12 @@ def batch_norm_act(
     backend: str,
 ) -> Tensor:
     """``act(BN(x) + residual)`` eagerly (not traced, not transformed; validated): the
-    backend's own eager step where it has one (training, out of place), else
+    backend's own eager step where it has one (training), else
     :class:`BatchNormActFunction`."""
-    if training and not inplace:
+    if training:
         out = get_backend(backend).eager_act_train(
             x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
-            slope, _double_backward_act)
+            slope, inplace, _double_backward_act)
         if out is not None:
             return out
     return fast_apply(BatchNormActFunction, x, weight, bias, running_mean, running_var,

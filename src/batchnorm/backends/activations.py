@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "ACTIVATIONS",
+    "INPLACE_MIN_ABS_WEIGHT",
     "INVERTIBLE",
     "act_backward",
     "act_forward",
@@ -24,12 +25,26 @@ __all__ = [
     "act_grad_from_output",
     "act_inverse",
     "check_activation",
+    "invertible_weight",
 ]
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "silu", "gelu")
 INVERTIBLE = ("identity", "leaky_relu", "elu")
 _SQRT_2 = math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+INPLACE_MIN_ABS_WEIGHT = 1e-6
+
+
+def invertible_weight(weight: Tensor | None) -> Tensor | None:
+    """In-place mode divides by gamma to recompute x-hat: keep ``|gamma| >= 1e-6`` (sign kept,
+    0 -> +1e-6). Every weight of magnitude 1e-6 or more is used exactly."""
+    if weight is None:
+        return None
+    sign = torch.where(weight < 0, -torch.ones_like(weight), torch.ones_like(weight))
+    return torch.where(weight.abs() < INPLACE_MIN_ABS_WEIGHT, sign * INPLACE_MIN_ABS_WEIGHT,
+                       weight)
 
 
 def check_activation(activation: str, negative_slope: float, inplace: bool) -> None:

@@ -364,10 +364,12 @@ class Backend:
         eps: float,
         activation: str,
         slope: float,
+        inplace: bool,
         double_backward: Callable[..., Any],
     ) -> Tensor | None:
-        """As :meth:`eager_train` for ``act(BN(x) + residual)`` in training, out of place
-        (differentiable w.r.t. x, weight, bias and the residual), or None.
+        """As :meth:`eager_train` for ``act(BN(x) + residual)`` in training (differentiable
+        w.r.t. x, weight, bias and the residual; ``inplace``: written over ``x``, whose
+        checks the caller has run), or None.
         ``double_backward(dy, x, weight, bias, residual, mean, invstd, eps, activation, slope,
         need_dx, need_dweight, need_dbias, need_dresidual)`` returns the four gradients."""
         return None

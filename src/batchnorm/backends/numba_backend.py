@@ -840,13 +840,14 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         eps: float,
         activation: str,
         slope: float,
+        inplace: bool,
         double_backward: Callable[..., Any],
     ) -> Tensor | None:
         step = _MODULES.get("step") or _step_module()
         if step.double_backward_act is not double_backward:
             step.set_double_backward_act(double_backward)
         return step.act_train_step(x, weight, bias, running_mean, running_var, residual,
-                                   momentum, eps, activation, slope)
+                                   momentum, eps, activation, slope, inplace)
 
     def eager_eval(
         self,

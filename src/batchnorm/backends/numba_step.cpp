@@ -313,24 +313,29 @@ struct Train : public torch::autograd::Function<Train> {
 
 py::object* g_double_backward_act = nullptr;
 
-// BatchNorm + activation (+ residual), training, out of place: y = act(BN(x) + residual).
-// Forward sources: as Train's, with the residual at 10. Backward sources: dy, x, dx, mean,
+// BatchNorm + activation (+ residual), training: y = act(BN(x) + residual). Forward sources:
+// as Train's, with the residual at 10. Backward sources: dy, x (in place: y), dx, mean,
 // invstd, weight, sum_dz, sum_dz_xhat, bias, residual, dresidual, scratch. The backward
 // recipes are three, by what the call does: elementwise only, reduction only, both.
+// In place (``inplace``): y is written over x, which is marked dirty; the kernels read
+// ``kernel_weight`` (the weight kept invertible, activations.invertible_weight), and the
+// backward recomputes x-hat from y.
 struct TrainAct : public torch::autograd::Function<TrainAct> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
                         const c10::optional<Tensor>& bias,
                         const c10::optional<Tensor>& running_mean,
                         const c10::optional<Tensor>& running_var,
                         const c10::optional<Tensor>& residual, int64_t id, double eps,
-                        const std::string& activation, double slope) {
+                        const std::string& activation, double slope, bool inplace,
+                        const c10::optional<Tensor>& kernel_weight) {
     const Recipe& r = recipe(id);
-    Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+    Tensor w = (inplace ? kernel_weight : weight).value_or(Tensor());
+    Tensor b = bias.value_or(Tensor());
     Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
     Tensor res = residual.value_or(Tensor());
     int64_t c = x.size(1);
     auto opts = x.options().dtype(acc_of(x.scalar_type()));
-    Tensor y = new_output(r, x);
+    Tensor y = inplace ? x : new_output(r, x);
     Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
     Tensor new_rm, new_rv;
     if (rm.defined()) {
@@ -345,11 +350,14 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
       rm.copy_(new_rm);
       rv.copy_(new_rv);
     }
+    if (inplace) ctx->mark_dirty({x});
+    // x: the input, or in place the output written over it (what the backward reads)
     ctx->save_for_backward({x, w, b, mean, invstd, res});
     ctx->saved_data["recipe"] = id;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["slope"] = slope;
+    ctx->saved_data["inplace"] = inplace;
     // needs_input_grad counts the inputs that were given: x, then each optional one present
     int64_t edge = 1;
     ctx->saved_data["edge_w"] = w.defined() ? edge++ : int64_t(-1);
@@ -369,10 +377,13 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     };
     bool ndx = ctx->needs_input_grad(0), ndw = needs("edge_w"), ndb = needs("edge_b"),
          ndr = needs("edge_r");
-    variable_list out(10);
+    variable_list out(12);
     Tensor dy = grads[0];
     if (!(ndx || ndw || ndb || ndr)) return out;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the composite, in Python
+      TORCH_CHECK(!ctx->saved_data["inplace"].toBool(),
+                  "double backward (create_graph=True) is not supported with inplace=True: "
+                  "the input was overwritten by the output; use inplace=False");
       TORCH_CHECK(g_double_backward_act != nullptr, "batchnorm numba step: no double backward");
       py::gil_scoped_acquire gil;
       py::tuple got = (*g_double_backward_act)(
@@ -505,7 +516,8 @@ Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                  const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& residual,
                  int64_t id, double eps, const std::string& activation, double slope,
-                 bool has_weight, bool has_bias, bool running, bool has_residual) {
+                 bool has_weight, bool has_bias, bool running, bool has_residual, bool inplace,
+                 const c10::optional<Tensor>& kernel_weight) {
   const Recipe& r = recipe(id);
   Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
@@ -517,9 +529,11 @@ Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
       (res.defined() && (res.scalar_type() != x.scalar_type() || res.strides() != x.strides() ||
                          res.sizes() != x.sizes() || !res.device().is_cpu())))
     return Tensor();
+  if (inplace && !channel_ok(kernel_weight.value_or(Tensor()), has_weight, acc))
+    return Tensor();
   py::gil_scoped_release nogil;
   return TrainAct::apply(x, weight, bias, running_mean, running_var, residual, id, eps,
-                         activation, slope);
+                         activation, slope, inplace, kernel_weight);
 }
 
 // The eval forward (no autograd: the caller takes it only when nothing needs a gradient).

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from . import cpu_outputs
 from . import numba_backend as nb
+from .activations import check_activation, invertible_weight
 from .base import acc_dtype, layout_of, out_strides
 
 __all__ = ["act_train_step", "available", "eval_step", "set_double_backward",
@@ -288,13 +289,16 @@ _ACT_BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dz", "sum_
 def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 running_mean: Tensor | None, running_var: Tensor | None,
                 residual: Tensor | None, momentum: float, eps: float, activation: str,
-                slope: float) -> int | None:
+                slope: float, inplace: bool) -> int | None:
     be = nb.NumbaBackend()
     x, weight, bias = x.detach(), _detached(weight), _detached(bias)
     residual = _detached(residual)
     if not be._act_fusable(x, residual, activation):
         return None
-    out = nb._new_output(x)
+    if inplace:  # (recipes only: nothing runs, x is not written)
+        check_activation(activation, slope, True)
+        weight = invertible_weight(weight)
+    out = x if inplace else nb._new_output(x)
     fwd = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, True,
                                momentum, eps, activation, slope, out)
     y, mean, invstd, new_mean, new_var = fwd.outputs
@@ -302,11 +306,11 @@ def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     first = None
     # in the order the C++ backward indexes them: elementwise only, reduction only, both
     for i, (reduce, apply) in enumerate(((False, True), (True, False), (True, True))):
-        bwd = be._backward_act_call(dy, x, weight, bias, mean, invstd, residual, True,
-                                    activation, slope, False, reduce, apply)
+        bwd = be._backward_act_call(dy, y, weight, bias, mean, invstd, residual, True,
+                                    activation, slope, inplace, reduce, apply)
         dx, sum_dz, sum_dzx, dres = bwd.outputs
         rid = _recipe(ext, bwd, dict(zip(_ACT_BWD_SOURCES, (
-            dy, x, dx, mean, invstd, weight, sum_dz, sum_dzx, bias, residual, dres))), x)
+            dy, y, dx, mean, invstd, weight, sum_dz, sum_dzx, bias, residual, dres))), x)
         if rid is None or (first is not None and rid != first + i):
             return None
         first = rid if first is None else first
@@ -318,20 +322,25 @@ def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
 def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                    running_mean: Tensor | None, running_var: Tensor | None,
                    residual: Tensor | None, momentum: float, eps: float, activation: str,
-                   slope: float) -> Tensor | None:
-    """``act(BN(x) + residual)`` in training, out of place, in C++ (as :func:`train_step`);
+                   slope: float, inplace: bool = False) -> Tensor | None:
+    """``act(BN(x) + residual)`` in training in C++ (as :func:`train_step`); in place, the
+    output overwrites ``x`` (the caller has checked that it may, as for the Python path).
     None where the C++ step does not take this call."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
-           _dtype(residual), momentum, eps, activation, slope)
+           _dtype(residual), momentum, eps, activation, slope, inplace)
     found = _find(_act_recipes, key, lambda ext: _act_recipe(
         ext, x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
-        slope), x, weight, bias, running_mean, running_var)
+        slope, inplace), x, weight, bias, running_mean, running_var)
     if found is None:
         return None
     ext, rid = found
+    kernel_weight = None
+    if inplace and weight is not None:
+        kernel_weight = invertible_weight(weight.detach())
     return ext.train_act(x, weight, bias, running_mean, running_var, residual, rid, eps,
                          activation, slope, weight is not None, bias is not None,
-                         running_mean is not None, residual is not None)
+                         running_mean is not None, residual is not None, inplace,
+                         kernel_weight)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

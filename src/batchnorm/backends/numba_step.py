@@ -6,7 +6,9 @@ through the Python layers, 0.56 ms with this path and 0.64 ms in ATen, with anot
 pass over memory between steps (which evicts the interpreter's code and data too; see
 benchmarks/RESULTS.md). Here one C++ call runs the forward, with the running buffers
 updated, and returns ``y`` from a C++ autograd function whose backward autograd's engine
-calls without entering Python.
+calls without entering Python: plain BatchNorm (:func:`train_step`), BatchNorm + activation
+(+ residual), out of place or in place (:func:`act_train_step`), and the plain eval forward
+(:func:`eval_step`).
 
 How: the first call for a key (shape, strides, dtype, which of weight/bias/running buffers
 are given, momentum, eps) packs the numba backend's kernel calls as it always does

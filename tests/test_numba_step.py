@@ -19,6 +19,7 @@ pytest.importorskip("numba", reason="the numba backend needs numba (pip install 
 import batchnorm
 from batchnorm import reference as ref
 from batchnorm.backends import cpu_outputs, numba_step, resolve_backend
+from batchnorm.backends.activations import act_forward
 from helpers import TOLERANCES, assert_close, make_input
 
 pytestmark = pytest.mark.skipif(
@@ -489,3 +490,37 @@ def test_inplace_double_backward_raises_and_the_input_is_marked_dirty():
     assert x._version > version and y.grad_fn is x.grad_fn
     with pytest.raises(RuntimeError, match="not supported with inplace=True"):
         torch.autograd.grad(y.sum(), leaf, create_graph=True)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_the_cpp_eval_act_step_gives_the_python_paths_bits(monkeypatch, activation, cl,
+                                                           with_residual):
+    """Eval with a fused activation, nothing needing a gradient: the kernels normalize with
+    the running variance (invstd in float64 from it) on both paths."""
+    shape = (32, 64, 16, 16)
+    x = _layout(make_input(shape, shift=1.0), cl)
+    r = _layout(torch.randn(shape), cl) if with_residual else None
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    rm, rv = torch.randn(64), torch.rand(64) + 0.1
+    rv[0] = 0.0  # invstd 1 / sqrt(eps)
+
+    def run():
+        with torch.no_grad():
+            return batchnorm.batch_norm_act(x, rm, rv, w, b, False, activation=activation,
+                                            residual=r, backend="numba")
+
+    numba_step._eval_act_recipes.clear()
+    got = run()
+    assert any(v is not None for v in numba_step._eval_act_recipes.values())
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = run()
+    assert torch.equal(got, expected) and got.stride() == expected.stride()
+    z = (x.double() - rm.double()[:, None, None]) / (rv.double()[:, None, None] + 1e-5).sqrt()
+    z = z * w.double()[:, None, None] + b.double()[:, None, None]
+    if r is not None:
+        z = z + r.double()
+    want = act_forward(z, activation, 0.01)
+    assert_close(got, want, *TOLERANCES[torch.float32], f"eval {activation}")

@@ -374,6 +374,22 @@ class Backend:
         need_dx, need_dweight, need_dbias, need_dresidual)`` returns the four gradients."""
         return None
 
+    def eager_act_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        residual: Tensor | None,
+        eps: float,
+        activation: str,
+        slope: float,
+    ) -> Tensor | None:
+        """``act(BN(x) + residual)`` in eval, out of place, when nothing needs a gradient; or
+        None (the op layer's path)."""
+        return None
+
     # ---- BatchNorm + activation (+ residual); fused backends override ------------------------
     def forward_act(
         self,

@@ -166,15 +166,19 @@ class NumbaActMixin:
             if running_mean is not None and running_var is not None:
                 rm, rv = nb._chan(running_mean, acc), nb._chan(running_var, acc)
                 new_rm, new_rv = torch.empty(c, dtype=acc), torch.empty(c, dtype=acc)
+            var = None
         else:
+            # the kernels normalize with the running variance (invstd in float64 from it, as
+            # plain BatchNorm's eval); invstd is an output for the backward
             assert running_mean is not None and running_var is not None
-            mean = nb._chan(running_mean.detach(), acc)
+            mean, var = nb._chan(running_mean, acc), nb._chan(running_var, acc)
             invstd = safe_invstd(running_var.detach().to(acc), eps)
         parts = view.parts
         tmp = nb._Scratch(parts, c, 4, acc)
         values = [
             x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
-            tmp.rows(3, 0), invstd, None, nb._chan(weight, acc), nb._chan(bias, acc), rm, rv,
+            tmp.rows(3, 0), None if var is not None else invstd, var, nb._chan(weight, acc),
+            nb._chan(bias, acc), rm, rv,
             new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
             1 if nb._streamed(out, reduced=training) else 2 if out is x else 0,
             *tmp.partials(), tmp.rows(0, 3),

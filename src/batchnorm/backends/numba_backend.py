@@ -849,6 +849,22 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         return step.act_train_step(x, weight, bias, running_mean, running_var, residual,
                                    momentum, eps, activation, slope, inplace)
 
+    def eager_act_eval(
+        self,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor,
+        running_var: Tensor,
+        residual: Tensor | None,
+        eps: float,
+        activation: str,
+        slope: float,
+    ) -> Tensor | None:
+        step = _MODULES.get("step") or _step_module()
+        return step.eval_act_step(x, weight, bias, running_mean, running_var, residual, eps,
+                                  activation, slope)
+
     def eager_eval(
         self,
         x: Tensor,

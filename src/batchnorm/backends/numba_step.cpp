@@ -44,10 +44,11 @@ int64_t g_ctl_next = 0, g_ctl_done = 8, g_phase = 16, g_units = 17;
 constexpr int64_t kMaxThreads = 64;
 std::atomic<gomp_fn> g_gomp{nullptr};
 
-// Sources a patch can take an address from. Forward: x, y, mean, invstd, weight, bias,
-// running mean and var, their new values, var (eval), scratch. Backward: dy, x, dx, mean,
-// invstd, weight, sum_dy, sum_dy_xmu, dweight, (unused), (unused), scratch.
-constexpr int kSources = 12;
+// Sources a patch can take an address from (numba_step.py: _FWD, _BWD, _ACT_BWD). Forward:
+// x, y, mean, invstd, weight, bias, running mean and var, their new values, residual,
+// scratch, var (eval). Backward: dy, x, dx, mean, invstd, weight, sum_dy, sum_dy_xmu,
+// dweight, (unused), (unused), scratch.
+constexpr int kSources = 13;
 constexpr int kScratch = 11;
 
 struct Recipe {
@@ -234,6 +235,13 @@ bool matches(const Recipe& r, const Tensor& x) {
          x.strides() == r.strides;
 }
 
+// A residual the kernels read in place: absent, or laid out and typed as x.
+bool residual_ok(const Tensor& r, bool expected, const Tensor& x) {
+  if (!r.defined()) return !expected;
+  return expected && r.device().is_cpu() && r.scalar_type() == x.scalar_type() &&
+         r.sizes() == x.sizes() && r.strides() == x.strides();
+}
+
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 py::object* g_double_backward = nullptr;  // a Python callable, never freed (see set_...)
@@ -258,7 +266,8 @@ struct Train : public torch::autograd::Function<Train> {
     }
     Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
     run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
-            address(rm), address(rv), address(new_rm), address(new_rv), 0, address(scratch)});
+            address(rm), address(rv), address(new_rm), address(new_rv), 0, address(scratch),
+            0});
     if (rm.defined()) {  // only after every phase completed: a failed call changes nothing
       rm.copy_(new_rm);
       rv.copy_(new_rv);
@@ -303,7 +312,7 @@ struct Train : public torch::autograd::Function<Train> {
     Tensor dw = ndw ? at::empty({c}, opts) : Tensor();
     Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
     run(r, {address(dy), address(x), address(dx), address(mean), address(invstd), address(w),
-            address(sum_dy), address(sum_dy_xmu), address(dw), 0, 0, address(scratch)});
+            address(sum_dy), address(sum_dy_xmu), address(dw), 0, 0, address(scratch), 0});
     out[0] = dx;
     out[1] = dw;
     if (ndb) out[2] = sum_dy;
@@ -345,7 +354,7 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
     run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
             address(rm), address(rv), address(new_rm), address(new_rv), address(res),
-            address(scratch)});
+            address(scratch), 0});
     if (rm.defined()) {
       rm.copy_(new_rm);
       rv.copy_(new_rv);
@@ -410,7 +419,7 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
     run(r, {address(dy), address(x), address(dx), address(mean), address(invstd), address(w),
             address(sum_dz), address(sum_dzx), address(b), address(res), address(dres),
-            address(scratch)});
+            address(scratch), 0});
     if (ndx) out[0] = dx;
     if (ndw) out[1] = sum_dzx;
     if (ndb) out[2] = sum_dz;
@@ -525,9 +534,7 @@ Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
   auto acc = acc_of(r.dtype);
   if (!matches(r, x) || !channel_ok(w, has_weight, acc) || !channel_ok(b, has_bias, acc) ||
       !channel_ok(rm, running, acc) || !channel_ok(rv, running, acc) ||
-      res.defined() != has_residual ||
-      (res.defined() && (res.scalar_type() != x.scalar_type() || res.strides() != x.strides() ||
-                         res.sizes() != x.sizes() || !res.device().is_cpu())))
+      !residual_ok(res, has_residual, x))
     return Tensor();
   if (inplace && !channel_ok(kernel_weight.value_or(Tensor()), has_weight, acc))
     return Tensor();
@@ -537,20 +544,24 @@ Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
 }
 
 // The eval forward (no autograd: the caller takes it only when nothing needs a gradient).
+// Plain BatchNorm's recipes, or the fused activation's with an optional residual.
 Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
             const c10::optional<Tensor>& bias, const Tensor& running_mean,
-            const Tensor& running_var, int64_t id, bool has_weight, bool has_bias) {
+            const Tensor& running_var, const c10::optional<Tensor>& residual, int64_t id,
+            bool has_weight, bool has_bias, bool has_residual) {
   const Recipe& r = recipe(id);
   Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
+  Tensor res = residual.value_or(Tensor());
   auto acc = acc_of(r.dtype);
   if (!matches(r, x) || !channel_ok(w, has_weight, acc) || !channel_ok(b, has_bias, acc) ||
-      !channel_ok(running_mean, true, acc) || !channel_ok(running_var, true, acc))
+      !channel_ok(running_mean, true, acc) || !channel_ok(running_var, true, acc) ||
+      !residual_ok(res, has_residual, x))
     return Tensor();
   py::gil_scoped_release nogil;
   Tensor y = new_output(r, x);
   Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
   run(r, {address(x), address(y), address(running_mean), 0, address(w), address(b), 0, 0, 0, 0,
-          address(running_var), address(scratch)});
+          address(res), address(scratch), address(running_var)});
   return y;
 }
 

@@ -7,8 +7,8 @@ pass over memory between steps (which evicts the interpreter's code and data too
 benchmarks/RESULTS.md). Here one C++ call runs the forward, with the running buffers
 updated, and returns ``y`` from a C++ autograd function whose backward autograd's engine
 calls without entering Python: plain BatchNorm (:func:`train_step`), BatchNorm + activation
-(+ residual), out of place or in place (:func:`act_train_step`), and the plain eval forward
-(:func:`eval_step`).
+(+ residual), out of place or in place (:func:`act_train_step`), and the eval forwards
+(:func:`eval_step`, :func:`eval_act_step`, out of place).
 
 How: the first call for a key (shape, strides, dtype, which of weight/bias/running buffers
 are given, momentum, eps) packs the numba backend's kernel calls as it always does
@@ -52,16 +52,20 @@ from . import numba_backend as nb
 from .activations import check_activation, invertible_weight
 from .base import acc_dtype, layout_of, out_strides
 
-__all__ = ["act_train_step", "available", "eval_step", "set_double_backward",
+__all__ = ["act_train_step", "available", "eval_act_step", "eval_step", "set_double_backward",
            "set_double_backward_act", "train_step"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_step.cpp")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
                 torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# Source indices of the C++ side (numba_step.cpp, run()).
-_FWD_SOURCES = ("x", "y", "mean", "invstd", "weight", "bias", "running_mean", "running_var",
-                "new_mean", "new_var", "var")
-_BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "dweight")
+# Where the C++ side (numba_step.cpp, run()) takes each tensor's address from: forward
+# kernels, the plain backward, the fused activation's backward; and the scratch allocation.
+_FWD = {"x": 0, "y": 1, "mean": 2, "invstd": 3, "weight": 4, "bias": 5, "running_mean": 6,
+        "running_var": 7, "new_mean": 8, "new_var": 9, "residual": 10, "var": 12}
+_BWD = {"dy": 0, "x": 1, "dx": 2, "mean": 3, "invstd": 4, "weight": 5, "sum_dy": 6,
+        "sum_dy_xmu": 7, "dweight": 8}
+_ACT_BWD = {"dy": 0, "x": 1, "dx": 2, "mean": 3, "invstd": 4, "weight": 5, "sum_dz": 6,
+            "sum_dz_xhat": 7, "bias": 8, "residual": 9, "dresidual": 10}
 _SCRATCH = 11
 _MAX_KEYS = 4096
 
@@ -71,6 +75,7 @@ _state: dict[str, Any] = {}  # "ext": the loaded module, or None once it failed 
 double_backward: Callable[..., Any] | None = None  # see set_double_backward
 double_backward_act: Callable[..., Any] | None = None
 _act_recipes: dict[tuple, int | None] = {}
+_eval_act_recipes: dict[tuple, int | None] = {}
 _train_recipes: dict[tuple, int | None] = {}  # key -> forward recipe id, None: Python path
 _eval_recipes: dict[tuple, int | None] = {}
 
@@ -216,16 +221,17 @@ def pool_bytes() -> int:
 # ---- recipes ------------------------------------------------------------------------------
 
 
-def _recipe(ext: Any, call: nb.KernelCall, sources: dict[str, Tensor | None], like: Tensor,
-            backward: int = -1) -> int | None:
+def _recipe(ext: Any, call: nb.KernelCall, slots: dict[str, int], like: Tensor,
+            backward: int = -1, **sources: Tensor | None) -> int | None:
     """Register ``call`` (packed, not run) as a recipe: its tensors found by identity among
-    ``sources`` (named as ``_FWD_SOURCES`` or ``_BWD_SOURCES``, in that order), its scratch
-    pieces as offsets into the scratch allocation. None when a tensor is not one of the
-    sources (a converted copy: such calls keep the Python path) or the C++ side is full."""
+    ``sources`` (by name, the C++ side's slot of each in ``slots``; a tensor given under two
+    names takes the last one's), its scratch pieces as offsets into the scratch allocation.
+    None when a tensor is not one of the sources (a converted copy: such calls keep the
+    Python path) or the C++ side is full."""
     entry, scratch = call.plan.entry, call.scratch
     base = scratch.tensor.data_ptr()
     end = base + scratch.tensor.numel()
-    index = {id(t): i for i, t in enumerate(sources.values()) if t is not None}
+    index = {id(t): slots[name] for name, t in sources.items() if t is not None}
     templ = [0] * nb._MODULES["entry"].ARGS + entry.pack(call.values)
     templ[nb._MODULES["entry"].CHECK] = entry.check
     patches: list[int] = []
@@ -264,14 +270,14 @@ def _train_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | Non
         for need_dw in (False, True):
             bwd = be._backward_call(dy, x, mean, invstd, weight, apply=need_dx, dweight=need_dw)
             dx, sum_dy, sum_dy_xmu, dw = bwd.outputs
-            rid = _recipe(ext, bwd, dict(zip(_BWD_SOURCES, (
-                dy, x, dx, mean, invstd, weight, sum_dy, sum_dy_xmu, dw))), x)
+            rid = _recipe(ext, bwd, _BWD, x, dy=dy, x=x, dx=dx, mean=mean, invstd=invstd,
+                          weight=weight, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu, dweight=dw)
             if rid is None or (first is not None and rid != first + 2 * need_dx + need_dw):
                 return None
             first = rid if first is None else first
-    return _recipe(ext, fwd, dict(zip(_FWD_SOURCES, (
-        x, y, mean, invstd, weight, bias, running_mean, running_var, new_mean, new_var, None))),
-        x, first)
+    return _recipe(ext, fwd, _FWD, x, first, x=x, y=y, mean=mean, invstd=invstd,
+                   weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, new_mean=new_mean, new_var=new_var)
 
 
 def _eval_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -280,12 +286,8 @@ def _eval_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None
     call = be._forward_call(x, mean=running_mean, var=running_var, weight=weight, bias=bias,
                             eps=eps)
     y = call.outputs[0]
-    return _recipe(ext, call, dict(zip(_FWD_SOURCES, (
-        x, y, running_mean, None, weight, bias, None, None, None, None, running_var))), x)
-
-
-_ACT_BWD_SOURCES = ("dy", "x", "dx", "mean", "invstd", "weight", "sum_dz", "sum_dz_xhat",
-                    "bias", "residual", "dresidual")
+    return _recipe(ext, call, _FWD, x, x=x, y=y, mean=running_mean, weight=weight, bias=bias,
+                   var=running_var)
 
 
 def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -311,14 +313,16 @@ def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         bwd = be._backward_act_call(dy, y, weight, bias, mean, invstd, residual, True,
                                     activation, slope, inplace, reduce, apply)
         dx, sum_dz, sum_dzx, dres = bwd.outputs
-        rid = _recipe(ext, bwd, dict(zip(_ACT_BWD_SOURCES, (
-            dy, y, dx, mean, invstd, weight, sum_dz, sum_dzx, bias, residual, dres))), x)
+        rid = _recipe(ext, bwd, _ACT_BWD, x, dy=dy, x=y, dx=dx, mean=mean, invstd=invstd,
+                      weight=weight, sum_dz=sum_dz, sum_dz_xhat=sum_dzx, bias=bias,
+                      residual=residual, dresidual=dres)
         if rid is None or (first is not None and rid != first + i):
             return None
         first = rid if first is None else first
-    return _recipe(ext, fwd, dict(zip(_FWD_SOURCES, (
-        x, y, mean, invstd, weight, bias, running_mean, running_var, new_mean, new_var,
-        residual))), x, first)
+    return _recipe(ext, fwd, _FWD, x, first, x=x, y=y, mean=mean, invstd=invstd,
+                   weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, new_mean=new_mean, new_var=new_var,
+                   residual=residual)
 
 
 def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -416,5 +420,34 @@ def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     if found is None:
         return None
     ext, rid = found
-    return ext.eval(x, weight, bias, running_mean, running_var, rid, weight is not None,
-                    bias is not None)
+    return ext.eval(x, weight, bias, running_mean, running_var, None, rid, weight is not None,
+                    bias is not None, False)
+
+
+def _eval_act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     running_mean: Tensor, running_var: Tensor, residual: Tensor | None,
+                     eps: float, activation: str, slope: float) -> int | None:
+    be = nb.NumbaBackend()
+    if not be._act_fusable(x, residual, activation):
+        return None
+    call = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, False,
+                                0.0, eps, activation, slope, nb._new_output(x))
+    return _recipe(ext, call, _FWD, x, x=x, y=call.outputs[0], mean=running_mean,
+                   weight=weight, bias=bias, residual=residual, var=running_var)
+
+
+def eval_act_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  running_mean: Tensor, running_var: Tensor, residual: Tensor | None,
+                  eps: float, activation: str, slope: float) -> Tensor | None:
+    """``act(BN(x) + residual)`` in eval, out of place, in C++ (no autograd: for calls where
+    nothing needs a gradient); None where the C++ step does not take this call."""
+    key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
+           _dtype(residual), eps, activation, slope)
+    found = _find(_eval_act_recipes, key, lambda ext: _eval_act_recipe(
+        ext, x, weight, bias, running_mean, running_var, residual, eps, activation, slope),
+        x, weight, bias, running_mean, running_var)
+    if found is None:
+        return None
+    ext, rid = found
+    return ext.eval(x, weight, bias, running_mean, running_var, residual, rid,
+                    weight is not None, bias is not None, residual is not None)

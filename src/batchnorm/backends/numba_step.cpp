@@ -244,6 +244,31 @@ bool residual_ok(const Tensor& r, bool expected, const Tensor& x) {
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A training forward's kernel call (plain or fused): y written, the batch mean and invstd
+// returned, the running buffers updated in place once every phase has completed (a failed
+// call changes nothing).
+std::pair<Tensor, Tensor> train_forward(const Recipe& r, const Tensor& x, const Tensor& y,
+                                        const Tensor& w, const Tensor& b, const Tensor& rm,
+                                        const Tensor& rv, const Tensor& residual) {
+  int64_t c = x.size(1);
+  auto opts = x.options().dtype(acc_of(x.scalar_type()));
+  Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
+  Tensor new_rm, new_rv;
+  if (rm.defined()) {
+    new_rm = at::empty({c}, opts);
+    new_rv = at::empty({c}, opts);
+  }
+  Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
+  run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
+          address(rm), address(rv), address(new_rm), address(new_rv), address(residual),
+          address(scratch), 0});
+  if (rm.defined()) {
+    rm.copy_(new_rm);
+    rv.copy_(new_rv);
+  }
+  return {mean, invstd};
+}
+
 py::object* g_double_backward = nullptr;  // a Python callable, never freed (see set_...)
 
 struct Train : public torch::autograd::Function<Train> {
@@ -254,24 +279,9 @@ struct Train : public torch::autograd::Function<Train> {
                         const c10::optional<Tensor>& running_var, int64_t id, double eps) {
     const Recipe& r = recipe(id);
     Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
-    Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
-    int64_t c = x.size(1);
-    auto opts = x.options().dtype(acc_of(x.scalar_type()));
     Tensor y = new_output(r, x);
-    Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
-    Tensor new_rm, new_rv;
-    if (rm.defined()) {
-      new_rm = at::empty({c}, opts);
-      new_rv = at::empty({c}, opts);
-    }
-    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
-    run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
-            address(rm), address(rv), address(new_rm), address(new_rv), 0, address(scratch),
-            0});
-    if (rm.defined()) {  // only after every phase completed: a failed call changes nothing
-      rm.copy_(new_rm);
-      rv.copy_(new_rv);
-    }
+    auto [mean, invstd] = train_forward(r, x, y, w, b, running_mean.value_or(Tensor()),
+                                        running_var.value_or(Tensor()), Tensor());
     ctx->save_for_backward({x, w, mean, invstd});
     ctx->saved_data["recipe"] = id;
     ctx->saved_data["eps"] = eps;
@@ -339,26 +349,10 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
                         const c10::optional<Tensor>& kernel_weight) {
     const Recipe& r = recipe(id);
     Tensor w = (inplace ? kernel_weight : weight).value_or(Tensor());
-    Tensor b = bias.value_or(Tensor());
-    Tensor rm = running_mean.value_or(Tensor()), rv = running_var.value_or(Tensor());
-    Tensor res = residual.value_or(Tensor());
-    int64_t c = x.size(1);
-    auto opts = x.options().dtype(acc_of(x.scalar_type()));
+    Tensor b = bias.value_or(Tensor()), res = residual.value_or(Tensor());
     Tensor y = inplace ? x : new_output(r, x);
-    Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
-    Tensor new_rm, new_rv;
-    if (rm.defined()) {
-      new_rm = at::empty({c}, opts);
-      new_rv = at::empty({c}, opts);
-    }
-    Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
-    run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
-            address(rm), address(rv), address(new_rm), address(new_rv), address(res),
-            address(scratch), 0});
-    if (rm.defined()) {
-      rm.copy_(new_rm);
-      rv.copy_(new_rv);
-    }
+    auto [mean, invstd] = train_forward(r, x, y, w, b, running_mean.value_or(Tensor()),
+                                        running_var.value_or(Tensor()), res);
     if (inplace) ctx->mark_dirty({x});
     // x: the input, or in place the output written over it (what the backward reads)
     ctx->save_for_backward({x, w, b, mean, invstd, res});

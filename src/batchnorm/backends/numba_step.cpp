@@ -362,11 +362,12 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     ctx->saved_data["slope"] = slope;
     ctx->saved_data["inplace"] = inplace;
     // needs_input_grad counts the inputs that were given: x, then each optional one present
+    auto given = [](const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); };
     int64_t edge = 1;
-    ctx->saved_data["edge_w"] = w.defined() ? edge++ : int64_t(-1);
-    ctx->saved_data["edge_b"] = b.defined() ? edge++ : int64_t(-1);
-    edge += rm.defined() + rv.defined();
-    ctx->saved_data["edge_r"] = res.defined() ? edge : int64_t(-1);
+    ctx->saved_data["edge_w"] = given(weight) ? edge++ : int64_t(-1);
+    ctx->saved_data["edge_b"] = given(bias) ? edge++ : int64_t(-1);
+    edge += given(running_mean) + given(running_var);
+    ctx->saved_data["edge_r"] = given(residual) ? edge : int64_t(-1);
     return y;
   }
 

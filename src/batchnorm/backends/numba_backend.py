@@ -7,6 +7,12 @@ normalizes it while it is still in cache. Channels-last inputs need every row re
 any is normalized, so their kernel runs in three phases (chunk partials, merge, elementwise).
 The four primitives that SyncBatchNorm composes are the same kernels with parts switched off.
 
+The eager training and eval steps (plain and fused) normally run from C++
+(:mod:`.numba_step`): the same packed calls, kept as recipes, without Python between them;
+the methods below are the Python path, which builds those recipes, runs everything else
+(SyncBatchNorm's primitives, traced calls, arguments the C++ side does not take) and stands
+in where the extension cannot be built.
+
 Every kernel call is packed once and run through a C-callable entry (:mod:`.numba_entry`):
 inputs are read in place by address, channels-first contiguous tensors as ``(N, C, S)``,
 channels-last ones (NHWC, NDHWC) and 2-D ``(N, C)`` as ``(rows, C)``. Any other strides are

@@ -124,11 +124,9 @@ class NumbaActMixin:
                 x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                 activation, slope, out,
             )
-        nb = _nb()
-        call = self._forward_act_call(x, weight, bias, running_mean, running_var, residual,
-                                      training, momentum, eps, activation, slope, out)
-        nb._launch(call.plan, call.values, call.scratch)
-        _, mean, invstd, new_rm, new_rv = call.outputs
+        _, mean, invstd, new_rm, new_rv = self._forward_act_call(
+            x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+            activation, slope, out).run()
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None
             if new_rm.dtype != running_mean.dtype:
@@ -258,7 +256,6 @@ class NumbaActMixin:
                 dy, saved, weight, bias, mean, invstd, residual, training, activation, slope,
                 inplace, output_mask,
             )
-        nb = _nb()
         if dy.stride() != saved.stride() or dy.dtype != saved.dtype:
             dy = empty_out_like(saved).copy_(dy)
         need_dx, need_dw, need_db, need_dr = output_mask
@@ -266,11 +263,9 @@ class NumbaActMixin:
         do_reduce = need_dw or need_db or (training and need_dx)
         do_apply = need_dx or need_dr
         if do_reduce or do_apply:
-            call = self._backward_act_call(dy, saved, weight, bias, mean, invstd, residual,
-                                           training, activation, slope, inplace, do_reduce,
-                                           do_apply)
-            nb._launch(call.plan, call.values, call.scratch)
-            dx, sum_dz, sum_dzx, dres = call.outputs
+            dx, sum_dz, sum_dzx, dres = self._backward_act_call(
+                dy, saved, weight, bias, mean, invstd, residual, training, activation, slope,
+                inplace, do_reduce, do_apply).run()
         else:
             dx = dres = None
             sum_dz = sum_dzx = torch.zeros(saved.shape[1], dtype=acc_dtype(saved))

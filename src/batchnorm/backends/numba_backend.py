@@ -647,13 +647,18 @@ def _launch(plan: _Plan, values: list[Any], keep: Any = ()) -> None:
 
 
 class KernelCall(NamedTuple):
-    """A packed kernel call, not run yet: ``_launch(plan, values, scratch)`` runs it and fills
-    ``outputs`` (the C++ step makes a recipe of it instead: :mod:`.numba_step`)."""
+    """A packed kernel call, not run yet: :meth:`run` runs it and fills ``outputs`` (the C++
+    step makes a recipe of it instead: :mod:`.numba_step`)."""
 
     plan: _Plan
     values: list[Any]
     scratch: _Scratch
     outputs: tuple[Tensor | None, ...]
+
+    def run(self) -> tuple[Tensor | None, ...]:
+        """Run the call's phases (:func:`_launch`); its ``outputs``, now written."""
+        _launch(self.plan, self.values, self.scratch)
+        return self.outputs
 
 
 class NumbaBackend(NumbaActMixin, TorchBackend):
@@ -715,9 +720,7 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         running pair in the accumulation dtype, None when not tracked; ``invstd`` None when
         ``var`` was given; ``m2`` only without ``apply``, else None).
         """
-        call = self._forward_call(x, **options)
-        _launch(call.plan, call.values, call.scratch)
-        return call.outputs  # type: ignore[return-value]
+        return self._forward_call(x, **options).run()  # type: ignore[return-value]
 
     def _forward_call(
         self,
@@ -772,9 +775,8 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
 
         Returns ``(dx or None, sum_dy, sum_dy_xmu, dweight or None)``.
         """
-        call = self._backward_call(dy, x, mean, invstd, weight, **options)
-        _launch(call.plan, call.values, call.scratch)
-        return call.outputs  # type: ignore[return-value]
+        return self._backward_call(dy, x, mean, invstd, weight,  # type: ignore[return-value]
+                                   **options).run()
 
     def _backward_call(
         self,

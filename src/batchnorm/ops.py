@@ -513,10 +513,15 @@ def _double_backward_act(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     residual: Tensor | None, mean: Tensor, invstd: Tensor, eps: float, activation: str,
     slope: float, need_dx: bool, need_dw: bool, need_db: bool, need_dr: bool,
-    training: bool = True,
+    inplace: bool = False, training: bool = True,
 ) -> list[Tensor | None]:
     """:func:`_double_backward` for BatchNorm + activation (+ residual): ``(dx, dweight,
-    dbias, dresidual)``, differentiable."""
+    dbias, dresidual)``, differentiable. In place it raises: ``x`` is the output by then."""
+    if inplace:
+        raise RuntimeError(
+            "double backward (create_graph=True) is not supported with inplace=True: "
+            "the input was overwritten by the output; use inplace=False"
+        )
     y = _composite_forward(x, weight, bias, residual, mean, invstd, training, eps, activation,
                            slope)
     return _grads_with_graph(dy, y, (x, weight, bias, residual),
@@ -609,13 +614,8 @@ class BatchNormActFunction(torch.autograd.Function):
         mask = (bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[5]))
         if torch.is_grad_enabled() and saved.numel() > 0:
             # create_graph=True: differentiate the composite (see the module docstring).
-            if inplace:
-                raise RuntimeError(
-                    "double backward (create_graph=True) is not supported with inplace=True: "
-                    "the input was overwritten by the output; use inplace=False"
-                )
             dx, dw, db, dres = _double_backward_act(dy, saved, w, bias, residual, mean, invstd,
-                                                    eps, activation, slope, *mask,
+                                                    eps, activation, slope, *mask, inplace,
                                                     training=training)
             return (dx, dw if dw is None else dw.to(wdt), db if db is None else db.to(bdt),
                     None, None, dres, *([None] * 7))

@@ -371,7 +371,8 @@ class Backend:
         w.r.t. x, weight, bias and the residual; ``inplace``: written over ``x``, whose
         checks the caller has run), or None.
         ``double_backward(dy, x, weight, bias, residual, mean, invstd, eps, activation, slope,
-        need_dx, need_dweight, need_dbias, need_dresidual)`` returns the four gradients."""
+        need_dx, need_dweight, need_dbias, need_dresidual, inplace)`` returns the four
+        gradients (and raises in place)."""
         return None
 
     def eager_act_eval(

@@ -384,16 +384,14 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     variable_list out(12);
     Tensor dy = grads[0];
     if (!(ndx || ndw || ndb || ndr)) return out;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: the composite, in Python
-      TORCH_CHECK(!ctx->saved_data["inplace"].toBool(),
-                  "double backward (create_graph=True) is not supported with inplace=True: "
-                  "the input was overwritten by the output; use inplace=False");
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the composite, in Python (which refuses in-place mode)
       TORCH_CHECK(g_double_backward_act != nullptr, "batchnorm numba step: no double backward");
       py::gil_scoped_acquire gil;
       py::tuple got = (*g_double_backward_act)(
           dy, x, w, b, res, mean, invstd, ctx->saved_data["eps"].toDouble(),
           ctx->saved_data["activation"].toStringRef(), ctx->saved_data["slope"].toDouble(), ndx,
-          ndw, ndb, ndr);
+          ndw, ndb, ndr, ctx->saved_data["inplace"].toBool());
       const int slot[4] = {0, 1, 2, 5};
       for (int i = 0; i < 4; ++i)
         if (!got[i].is_none()) out[slot[i]] = got[i].cast<Tensor>();

@@ -197,7 +197,7 @@ def set_double_backward(fn: Callable[..., Any]) -> None:
 def set_double_backward_act(fn: Callable[..., Any]) -> None:
     """As :func:`set_double_backward`, for BatchNorm + activation: ``fn(dy, x, weight, bias,
     residual, mean, invstd, eps, activation, slope, need_dx, need_dweight, need_dbias,
-    need_dresidual) -> (dx, dweight, dbias, dresidual)``."""
+    need_dresidual, inplace) -> (dx, dweight, dbias, dresidual)``, raising in place."""
     global double_backward_act
     double_backward_act = fn
     ext = _state.get("ext")

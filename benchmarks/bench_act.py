@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 import batchnorm
-from batchnorm.benchmarking.common import measure_turns
+from batchnorm.benchmarking.common import measure_turns, numba_step_line
 from batchnorm.catalog import RESNET50_N32
 
 
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# BN + ReLU + residual, fwd+bwd, {args.dtype} {layout} on {args.device}; "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
+    if args.device == "cpu" and any(b in ("numba", "auto") for b in backends):
+        print(numba_step_line())
     print("| shape | eager ms | " + " | ".join(f"{b} ms | {b} x" for b in backends)
           + " | inplace ms | inplace x | saved MB eager / relu / inplace | same with residual |")
     print("|---|---|" + "---|---|" * len(backends) + "---|---|---|---|")

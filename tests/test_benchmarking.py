@@ -31,6 +31,10 @@ def test_quick_cpu_benchmark_on_a_tiny_shape_prints_tables(capsys, tmp_path):
     assert "x4x8x6x6 cf" in out and "x4x8x6x6 cl" in out
     assert "correctness check against ATen before timing: all ok" in out
     assert "copy bandwidth" in out and "CPU:" in out
+    # which path the numba column timed, said after waiting for the C++ step's build
+    from batchnorm.backends import numba_step
+    assert ("numba eager step: C++" if numba_step.available()
+            else "numba eager step: Python path") in out
     written = {p.suffix for p in tmp_path.iterdir()}
     assert {".md", ".csv"} <= written
     if "--plot" in argv:

@@ -26,6 +26,7 @@ __all__ = [
     "load_average",
     "machine_lines",
     "measure",
+    "numba_step_line",
     "plot_bars",
     "progress",
 ]
@@ -124,6 +125,23 @@ def minor_faults() -> int | None:
     except ImportError:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def numba_step_line() -> str:
+    """Wait until the numba backend's eager step in C++ is built or loaded (its first use
+    starts the build in a background thread, and calls take the Python path until it is
+    ready: timings taken meanwhile measure that path, with a compiler on the other core),
+    and say which path the numba columns time."""
+    from batchnorm.backends import numba_step
+
+    t = time.perf_counter()
+    on = numba_step.available()
+    took = time.perf_counter() - t
+    if on:
+        return (f"- numba eager step: C++ (`backends/numba_step.cpp`; built or loaded in "
+                f"{took:.1f} s)")
+    return ("- numba eager step: Python path (the C++ step is off, or failed to build: "
+            "BATCHNORM_NUMBA_CPP, a C++ compiler and ninja)")
 
 
 def load_average() -> str:

@@ -66,6 +66,7 @@ from .common import (
     machine_lines,
     measure_turns,
     median_ms,
+    numba_step_line,
     plot_bars,
     progress,
 )
@@ -329,6 +330,7 @@ def _crossover(args: argparse.Namespace) -> int:
     header = ["shape", "numel", "layout", "fwdbwd aten/ours", "eval aten/ours"]
     cases = [Case("crossover", "x".join(map(str, s)), s, cl) for s in sizes
              for cl in (False, True)]
+    print(numba_step_line(), flush=True)
     for case in progress(cases, "crossover", not args.no_progress):
         inp = _Inputs(case, _dtype(args.dtype), args.rotate_mb)
         r = {}
@@ -444,6 +446,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
              f"write): {bw:.1f} GB/s"]
     if not (args.quick or args.no_first_call):
         lines += _first_call(args.dtype)
+    lines.append(numba_step_line())
     print("\n".join(lines), flush=True)
     header += lines
 

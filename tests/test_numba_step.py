@@ -539,3 +539,55 @@ def test_the_cpp_eval_act_step_gives_the_python_paths_bits(monkeypatch, activati
         z = z + r.double()
     want = act_forward(z, activation, 0.01)
     assert_close(got, want, *TOLERANCES[torch.float32], f"eval {activation}")
+
+
+@pytest.mark.parametrize("activation", ["identity", "leaky_relu", "elu"])
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "plain"])
+def test_the_cpp_inplace_eval_act_step_gives_the_python_paths_bits(monkeypatch, activation, cl,
+                                                                   with_residual):
+    """Eval in place, nothing needing a gradient: written over the input (returned, its
+    version bumped), on the invertible weight (0 and a tiny negative weight among them), bit
+    for bit the Python path's, near the float64 composite."""
+    shape = (16, 32, 12, 12)
+    x0 = _layout(make_input(shape, shift=1.0), cl)
+    r = _layout(torch.randn(shape), cl) if with_residual else None
+    w, b = torch.rand(32) + 0.5, torch.randn(32)
+    w[0], w[1], w[2] = 0.0, -1e-8, -0.7
+    rm, rv = torch.randn(32), torch.rand(32) + 0.1
+
+    def run():
+        x = x0.clone()
+        version = x._version
+        with torch.no_grad():
+            y = batchnorm.batch_norm_act(x, rm, rv, w, b, False, activation=activation,
+                                         residual=r, inplace=True, backend="numba")
+        assert y is x and x._version > version
+        return y
+
+    numba_step._eval_act_recipes.clear()
+    got = run()
+    assert any(key[-1] and rid is not None for key, rid in numba_step._eval_act_recipes.items())
+    with monkeypatch.context() as m:
+        _python_path(m)
+        expected = run()
+    assert torch.equal(got, expected) and got.stride() == expected.stride()
+    kw = torch.where(w.abs() < 1e-6, torch.where(w < 0, -1e-6, 1e-6), w).double()
+    z = (x0.double() - rm.double()[:, None, None]) / (rv.double()[:, None, None] + 1e-5).sqrt()
+    z = z * kw[:, None, None] + b.double()[:, None, None]
+    if r is not None:
+        z = z + r.double()
+    want = act_forward(z, activation, 0.01)
+    assert_close(got, want, *TOLERANCES[torch.float32], f"in-place eval {activation}")
+
+
+def test_inplace_eval_act_that_needs_a_gradient_keeps_the_autograd_path():
+    """In place with grad mode on and an input that requires grad: the op layer's autograd
+    function (the C++ eval step is for calls where nothing needs a gradient)."""
+    leaf = make_input((8, 16, 6, 6)).requires_grad_()
+    x = leaf * 1.0
+    m = batchnorm.BatchNormAct2d(16, activation="leaky_relu", inplace=True, backend="numba")
+    y = m.eval()(x)
+    assert y.grad_fn is not None and y.data_ptr() == x.data_ptr()
+    y.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()

@@ -544,17 +544,18 @@ def batch_norm_act(
     backend: str,
 ) -> Tensor:
     """``act(BN(x) + residual)`` eagerly (not traced, not transformed; validated): the
-    backend's own eager step where it has one (training; eval out of place when nothing
-    needs a gradient), else :class:`BatchNormActFunction`."""
+    backend's own eager step where it has one (training; eval when nothing needs a
+    gradient), else :class:`BatchNormActFunction`."""
     out = None
     if training:
         out = get_backend(backend).eager_act_train(
             x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
             slope, inplace, _double_backward_act)
-    elif not inplace and not _needs_grad(x, weight, bias, residual):
+    elif not _needs_grad(x, weight, bias, residual):
         assert running_mean is not None and running_var is not None
         out = get_backend(backend).eager_act_eval(
-            x, weight, bias, running_mean, running_var, residual, eps, activation, slope)
+            x, weight, bias, running_mean, running_var, residual, eps, activation, slope,
+            inplace)
     if out is not None:
         return out
     return fast_apply(BatchNormActFunction, x, weight, bias, running_mean, running_var,

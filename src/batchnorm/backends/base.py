@@ -386,9 +386,11 @@ class Backend:
         eps: float,
         activation: str,
         slope: float,
+        inplace: bool = False,
     ) -> Tensor | None:
-        """``act(BN(x) + residual)`` in eval, out of place, when nothing needs a gradient; or
-        None (the op layer's path)."""
+        """``act(BN(x) + residual)`` in eval when nothing needs a gradient; ``inplace``:
+        written over ``x`` (whose checks the caller has run; its version bumped) and ``x``
+        returned. Or None (the op layer's path)."""
         return None
 
     # ---- BatchNorm + activation (+ residual); fused backends override ------------------------

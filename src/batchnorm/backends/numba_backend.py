@@ -868,10 +868,11 @@ class NumbaBackend(NumbaActMixin, TorchBackend):
         eps: float,
         activation: str,
         slope: float,
+        inplace: bool = False,
     ) -> Tensor | None:
         step = _MODULES.get("step") or _step_module()
         return step.eval_act_step(x, weight, bias, running_mean, running_var, residual, eps,
-                                  activation, slope)
+                                  activation, slope, inplace)
 
     def eager_eval(
         self,

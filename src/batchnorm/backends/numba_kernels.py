@@ -717,21 +717,30 @@ def _rows_sum(x, o, w, rows, acc):
 
 @njit(fastmath=_ELEM_MATH)
 def _rows_dev(x, o, w, rows, m, q1, q2):
+    """The centred sums take eight super-rows a pass, not four: read from memory, that was
+    5-15% faster on one thread over the ResNet-50 channels-last shapes (the accumulators
+    loaded and stored half as often; the backward's _rows_bred, with two inputs, was
+    slower with eight, 2-22%: benchmarks/RESULTS.md, session 22)."""
     q1[:w] = 0.0
     q2[:w] = 0.0
-    r4 = 0
-    while r4 + 4 <= rows:
-        p = o + r4 * w
+    r8 = 0
+    while r8 + 8 <= rows:
+        p = o + r8 * w
         for j in range(w):
             mj = m[_u(j)]
             d0 = _ld(x[_u(p + j)]) - mj
             d1 = _ld(x[_u(p + w + j)]) - mj
             d2 = _ld(x[_u(p + 2 * w + j)]) - mj
             d3 = _ld(x[_u(p + 3 * w + j)]) - mj
-            q1[_u(j)] += (d0 + d1) + (d2 + d3)
-            q2[_u(j)] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r4 += 4
-    for r in range(r4, rows):
+            d4 = _ld(x[_u(p + 4 * w + j)]) - mj
+            d5 = _ld(x[_u(p + 5 * w + j)]) - mj
+            d6 = _ld(x[_u(p + 6 * w + j)]) - mj
+            d7 = _ld(x[_u(p + 7 * w + j)]) - mj
+            q1[_u(j)] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            q2[_u(j)] += (((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3))
+                          + ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)))
+        r8 += 8
+    for r in range(r8, rows):
         p = o + r * w
         for j in range(w):
             d = _ld(x[_u(p + j)]) - m[_u(j)]

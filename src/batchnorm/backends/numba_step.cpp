@@ -537,11 +537,13 @@ Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
 }
 
 // The eval forward (no autograd: the caller takes it only when nothing needs a gradient).
-// Plain BatchNorm's recipes, or the fused activation's with an optional residual.
+// Plain BatchNorm's recipes, or the fused activation's with an optional residual; in place
+// (the activation's in-place recipes, ``weight`` the kernel weight), the output is ``x``,
+// written over, with its version bumped as an in-place op's is.
 Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
             const c10::optional<Tensor>& bias, const Tensor& running_mean,
             const Tensor& running_var, const c10::optional<Tensor>& residual, int64_t id,
-            bool has_weight, bool has_bias, bool has_residual) {
+            bool has_weight, bool has_bias, bool has_residual, bool inplace) {
   const Recipe& r = recipe(id);
   Tensor w = weight.value_or(Tensor()), b = bias.value_or(Tensor());
   Tensor res = residual.value_or(Tensor());
@@ -551,10 +553,11 @@ Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
       !residual_ok(res, has_residual, x))
     return Tensor();
   py::gil_scoped_release nogil;
-  Tensor y = new_output(r, x);
+  Tensor y = inplace ? x : new_output(r, x);
   Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
   run(r, {address(x), address(y), address(running_mean), 0, address(w), address(b), 0, 0, 0, 0,
           address(res), address(scratch), address(running_var)});
+  if (inplace) x.unsafeGetTensorImpl()->bump_version();
   return y;
 }
 

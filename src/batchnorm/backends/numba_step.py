@@ -421,33 +421,43 @@ def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
         return None
     ext, rid = found
     return ext.eval(x, weight, bias, running_mean, running_var, None, rid, weight is not None,
-                    bias is not None, False)
+                    bias is not None, False, False)
 
 
 def _eval_act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                      running_mean: Tensor, running_var: Tensor, residual: Tensor | None,
-                     eps: float, activation: str, slope: float) -> int | None:
+                     eps: float, activation: str, slope: float, inplace: bool) -> int | None:
     be = nb.NumbaBackend()
     if not be._act_fusable(x, residual, activation):
         return None
+    out = nb._new_output(x)
+    if inplace:  # (recipes only: nothing runs, x is not written)
+        check_activation(activation, slope, True)
+        weight = invertible_weight(weight)
+        out = x
     call = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, False,
-                                0.0, eps, activation, slope, nb._new_output(x))
+                                0.0, eps, activation, slope, out)
     return _recipe(ext, call, _FWD, x, x=x, y=call.outputs[0], mean=running_mean,
                    weight=weight, bias=bias, residual=residual, var=running_var)
 
 
 def eval_act_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                   running_mean: Tensor, running_var: Tensor, residual: Tensor | None,
-                  eps: float, activation: str, slope: float) -> Tensor | None:
-    """``act(BN(x) + residual)`` in eval, out of place, in C++ (no autograd: for calls where
-    nothing needs a gradient); None where the C++ step does not take this call."""
+                  eps: float, activation: str, slope: float,
+                  inplace: bool = False) -> Tensor | None:
+    """``act(BN(x) + residual)`` in eval in C++ (no autograd: for calls where nothing needs
+    a gradient); in place, written over ``x`` (the caller has checked that it may, as for
+    the Python path; its version is bumped) with the kernels on the invertible weight, and
+    ``x`` returned. None where the C++ step does not take this call."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
-           _dtype(residual), eps, activation, slope)
+           _dtype(residual), eps, activation, slope, inplace)
     found = _find(_eval_act_recipes, key, lambda ext: _eval_act_recipe(
-        ext, x, weight, bias, running_mean, running_var, residual, eps, activation, slope),
-        x, weight, bias, running_mean, running_var)
+        ext, x, weight, bias, running_mean, running_var, residual, eps, activation, slope,
+        inplace), x, weight, bias, running_mean, running_var)
     if found is None:
         return None
     ext, rid = found
+    if inplace and weight is not None:
+        weight = invertible_weight(weight.detach())
     return ext.eval(x, weight, bias, running_mean, running_var, residual, rid,
-                    weight is not None, bias is not None, residual is not None)
+                    weight is not None, bias is not None, residual is not None, inplace)

@@ -8,7 +8,7 @@ benchmarks/RESULTS.md). Here one C++ call runs the forward, with the running buf
 updated, and returns ``y`` from a C++ autograd function whose backward autograd's engine
 calls without entering Python: plain BatchNorm (:func:`train_step`), BatchNorm + activation
 (+ residual), out of place or in place (:func:`act_train_step`), and the eval forwards
-(:func:`eval_step`, :func:`eval_act_step`, out of place).
+(:func:`eval_step`; :func:`eval_act_step`, out of place or in place).
 
 How: the first call for a key (shape, strides, dtype, which of weight/bias/running buffers
 are given, momentum, eps) packs the numba backend's kernel calls as it always does

@@ -370,6 +370,13 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, kind, inp):
     return g * _dact(z, kind, sl), xh
 
 
+# The reductions' copy: with the reductions' flags (contracted into FMAs), as when numba
+# inlined it into its callers (session 19), where the exact copy cost the 7x7 and 14x14
+# reductions 5-10% (paired A/B, benchmarks/RESULTS.md, session 22). The elementwise pass
+# keeps the exact copy (its rounding must not depend on how LLVM fused each loop).
+_dz_xhat_sum = njit(fastmath=_REDUCE_MATH, forceinline=True)(_dz_xhat.py_func)
+
+
 @njit(inline="always")
 def _lin_act(z, neg):
     """identity, relu or leaky_relu (slope ``neg``): relu gives 0 for z <= 0 also at -inf,
@@ -455,7 +462,7 @@ def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, 
     if kind == 0:
         for i in range(o, o + s):
             rv = _ld(r[_u(i)]) if res else _zero(hi)
-            dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
+            dz, xh = _dz_xhat_sum(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
                               neg, rneg, sl, kind, inp)
             s1 += dz
             s2 += dz * xh
@@ -478,11 +485,25 @@ def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, 
 @njit(inline="always")
 def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, bz,
                     bx, kind, res, inp):
+    if s_ <= ROW_SEGMENT:
+        # short runs (all but a volume at batch size 1): one call a run, no piece loop around
+        # it, which made the 7x7 and 14x14 reductions 10-15% slower (paired, session 22; as
+        # numba_kernels keeps _task_bred_long apart)
+        for n in range(n0, n1):
+            o = n * stride + c0 * s_
+            for c in range(c0, c1):
+                u, w = _run_bred_body(dy, v, r, o, s_, co[0, c], co[1, c], co[2, c], co[3, c],
+                                      co[4, c], co[5, c], a, neg, rneg, sl, bz, bx, kind, res,
+                                      inp)
+                sdz[c] += u
+                sdx[c] += w
+                o += s_
+        return
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
             # a long run in pieces of ROW_SEGMENT values (compute-dtype sums; as
-            # numba_kernels._task_bred_long), a short one in one piece
+            # numba_kernels._task_bred_long)
             for p in range(0, s_, ROW_SEGMENT):
                 u, w = _run_bred_body(dy, v, r, o + p, min(ROW_SEGMENT, s_ - p), co[0, c],
                                       co[1, c], co[2, c], co[3, c], co[4, c], co[5, c], a,

@@ -591,3 +591,20 @@ def test_inplace_eval_act_that_needs_a_gradient_keeps_the_autograd_path():
     assert y.grad_fn is not None and y.data_ptr() == x.data_ptr()
     y.sum().backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_inplace_eval_act_bumps_the_version_autograd_checks():
+    """In-place eval in C++ writes over an input another op saved for its backward: the
+    version bump makes that backward raise, as for any in-place op (not a silent wrong
+    gradient)."""
+    leaf = make_input((8, 16, 6, 6)).requires_grad_()
+    x = leaf * 1.0
+    z = x.sin()  # saves x
+    m = batchnorm.BatchNormAct2d(16, activation="leaky_relu", inplace=True, backend="numba")
+    numba_step._eval_act_recipes.clear()
+    with torch.no_grad():
+        y = m.eval()(x)
+    assert y is x
+    assert any(key[-1] and rid is not None for key, rid in numba_step._eval_act_recipes.items())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()

@@ -118,3 +118,24 @@ def test_overhead_script_runs_both_modes(capsys):
     assert "ATen/ours=" in out and "numba_kernels.forward phase 0" in out
     with pytest.raises(SystemExit):
         mod.main(["--shape", "4"])
+
+
+@pytest.mark.slow
+def test_first_call_lines_report_the_compile_the_load_and_the_cpp_step():
+    """The bench's first-call measurement (fresh processes, empty caches, then cached): both
+    lines parse, and the C++ step's readiness is reported (ready no sooner than the first
+    calls returned)."""
+    import re
+
+    from batchnorm.backends import numba_step
+    from batchnorm.benchmarking.cpu import _first_call
+
+    lines = _first_call("float32")
+    assert [("compile (empty cache)" in ln, "load (cached)" in ln) for ln in lines] == [
+        (True, False), (False, True)]
+    for ln in lines:
+        m = re.search(r"included: ([0-9.]+) s \((.*)\)$", ln)
+        assert m is not None, ln
+        if numba_step.available():
+            ready = re.search(r"ready after ([0-9.]+) s", m.group(2))
+            assert ready is not None and float(ready.group(1)) >= float(m.group(1)), ln

@@ -430,11 +430,10 @@ def _eval_act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | 
     be = nb.NumbaBackend()
     if not be._act_fusable(x, residual, activation):
         return None
-    out = nb._new_output(x)
     if inplace:  # (recipes only: nothing runs, x is not written)
         check_activation(activation, slope, True)
-        weight = invertible_weight(weight)
-        out = x
+        weight = invertible_weight(_detached(weight))
+    out = x if inplace else nb._new_output(x)
     call = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, False,
                                 0.0, eps, activation, slope, out)
     return _recipe(ext, call, _FWD, x, x=x, y=call.outputs[0], mean=running_mean,

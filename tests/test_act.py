@@ -150,6 +150,33 @@ def test_inplace_errors():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_inplace_on_an_inference_tensor(backend, training):
+    """An inference tensor (made under torch.inference_mode) in place, outside inference mode:
+    torch's refusal, raised before the input, the running statistics or the counter change
+    (the version bump that torch refuses came after the kernels); inside inference mode the
+    call runs and writes the input."""
+    module = batchnorm.BatchNormAct2d(3, activation="leaky_relu", inplace=True,
+                                      backend=backend)
+    module.train(training)
+    with torch.inference_mode():
+        x = make_input((4, 3, 5, 5))
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside "
+                                           "InferenceMode is not allowed"):
+        with torch.no_grad():
+            module(x)
+    assert torch.equal(x, before)
+    assert int(module.num_batches_tracked) == 0
+    assert torch.equal(module.running_mean, torch.zeros(3))
+    assert torch.equal(module.running_var, torch.ones(3))
+    with torch.inference_mode():
+        y = module(x)
+    assert y.data_ptr() == x.data_ptr() and not torch.equal(x, before)
+    assert int(module.num_batches_tracked) == int(training)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_memory_conflicts_raise_and_disjoint_views_work(backend):
     """In place, the input's memory must be its own: an expanded input, or a residual that
     aliases it (x-hat is recomputed from y and the residual), raise before anything runs; a

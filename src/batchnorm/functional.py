@@ -178,6 +178,15 @@ def check_act_args(
             "inplace=True overwrites the input, but the input is a leaf tensor that requires "
             "grad; pass inplace=False or an intermediate tensor"
         )
+    if input.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses the version bump after the kernels have written the input (and the
+        # running statistics): refuse before, in torch's words
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed: "
+            "inplace=True overwrites the input, an inference tensor (made under "
+            "torch.inference_mode); pass inplace=False, run the call inside "
+            "torch.inference_mode(), or pass a clone of the input"
+        )
     base = input._base
     if (input.requires_grad and torch.is_grad_enabled() and base is not None and base.is_leaf
             and base.requires_grad):

@@ -178,15 +178,6 @@ def check_act_args(
             "inplace=True overwrites the input, but the input is a leaf tensor that requires "
             "grad; pass inplace=False or an intermediate tensor"
         )
-    if input.is_inference() and not torch.is_inference_mode_enabled():
-        # torch refuses the version bump after the kernels have written the input (and the
-        # running statistics): refuse before, in torch's words
-        raise RuntimeError(
-            "Inplace update to inference tensor outside InferenceMode is not allowed: "
-            "inplace=True overwrites the input, an inference tensor (made under "
-            "torch.inference_mode); pass inplace=False, run the call inside "
-            "torch.inference_mode(), or pass a clone of the input"
-        )
     base = input._base
     if (input.requires_grad and torch.is_grad_enabled() and base is not None and base.is_leaf
             and base.requires_grad):
@@ -196,9 +187,20 @@ def check_act_args(
             "inplace=True overwrites the input, but the input is a view of a leaf tensor that "
             "requires grad; pass inplace=False or an intermediate tensor"
         )
-    if input.numel() == 0 or ops._traced(input):
+    if ops._traced(input):
         # (traced, in-place mode computes out of place: nothing is overwritten; and fake
-        # tensors have no addresses to compare)
+        # tensors have no addresses to compare, nor can torch.compile ask is_inference())
+        return
+    if input.is_inference() and not torch.is_inference_mode_enabled():
+        # torch refuses the version bump after the kernels have written the input (and the
+        # running statistics): refuse before, in torch's words
+        raise RuntimeError(
+            "Inplace update to inference tensor outside InferenceMode is not allowed: "
+            "inplace=True overwrites the input, an inference tensor (made under "
+            "torch.inference_mode); pass inplace=False, run the call inside "
+            "torch.inference_mode(), or pass a clone of the input"
+        )
+    if input.numel() == 0:
         return
     if any(st == 0 and n > 1 for n, st in zip(input.shape, input.stride())):
         raise RuntimeError(

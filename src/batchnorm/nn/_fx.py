@@ -33,8 +33,11 @@ def fx_leaf(module: torch.nn.Module, *args: Any) -> fx.Proxy | None:
             its own root as a leaf (``torch.nn.BatchNorm2d`` cannot be traced as a root
             either); trace a model that contains it.
     """
-    proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
-    if proxy is None:
+    # (a plain loop: every forward runs this, and a generator costs two more frames)
+    for proxy in args:
+        if isinstance(proxy, fx.Proxy):
+            break
+    else:
         return None
     tracer = proxy.tracer
     if module is getattr(tracer, "root", None):

@@ -164,6 +164,101 @@ def test_statistics_far_from_zero_fp32(name, shape, channels_last):
 
 
 @pytest.mark.parametrize(("name", "shape", "channels_last"),
+                         _cases([("nchw", (16, 24, 20, 20)), ("rows", (3000, 37))]))
+@pytest.mark.parametrize("z", [0.0, 7.9, 8.1, 40.0])
+def test_folded_coefficients_near_their_threshold(name, shape, channels_last, z):
+    """|mean| / std = z on both sides of FOLD_Z = 8, where the kernels switch between the
+    centred ``(x - mean) * scale + shift`` and the folded ``x * scale + shift'`` (and the
+    backward's alike): train (forward and every gradient) and eval stay within the fp32 row
+    of the float64 reference, and y and dx within 48 float32 ulps of their scale, which the
+    folded form's extra rounding (at most ~2 * FOLD_Z ulps) must fit in."""
+    from batchnorm.backends.numba_kernels import FOLD_Z
+
+    assert FOLD_Z == 8.0
+    c = shape[1]
+    scale = 2.0
+    signs = torch.where(torch.arange(c) % 2 == 0, 1.0, -1.0).double()
+    g = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * scale
+    x64 = x64 + (z * scale * signs).view(1, -1, *([1] * (len(shape) - 2)))
+    x = x64.float()
+    if channels_last:
+        x = to_channels_last(x)
+    x.requires_grad_()
+    dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0, seed=3)
+    w = (torch.rand(c, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(c, generator=g).requires_grad_()
+    y = batchnorm.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, backend=BACKEND)
+    y.backward(dy)
+    xn, dyn = x.detach().double().numpy(), dy.double().numpy()
+    wn, bn_ = w.detach().double().numpy(), b.detach().double().numpy()
+    y_ref, st, inv = ref.forward_train(xn, wn, bn_, 1e-5)
+    dx_ref, dw_ref, db_ref = ref.backward(dyn, xn, st.mean, inv, wn, True)
+    ulps = 48 * float(torch.finfo(torch.float32).eps)
+    what = f"{name} cl={channels_last} z={z}"
+    assert_close(y, y_ref, ulps * float(np.abs(y_ref).max()), 0.0, f"{what} y")
+    assert_close(x.grad, dx_ref, ulps * float(np.abs(dx_ref).max()), 0.0, f"{what} dx")
+    m = x.numel() // c
+    # (as in _check_against_reference: the saved mean's rounding moves sum(dy * (x - mean))
+    # by sum(dy) times it; the reductions are the same for both forms)
+    mean_err = 2 * float(torch.finfo(torch.float32).eps) * float(np.abs(st.mean).max()) * float(
+        np.max(inv))
+    assert_close(w.grad, dw_ref, STAT_TOLERANCES[torch.float32][0] * m**0.5
+                 + float(np.abs(db_ref).max()) * mean_err, 1e-4, f"{what} dweight")
+    assert_close(b.grad, db_ref, STAT_TOLERANCES[torch.float32][0] * m**0.5, 1e-4,
+                 f"{what} dbias")
+    # eval with running statistics at the same distance from 0
+    rv = torch.full((c,), scale**2)
+    rm = (z * scale * signs).float()
+    with torch.no_grad():
+        ye = batchnorm.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, backend=BACKEND)
+    ye_ref = ref.forward_eval(xn, rm.double().numpy(), rv.double().numpy(), wn, bn_, 1e-5)
+    assert_close(ye, ye_ref, ulps * float(np.abs(ye_ref).max()), 0.0, f"{what} eval y")
+
+
+def test_folded_loops_give_the_centred_loops_bits():
+    """The two-stream loops taken when every ``hi`` is 0 give exactly what the general loops
+    give with ``hi = 0`` (so which one runs is a matter of speed only), NaN, inf, -0 and a
+    zero backward coefficient ``b`` (eval: x must not reach dx) included."""
+    from batchnorm.backends import numba_kernels as nk
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        w, rows = 40, 7
+        x = rng.standard_normal(w * rows).astype(dtype) * 3
+        x[[1, 5, 44, 90]] = [np.nan, np.inf, -np.inf, -0.0]
+        dy = rng.standard_normal(w * rows).astype(dtype)
+        sc, sh, k = (rng.standard_normal(w).astype(dtype) for _ in range(3))
+        bb = rng.standard_normal(w).astype(dtype)
+        bb[[2, 5, 9]] = 0.0
+        sh[3] = -0.0
+        zero = np.zeros(w, dtype)
+        out = [np.empty(w * rows, dtype) for _ in range(4)]
+        nk._rows_norm(x, 0, out[0], 0, w, rows, zero, sc, sh, nk._I0)
+        nk._rows_fma(x, 0, out[1], 0, w, rows, sc, sh, nk._I0)
+        nk._rows_bapply(dy, x, 0, out[2], 0, w, rows, zero, sc, bb, k, nk._I0)
+        nk._rows_bapply_fold(dy, x, 0, out[3], 0, w, rows, sc, bb, k, nk._I0)
+        for a, e in ((out[1], out[0]), (out[3], out[2])):
+            assert np.array_equal(a.view(np.uint8), e.view(np.uint8)), (
+                f"{dtype.__name__}: folded loop differs at {np.flatnonzero(a.view(a.dtype) != e)}")
+        assert np.isfinite(out[2].reshape(rows, w)[:, [2, 5, 9]]).all()
+
+
+def test_coefficients_fold_only_near_zero():
+    """_coef3 folds (hi = 0) only where |mean| * invstd <= FOLD_Z and all is finite."""
+    from batchnorm.backends import numba_kernels as nk
+
+    like = np.zeros((3, 1), np.float32)
+    for mu, inv, folded in ((0.5, 2.0, True), (-4.0, 2.0, True), (4.5, 2.0, False),
+                            (1e4, 1.0, False), (np.inf, 1.0, False), (np.nan, 1.0, False),
+                            (0.5, np.inf, False), (1e-39, 1e39, False)):
+        hi, _, sh = nk._coef3(mu, inv, 1.5, 0.25, like)
+        assert (hi == 0.0) == folded, (mu, inv, hi)
+        if folded:
+            assert abs(sh - (0.25 - mu * float(np.float32(inv * 1.5)))) <= 1e-12
+
+
+@pytest.mark.parametrize(("name", "shape", "channels_last"),
                          _cases([("blocks", (8, 40, 17, 19)), ("few_channels", (24, 3, 40, 41)),
                                  ("rows", (3000, 37))]))
 def test_primitives_match_torch_backend(name, shape, channels_last):

@@ -71,7 +71,8 @@ def njit(*args, **kwargs):
 # Reductions may be reordered (vectorized with several accumulators); elementwise code may
 # only contract a*b+c into an FMA. Reassociation must not reach the normalization, where it
 # could turn (x - mean_hi) * scale + shift into the folded x * scale + (shift - mean_hi *
-# scale), which loses the mean's precision.
+# scale), which loses the mean's precision (the coefficients fold it themselves only where
+# that is harmless: FOLD_Z, _coef3).
 _REDUCE_MATH = {"reassoc", "contract", "nsz"}
 _ELEM_MATH = {"contract"}
 

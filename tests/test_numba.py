@@ -169,23 +169,27 @@ def test_statistics_far_from_zero_fp32(name, shape, channels_last):
 def test_folded_coefficients_near_their_threshold(name, shape, channels_last, z):
     """|mean| / std = z on both sides of FOLD_Z = 8, where the kernels switch between the
     centred ``(x - mean) * scale + shift`` and the folded ``x * scale + shift'`` (and the
-    backward's alike): train (forward and every gradient) and eval stay within the fp32 row
-    of the float64 reference, and y and dx within 48 float32 ulps of their scale, which the
-    folded form's extra rounding (at most ~2 * FOLD_Z ulps) must fit in."""
+    backward's alike), in float32 against the float64 reference, per channel: y (train and
+    eval) within 8 ulps of ``|w| + |b|``, dx within 6 ulps of ``w * invstd * max|dy|`` (with
+    dy correlated with x-hat, so that the backward's ``b * mean`` term is large). Measured:
+    2-4 ulps either way up to z = 40; folding everywhere gives 13-14 (y) and 9 (dx) at z = 40,
+    so these bounds fail if the fold reaches that far."""
     from batchnorm.backends.numba_kernels import FOLD_Z
 
     assert FOLD_Z == 8.0
     c = shape[1]
-    scale = 2.0
-    signs = torch.where(torch.arange(c) % 2 == 0, 1.0, -1.0).double()
+    std = 2.0
+    ulp = float(torch.finfo(torch.float32).eps)
+    bshape = (1, -1, *([1] * (len(shape) - 2)))
+    center = z * std * torch.where(torch.arange(c) % 2 == 0, 1.0, -1.0).double()
     g = torch.Generator().manual_seed(11)
-    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * scale
-    x64 = x64 + (z * scale * signs).view(1, -1, *([1] * (len(shape) - 2)))
-    x = x64.float()
+    noise = torch.randn(shape, generator=g, dtype=torch.float64)
+    x64 = noise * std + center.view(bshape)
+    dy64 = 0.7 * noise + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    x, dy = x64.float(), dy64.float()
     if channels_last:
-        x = to_channels_last(x)
+        x, dy = to_channels_last(x), to_channels_last(dy)
     x.requires_grad_()
-    dy = make_input(shape, channels_last=channels_last, shift=0.0, scale=1.0, seed=3)
     w = (torch.rand(c, generator=g) + 0.5).requires_grad_()
     b = torch.randn(c, generator=g).requires_grad_()
     y = batchnorm.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, backend=BACKEND)
@@ -194,26 +198,28 @@ def test_folded_coefficients_near_their_threshold(name, shape, channels_last, z)
     wn, bn_ = w.detach().double().numpy(), b.detach().double().numpy()
     y_ref, st, inv = ref.forward_train(xn, wn, bn_, 1e-5)
     dx_ref, dw_ref, db_ref = ref.backward(dyn, xn, st.mean, inv, wn, True)
-    ulps = 48 * float(torch.finfo(torch.float32).eps)
+    y_scale = (np.abs(wn) + np.abs(bn_)).reshape(bshape)
+    dx_scale = (np.abs(wn) * inv).reshape(bshape) * float(np.abs(dyn).max())
     what = f"{name} cl={channels_last} z={z}"
-    assert_close(y, y_ref, ulps * float(np.abs(y_ref).max()), 0.0, f"{what} y")
-    assert_close(x.grad, dx_ref, ulps * float(np.abs(dx_ref).max()), 0.0, f"{what} dx")
+    assert_close(y.detach().double().numpy() / y_scale, y_ref / y_scale, 8 * ulp, 0.0,
+                 f"{what} y (in units of |w| + |b|)")
+    assert_close(x.grad.double().numpy() / dx_scale, dx_ref / dx_scale, 6 * ulp, 0.0,
+                 f"{what} dx (in units of w * invstd * max|dy|)")
     m = x.numel() // c
     # (as in _check_against_reference: the saved mean's rounding moves sum(dy * (x - mean))
     # by sum(dy) times it; the reductions are the same for both forms)
-    mean_err = 2 * float(torch.finfo(torch.float32).eps) * float(np.abs(st.mean).max()) * float(
-        np.max(inv))
+    mean_err = 2 * ulp * float(np.abs(st.mean).max()) * float(np.max(inv))
     assert_close(w.grad, dw_ref, STAT_TOLERANCES[torch.float32][0] * m**0.5
                  + float(np.abs(db_ref).max()) * mean_err, 1e-4, f"{what} dweight")
     assert_close(b.grad, db_ref, STAT_TOLERANCES[torch.float32][0] * m**0.5, 1e-4,
                  f"{what} dbias")
     # eval with running statistics at the same distance from 0
-    rv = torch.full((c,), scale**2)
-    rm = (z * scale * signs).float()
+    rm, rv = center.float(), torch.full((c,), std**2)
     with torch.no_grad():
         ye = batchnorm.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, backend=BACKEND)
     ye_ref = ref.forward_eval(xn, rm.double().numpy(), rv.double().numpy(), wn, bn_, 1e-5)
-    assert_close(ye, ye_ref, ulps * float(np.abs(ye_ref).max()), 0.0, f"{what} eval y")
+    assert_close(ye.double().numpy() / y_scale, ye_ref / y_scale, 8 * ulp, 0.0,
+                 f"{what} eval y (in units of |w| + |b|)")
 
 
 def test_folded_loops_give_the_centred_loops_bits():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("numba", reason="the numba backend needs numba")
 
+import batchnorm
 from batchnorm.backends import get_backend
 from batchnorm.backends.base import Backend, empty_out_like
 from helpers import STAT_TOLERANCES, TOLERANCES, assert_close, make_input
@@ -367,3 +368,24 @@ def test_in_place_backward_refuses_a_non_invertible_activation(be):
     with pytest.raises(ValueError, match="invertible"):
         be.backward_act(torch.ones_like(x), x, w, b, mean, invstd, None, True, "silu", SLOPE,
                         True, MASK)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("center", [0.5, 1e3], ids=["folded", "centred"])
+def test_identity_gives_plain_batchnorms_bits(channels_last, center):
+    """The identity activation without a residual computes what plain BatchNorm does, bit for
+    bit, with folded coefficients (mean near 0: the loops skip ``hi``) and centred ones (far
+    from 0), in training and in eval: both kernels take the same coefficients and form."""
+    shape = (12, 40, 9, 11)
+    x = make_input(shape, channels_last=channels_last, shift=center, scale=2.0, seed=7)
+    c = shape[1]
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    for training in (True, False):
+        rm = torch.full((c,), center) + torch.randn(c)
+        rv = torch.rand(c) * 4 + 2
+        rm2, rv2 = rm.clone(), rv.clone()
+        y = batchnorm.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, backend="numba")
+        ya = batchnorm.batch_norm_act(x, rm2, rv2, w, b, training, 0.1, 1e-5,
+                                      activation="identity", backend="numba")
+        assert torch.equal(ya, y), f"training={training}: {(ya - y).abs().max().item():.3e}"
+        assert torch.equal(rm2, rm) and torch.equal(rv2, rv)

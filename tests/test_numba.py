@@ -223,9 +223,9 @@ def test_folded_coefficients_near_their_threshold(name, shape, channels_last, z)
 
 
 def test_folded_loops_give_the_centred_loops_bits():
-    """The two-stream loops taken when every ``hi`` is 0 give exactly what the general loops
-    give with ``hi = 0`` (so which one runs is a matter of speed only), NaN, inf, -0 and a
-    zero backward coefficient ``b`` (eval: x must not reach dx) included."""
+    """The loops' folded copies (``fold``: every ``hi`` 0, not read) give exactly what their
+    general copies give with ``hi = 0`` (so which one runs is a matter of speed only), NaN,
+    inf, -0 and a zero backward coefficient ``b`` (eval: x must not reach dx) included."""
     from batchnorm.backends import numba_kernels as nk
 
     rng = np.random.default_rng(5)
@@ -240,10 +240,10 @@ def test_folded_loops_give_the_centred_loops_bits():
         sh[3] = -0.0
         zero = np.zeros(w, dtype)
         out = [np.empty(w * rows, dtype) for _ in range(4)]
-        nk._rows_norm(x, 0, out[0], 0, w, rows, zero, sc, sh, nk._I0)
-        nk._rows_fma(x, 0, out[1], 0, w, rows, sc, sh, nk._I0)
-        nk._rows_bapply(dy, x, 0, out[2], 0, w, rows, zero, sc, bb, k, nk._I0)
-        nk._rows_bapply_fold(dy, x, 0, out[3], 0, w, rows, sc, bb, k, nk._I0)
+        nk._rows_norm(x, 0, out[0], 0, w, rows, zero, sc, sh, nk._I0, False)
+        nk._rows_norm(x, 0, out[1], 0, w, rows, sc, sc, sh, nk._I0, True)  # (hi not read)
+        nk._rows_bapply(dy, x, 0, out[2], 0, w, rows, zero, sc, bb, k, nk._I0, False)
+        nk._rows_bapply(dy, x, 0, out[3], 0, w, rows, sc, sc, bb, k, nk._I0, True)
         for a, e in ((out[1], out[0]), (out[3], out[2])):
             assert np.array_equal(a.view(np.uint8), e.view(np.uint8)), (
                 f"{dtype.__name__}: folded loop differs at {np.flatnonzero(a.view(a.dtype) != e)}")

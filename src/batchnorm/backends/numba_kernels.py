@@ -459,7 +459,8 @@ def _coef3(mu, inv, w, b, like):
     rounding) + shift''s rounding``: the scale's error still multiplies ``x - mean``, and
     the shift's rounding is at most ``eps * (|shift| + FOLD_Z * |weight|)``, a few ulps of
     the output's scale. With ``hi = 0`` the elementwise loops need two coefficient streams,
-    not three (``_rows_fma``; channels-last, 17% faster from memory on one thread)."""
+    not three (``_rows_norm``'s ``fold``; channels-last, 17-35% faster from memory on one
+    thread)."""
     sc = inv * w
     scr = np.float64(_as(sc, like))
     # (False for a NaN or infinite mean or invstd)
@@ -765,36 +766,23 @@ def _rows_dev(x, o, w, rows, m, q1, q2):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh, co):
+def _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh, co, fold):
     """``rows`` super-rows of width ``w``: x from xo, y from yo, coefficients from co. The
     coefficients must be separate contiguous arrays (not rows of one 2-D array, which made
-    this loop ~1.6x slower)."""
+    this loop ~1.6x slower).
+
+    ``fold``: every ``hi`` is 0 (the folded coefficients, see _coef3): the loop skips ``hi``,
+    the same bits with one coefficient stream fewer (LLVM unswitches the loop on the flag,
+    one copy each; from memory, one thread, the two-stream copy was 17-35% faster)."""
     for r in range(rows):
         p = xo + r * w
         q = yo + r * w
         for j in range(w):
             k = _u(co + j)
-            y[_u(q + j)] = _st((_ld(x[_u(p + j)]) - hi[k]) * sc[k] + sh[k], y)
-
-
-@njit(fastmath=_ELEM_MATH)
-def _rows_fma(x, xo, y, yo, w, rows, sc, sh, co):
-    """_rows_norm for folded coefficients (every ``hi`` 0, see _coef3): ``x * sc + sh``, the
-    same bits as ``(x - 0) * sc + sh`` there, with one coefficient stream fewer."""
-    for r in range(rows):
-        p = xo + r * w
-        q = yo + r * w
-        for j in range(w):
-            k = _u(co + j)
-            y[_u(q + j)] = _st(_ld(x[_u(p + j)]) * sc[k] + sh[k], y)
-
-
-@njit
-def _rows_norm_any(x, xo, y, yo, w, rows, hi, sc, sh, co, folded):
-    if folded:
-        _rows_fma(x, xo, y, yo, w, rows, sc, sh, co)
-    else:
-        _rows_norm(x, xo, y, yo, w, rows, hi, sc, sh, co)
+            v = _ld(x[_u(p + j)])
+            if not fold:
+                v = v - hi[k]
+            y[_u(q + j)] = _st(v * sc[k] + sh[k], y)
 
 
 @njit(inline="always")
@@ -832,39 +820,20 @@ def _rows_bred(dy, x, o, w, rows, m, q1, q2):
 
 
 @njit(fastmath=_ELEM_MATH)
-def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co):
-    """As _rows_norm, for dx."""
+def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co, fold):
+    """As _rows_norm (``fold`` included: every ``hi`` 0, see _bwd_finish), for dx."""
     for r in range(rows):
         p = xo + r * w
         q = yo + r * w
         for j in range(w):
             i = _u(p + j)
             c = _u(co + j)
-            dx[_u(q + j)] = _st(a[c] * (_xterm(_ld(x[i]), hi[c], b[c]) + (_ld(dy[i]) + k[c])),
-                                dx)
-
-
-@njit(fastmath=_ELEM_MATH)
-def _rows_bapply_fold(dy, x, xo, dx, yo, w, rows, a, b, k, co):
-    """_rows_bapply for folded coefficients (every ``hi`` 0, see _bwd_finish): the same bits,
-    one coefficient stream fewer."""
-    for r in range(rows):
-        p = xo + r * w
-        q = yo + r * w
-        for j in range(w):
-            i = _u(p + j)
-            c = _u(co + j)
+            v = _ld(x[i])
+            if not fold:
+                v = v - hi[c]
             bc = b[c]
-            xt = _ld(x[i]) * bc if bc != 0 else bc
-            dx[_u(q + j)] = _st(a[c] * (xt + (_ld(dy[i]) + k[c])), dx)
-
-
-@njit
-def _rows_bapply_any(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co, folded):
-    if folded:
-        _rows_bapply_fold(dy, x, xo, dx, yo, w, rows, a, b, k, co)
-    else:
-        _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co)
+            # (_xterm's guard: exactly 0 where b is, so that a NaN or inf x stays out of dx)
+            dx[_u(q + j)] = _st(a[c] * ((v * bc if bc != 0 else bc) + (_ld(dy[i]) + k[c])), dx)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -953,13 +922,13 @@ def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + p, a, end)
-                _rows_norm_any(x, p + a, buf, _I0, b - a, _I1, hi, sc, sh, a, folded)
+                _rows_norm(x, p + a, buf, _I0, b - a, _I1, hi, sc, sh, a, folded)
                 _stream(buf, y, p + a, b - a)
                 a = b
         return
-    _rows_norm_any(x, o, y, o, w, full, hi, sc, sh, _I0, folded)
+    _rows_norm(x, o, y, o, w, full, hi, sc, sh, _I0, folded)
     if rem > 0:
-        _rows_norm_any(x, o + full * w, y, o + full * w, rem * c_, _I1, hi, sc, sh, _I0,
+        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, _I1, hi, sc, sh, _I0,
                        folded)
 
 
@@ -1001,14 +970,14 @@ def _rows_task_bapply(dy, x, dx, c_, n0, n1, coef, stream):
             a = 0
             while a < end:
                 b = _chunk_end(base + p, a, end)
-                _rows_bapply_any(dy, x, p + a, buf, _I0, b - a, _I1, hi, a_, b_, k_, a, folded)
+                _rows_bapply(dy, x, p + a, buf, _I0, b - a, _I1, hi, a_, b_, k_, a, folded)
                 _stream(buf, dx, p + a, b - a)
                 a = b
         return
-    _rows_bapply_any(dy, x, o, dx, o, w, full, hi, a_, b_, k_, _I0, folded)
+    _rows_bapply(dy, x, o, dx, o, w, full, hi, a_, b_, k_, _I0, folded)
     if rem > 0:
         q = o + full * w
-        _rows_bapply_any(dy, x, q, dx, q, rem * c_, _I1, hi, a_, b_, k_, _I0, folded)
+        _rows_bapply(dy, x, q, dx, q, rem * c_, _I1, hi, a_, b_, k_, _I0, folded)
 
 
 # ---- one task: channels [c0, c1) x batch rows [n0, n1) ------------------------------------

@@ -829,11 +829,8 @@ def _rows_bapply(dy, x, xo, dx, yo, w, rows, hi, a, b, k, co, fold):
             i = _u(p + j)
             c = _u(co + j)
             v = _ld(x[i])
-            if not fold:
-                v = v - hi[c]
-            bc = b[c]
-            # (_xterm's guard: exactly 0 where b is, so that a NaN or inf x stays out of dx)
-            dx[_u(q + j)] = _st(a[c] * ((v * bc if bc != 0 else bc) + (_ld(dy[i]) + k[c])), dx)
+            h = _zero(v) if fold else hi[c]  # (v - 0 is v: the fold copy reads no hi)
+            dx[_u(q + j)] = _st(a[c] * (_xterm(v, h, b[c]) + (_ld(dy[i]) + k[c])), dx)
 
 
 @njit(fastmath=_ELEM_MATH)
@@ -928,8 +925,7 @@ def _rows_task_norm(x, y, c_, n0, n1, coef, stream):
         return
     _rows_norm(x, o, y, o, w, full, hi, sc, sh, _I0, folded)
     if rem > 0:
-        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, _I1, hi, sc, sh, _I0,
-                       folded)
+        _rows_norm(x, o + full * w, y, o + full * w, rem * c_, _I1, hi, sc, sh, _I0, folded)
 
 
 @njit

@@ -446,6 +446,14 @@ def _safe_invstd(var, eps):
 
 
 @njit(inline="always")
+def _folds(mu, inv, v):
+    """Whether a channel's coefficients fold its mean (see _coef3): ``|mean| * invstd <=
+    FOLD_Z`` (False for a NaN or infinite mean or invstd) and the coefficient ``v`` that
+    multiplies x, rounded, is finite."""
+    return abs(mu) * inv <= FOLD_Z and np.isfinite(v)
+
+
+@njit(inline="always")
 def _coef3(mu, inv, w, b, like):
     """(hi, scale, shift') of ``y = (x - hi) * scale + shift'`` in the compute dtype
     (like's): ``hi`` is the mean rounded to it, and the rounding ``lo = mean - hi`` goes into
@@ -463,8 +471,7 @@ def _coef3(mu, inv, w, b, like):
     thread)."""
     sc = inv * w
     scr = np.float64(_as(sc, like))
-    # (False for a NaN or infinite mean or invstd)
-    if abs(mu) * inv <= FOLD_Z and np.isfinite(scr):
+    if _folds(mu, inv, scr):
         return _as(0.0, like), sc, b - mu * scr
     hi = _as(mu, like)
     # (an infinite mean is its own rounding: no correction, y is -inf or inf as in torch)
@@ -1203,7 +1210,7 @@ def _bwd_finish(mean, invstd, weight, sum_dy, sum_dy_xmu, dweight, count, do_red
         # standard deviations of 0: hi = 0 and k' = k - b * mean with the rounded b, so that
         # b's rounding still multiplies x - mean; |b * mean| <= FOLD_Z * rms(dy), a few ulps
         # of dx's scale. (In eval b is 0 and hi unused: always folded.)
-        if br == 0.0 or (abs(mu) * inv <= FOLD_Z and np.isfinite(br)):
+        if br == 0.0 or _folds(mu, inv, br):
             coef[0, c] = 0.0
             coef[3, c] = k - br * mu if br != 0.0 else k
             continue

@@ -18,7 +18,7 @@ pytest.importorskip("numba", reason="the numba backend needs numba (pip install 
 
 import batchnorm
 from batchnorm import reference as ref
-from batchnorm.backends import cpu_outputs, numba_step, resolve_backend
+from batchnorm.backends import cpu_outputs, eager_front, numba_step, resolve_backend
 from batchnorm.backends.activations import act_forward
 from helpers import TOLERANCES, assert_close, make_input
 
@@ -44,6 +44,7 @@ def test_the_extension_builds_where_a_compiler_is():
 
 def _python_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(numba_step._state, "ext", None)
+    monkeypatch.setitem(eager_front, "fn", None)
 
 
 def _layout(x: torch.Tensor, cl: bool) -> torch.Tensor:
@@ -100,7 +101,7 @@ def test_the_cpp_step_gives_the_python_paths_bits(monkeypatch, shape, cl, dtype,
     b = torch.randn(c, dtype=acc) if affine else None
     dy = _layout(torch.randn(shape, dtype=dtype), cl)
     need = (True, affine, affine)
-    numba_step._train_recipes.clear()
+    numba_step.forget_recipes()
     got = _step(x, w, b, running, dy, need)
     assert [k for k, v in numba_step._train_recipes.items() if v is not None], \
         "the C++ step did not take the call"
@@ -161,7 +162,7 @@ def test_double_backward_calls_back_for_the_composite(monkeypatch):
     def fn(x_, w_, b_):
         return batchnorm.batch_norm(x_, None, None, w_, b_, True, backend="numba")
 
-    numba_step._train_recipes.clear()
+    numba_step.forget_recipes()
     assert torch.autograd.gradgradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
     assert any(v is not None for v in numba_step._train_recipes.values())
     y = fn(x, w, b)
@@ -193,7 +194,7 @@ def test_arguments_it_does_not_take_go_the_python_way(monkeypatch):
     base = torch.zeros(32)
     rm_view, rv = base[::2], torch.ones(16)
     w64 = torch.rand(16, dtype=torch.float64) + 0.5
-    numba_step._train_recipes.clear()
+    numba_step.forget_recipes()
     y1 = batchnorm.batch_norm(x, rm_view, rv, w64, None, True, backend="numba")
     assert not any(v is not None for v in numba_step._train_recipes.values())
     rm2, rv2 = torch.zeros(16), torch.ones(16)
@@ -216,7 +217,7 @@ def test_eval_gives_the_python_paths_bits(monkeypatch):
         x = _layout(make_input((16, 32, 9, 9), shift=1.0), cl)
         rm, rv = torch.randn(32), torch.rand(32) + 0.2
         w, b = torch.rand(32), torch.randn(32)
-        numba_step._eval_recipes.clear()
+        numba_step.forget_recipes()
         with torch.no_grad():
             y = batchnorm.batch_norm(x, rm, rv, w, b, False, backend="numba")
         assert any(v is not None for v in numba_step._eval_recipes.values())
@@ -303,8 +304,10 @@ def test_a_failed_build_warns_and_leaves_the_python_path(monkeypatch):
 
     monkeypatch.setattr(cpp, "load", fail)
     monkeypatch.delitem(numba_step._state, "ext")
+    monkeypatch.setitem(eager_front, "fn", eager_front["fn"])  # (put back afterwards)
     with pytest.warns(RuntimeWarning, match="C\\+\\+ step failed .*no compiler here"):
         assert numba_step._ext() is None
+    assert eager_front["fn"] is None, "a failed build left the C++ front door in place"
     x = make_input((8, 16, 6, 6))
     y = batchnorm.batch_norm(x, None, None, training=True, backend="numba")
     assert_close(y, torch.from_numpy(ref.BatchNorm(16, affine=False).forward(
@@ -372,7 +375,7 @@ def test_the_cpp_act_step_gives_the_python_paths_bits(monkeypatch, shape, cl, dt
     w, b = torch.rand(c, dtype=acc) + 0.5, torch.randn(c, dtype=acc)
     dy = _layout(torch.randn(shape, dtype=dtype), cl)
     need = (True, True, True, with_residual)
-    numba_step._act_recipes.clear()
+    numba_step.forget_recipes()
     got = _act_step(x, w, b, r, dy, need, activation)
     assert [k for k, v in numba_step._act_recipes.items() if v is not None], \
         "the C++ step did not take the call"
@@ -412,7 +415,7 @@ def test_act_double_backward_and_gradcheck():
         return batchnorm.batch_norm_act(x_, None, None, w_, b_, True, activation="silu",
                                         residual=r_, backend="numba")
 
-    numba_step._act_recipes.clear()
+    numba_step.forget_recipes()
     assert torch.autograd.gradcheck(fn, (x, w, b, r))
     assert torch.autograd.gradgradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-6, rtol=1e-5)
     assert any(v is not None for v in numba_step._act_recipes.values())
@@ -442,8 +445,10 @@ def test_the_first_calls_do_not_wait_for_the_build(monkeypatch):
         return ext
 
     monkeypatch.setattr(numba_step, "_build", slow_build)
+    monkeypatch.setattr(numba_step, "_state", {"ext": ext})
+    numba_step.forget_recipes()
     monkeypatch.setattr(numba_step, "_state", {})
-    numba_step._train_recipes.clear()
+    monkeypatch.setitem(eager_front, "fn", None)  # (as before the first build)
     x = make_input((8, 16, 6, 6))
     y1 = batchnorm.batch_norm(x, None, None, training=True, backend="numba")
     thread = numba_step._state["thread"]
@@ -483,7 +488,7 @@ def test_the_cpp_inplace_step_gives_the_python_paths_bits(monkeypatch, activatio
     w, b = torch.rand(64) + 0.5, torch.randn(64)
     w[::5], w[1::5] = 0.0, -1e-8
     dy = _layout(torch.randn(shape), cl)
-    numba_step._act_recipes.clear()
+    numba_step.forget_recipes()
     got = _inplace_step(x0, w, b, r, dy, activation)
     assert [k for k, v in numba_step._act_recipes.items() if v is not None and k[-1]], \
         "the C++ step did not take the in-place call"
@@ -526,7 +531,7 @@ def test_the_cpp_eval_act_step_gives_the_python_paths_bits(monkeypatch, activati
             return batchnorm.batch_norm_act(x, rm, rv, w, b, False, activation=activation,
                                             residual=r, backend="numba")
 
-    numba_step._eval_act_recipes.clear()
+    numba_step.forget_recipes()
     got = run()
     assert any(v is not None for v in numba_step._eval_act_recipes.values())
     with monkeypatch.context() as m:
@@ -565,7 +570,7 @@ def test_the_cpp_inplace_eval_act_step_gives_the_python_paths_bits(monkeypatch, 
         assert y is x and x._version > version
         return y
 
-    numba_step._eval_act_recipes.clear()
+    numba_step.forget_recipes()
     got = run()
     assert any(key[-1] and rid is not None for key, rid in numba_step._eval_act_recipes.items())
     with monkeypatch.context() as m:
@@ -601,7 +606,7 @@ def test_inplace_eval_act_bumps_the_version_autograd_checks():
     x = leaf * 1.0
     z = x.sin()  # saves x
     m = batchnorm.BatchNormAct2d(16, activation="leaky_relu", inplace=True, backend="numba")
-    numba_step._eval_act_recipes.clear()
+    numba_step.forget_recipes()
     with torch.no_grad():
         y = m.eval()(x)
     assert y is x

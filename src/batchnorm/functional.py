@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import ops
 from ._validation import check_batch_norm_args
-from .backends import resolve_backend
+from .backends import eager_front, front_mode, resolve_backend
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
@@ -49,6 +50,13 @@ def batch_norm(
 
     All checks run before any buffer is touched; see ``_validation.check_batch_norm_args``.
     """
+    if (not torch.compiler.is_compiling() and (front := eager_front["fn"]) is not None
+            and forward_ad._current_level < 0):
+        # the whole call in C++ where it takes it (numba_step.cpp: front), else None
+        y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                  front_mode(backend), None, -1, -1)
+        if y is not None:
+            return y
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     name = resolve_backend(backend, input, training)
     return _batch_norm_unchecked(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +26,8 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "available_backends",
+    "eager_front",
+    "front_mode",
     "get_backend",
     "get_default_backend",
     "registered_backends",
@@ -147,6 +151,32 @@ def get_default_backend() -> str:
         _check_name(env)
         return env
     return AUTO
+
+
+# A backend's entry for a whole eager CPU call, checks included ("fn": the numba backend's C++
+# step, numba_step.cpp's front(), which documents what it takes), set once it is built, and
+# the name of the backend it runs ("name"). The functional API and the modules try it first.
+eager_front: dict[str, Any] = {"fn": None, "name": ""}
+
+
+def set_eager_front(name: str, fn: Callable[..., Any] | None) -> None:
+    """Install (or with None remove) backend ``name``'s :data:`eager_front`."""
+    eager_front["name"] = name
+    eager_front["fn"] = fn
+
+
+def front_mode(name: str | None) -> int:
+    """How a call's ``backend`` argument resolves for :data:`eager_front`, cheaply: 1 where
+    it names the front's backend (by the argument or the process default), 2 for ``"auto"``
+    where ``"auto"`` would try that backend first on CPU (the front then checks that it also
+    prefers the input), 0 otherwise (the front does not take the call)."""
+    chosen = name if name is not None else _default if _default is not None else (
+        get_default_backend())
+    if chosen == eager_front["name"]:
+        return 1
+    if chosen == AUTO and _AUTO_ORDER["cpu"][0] == eager_front["name"]:
+        return 2
+    return 0
 
 
 def resolve_backend(name: str | None, x: Tensor, training: bool = True) -> str:

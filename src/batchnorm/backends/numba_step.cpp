@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
 
@@ -22,10 +24,13 @@
 
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -561,6 +566,165 @@ Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
   return y;
 }
 
+
+// ---- the front door: a whole functional / module call, checks included ---------------------
+// The Python layers above the step (argument checks, backend choice, the op layer's tests
+// for tracing and transforms) cost 10-20 us a call after another layer's pass has evicted
+// the interpreter's code and data from the caches: a tenth of a small layer's eval. front()
+// makes the same decisions in C++ for the calls it recognises and runs the step, or returns
+// None, and the caller goes the Python way, which raises the errors with their messages.
+// So it only accepts: every check of _validation.check_batch_norm_args passed, the backend
+// resolved to "numba" (by name, or "auto" where "auto" picks it), nothing traced or
+// transformed (ops._traced, ops._transformed: the caller has checked torch.compile and
+// forward-mode AD), and a recipe the Python path made for such a call before (front_add).
+// The GIL guards the table (front_add and front() run holding it).
+
+namespace {
+
+struct FrontKey {
+  std::vector<int64_t> geometry;  // sizes, then strides
+  at::ScalarType dtype;
+  int flags;  // weight, bias, running buffers, training
+  double momentum, eps;  // (compared as numbers: -0.0 is 0.0, as in the Python tables)
+  bool operator<(const FrontKey& o) const {
+    return std::tie(geometry, dtype, flags, momentum, eps) <
+           std::tie(o.geometry, o.dtype, o.flags, o.momentum, o.eps);
+  }
+};
+
+struct FrontEntry {
+  int64_t recipe;
+  bool auto_picks;  // backend "auto" resolves to "numba" for such an input
+};
+
+std::map<FrontKey, FrontEntry>& front_table() {
+  static auto* t = new std::map<FrontKey, FrontEntry>();
+  return *t;
+}
+
+int front_flags(bool w, bool b, bool running, bool training) {
+  return int(w) | int(b) << 1 | int(running) << 2 | int(training) << 3;
+}
+
+// A Python number as the checks take it: an int (not a bool) or a float, exactly.
+bool front_number(PyObject* o, double* out) {
+  if (PyFloat_CheckExact(o)) {
+    *out = PyFloat_AS_DOUBLE(o);
+    return true;
+  }
+  if (PyLong_CheckExact(o)) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+      PyErr_Clear();
+      return false;
+    }
+    *out = static_cast<double>(v);
+    return true;
+  }
+  return false;
+}
+
+bool front_plain(const Tensor& t) {
+  // a dense CPU tensor outside every torch.func transform (ops._transformed)
+  constexpr auto kWrapped = c10::DispatchKeySet({c10::DispatchKey::FuncTorchGradWrapper,
+                                                 c10::DispatchKey::FuncTorchBatched,
+                                                 c10::DispatchKey::Functionalize});
+  return t.layout() == at::kStrided && t.device().is_cpu() && !t.key_set().has_any(kWrapped);
+}
+
+// None, or an exact Tensor / Parameter (*t set); false for anything else.
+bool front_tensor(PyObject* o, const Tensor** t) {
+  if (o == Py_None) {
+    *t = nullptr;
+    return true;
+  }
+  if (!THPVariable_CheckExact(o)) return false;
+  *t = &THPVariable_Unpack(reinterpret_cast<THPVariable*>(o));
+  return front_plain(**t);
+}
+
+// A per-channel tensor the checks accept and the kernels read in place.
+bool front_channel(const Tensor* t, int64_t c, at::ScalarType acc) {
+  return t == nullptr || (t->dim() == 1 && t->size(0) == c && t->scalar_type() == acc &&
+                          t->is_contiguous());
+}
+
+// Register recipe ``id`` (plain BatchNorm's, training or eval) for front().
+void front_add(int64_t id, bool training, bool has_weight, bool has_bias, bool running,
+               double momentum, double eps, bool auto_picks) {
+  const Recipe& r = recipe(id);
+  std::vector<int64_t> geometry = r.sizes;
+  geometry.insert(geometry.end(), r.strides.begin(), r.strides.end());
+  front_table()[FrontKey{std::move(geometry), r.dtype,
+                         front_flags(has_weight, has_bias, running, training),
+                         training ? momentum : 0.0, eps}] = FrontEntry{id, auto_picks};
+}
+
+void front_clear() { front_table().clear(); }
+
+// The call batchnorm.batch_norm(x, running_mean, running_var, weight, bias, training,
+// momentum, eps) makes, when front() takes it: y (the running buffers updated in training);
+// else None. ``mode``: 1 for the backend "numba", 2 for "auto". A module's call also gives
+// ``rank`` (the input's spatial rank it takes: -1 any, 1 for 2-D or 3-D input) and
+// ``channels`` (num_features; -1: not checked), and ``counter`` (num_batches_tracked, or
+// None), ticked once every check has passed, before the kernels run, as _prepare does.
+py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, py::handle pb,
+                 py::handle ptraining, py::handle pmomentum, py::handle peps, int64_t mode,
+                 py::handle pcounter, int64_t rank, int64_t channels) {
+  py::object none = py::none();
+  const Tensor *x, *rm, *rv, *w, *b, *counter;
+  if (!front_tensor(px.ptr(), &x) || x == nullptr || !front_tensor(prm.ptr(), &rm) ||
+      !front_tensor(prv.ptr(), &rv) || !front_tensor(pw.ptr(), &w) ||
+      !front_tensor(pb.ptr(), &b) || !front_tensor(pcounter.ptr(), &counter))
+    return none;
+  if (ptraining.ptr() != Py_True && ptraining.ptr() != Py_False) return none;
+  bool training = ptraining.ptr() == Py_True;
+  double momentum, eps;
+  if (!front_number(pmomentum.ptr(), &momentum) || !front_number(peps.ptr(), &eps) ||
+      !(momentum >= 0.0 && momentum <= 1.0) || !std::isfinite(eps) ||
+      !(training ? eps > 0.0 : eps >= 0.0))
+    return none;
+  int64_t d = x->dim();
+  if (d < 2 || (rank == 1 && d > 3) || (rank > 1 && d != rank + 2)) return none;
+  int64_t c = x->size(1);
+  if (channels >= 0 && c != channels) return none;
+  if ((rm == nullptr) != (rv == nullptr) || (!training && rm == nullptr)) return none;
+  at::ScalarType acc = acc_of(x->scalar_type());
+  if (!front_channel(rm, c, acc) || !front_channel(rv, c, acc) || !front_channel(w, c, acc) ||
+      !front_channel(b, c, acc))
+    return none;
+  if (training && x->numel() <= c) return none;  // one value per channel (or none)
+  if (torch::jit::tracer::isTracing()) return none;
+  if (!training && at::GradMode::is_enabled() &&
+      (x->requires_grad() || (w != nullptr && w->requires_grad()) ||
+       (b != nullptr && b->requires_grad())))
+    return none;  // eval with a gradient: the op layer's autograd.Function
+  std::vector<int64_t> geometry(x->sizes().begin(), x->sizes().end());
+  geometry.insert(geometry.end(), x->strides().begin(), x->strides().end());
+  auto& table = front_table();
+  auto it = table.find(FrontKey{std::move(geometry), x->scalar_type(),
+                                front_flags(w != nullptr, b != nullptr, rm != nullptr, training),
+                                training ? momentum : 0.0, eps});
+  if (it == table.end() || (mode == 2 && !it->second.auto_picks) || (mode != 1 && mode != 2))
+    return none;
+  int64_t id = it->second.recipe;
+  auto opt = [](const Tensor* t) { return t ? c10::optional<Tensor>(*t) : c10::nullopt; };
+  Tensor y;
+  if (training) {
+    if (counter != nullptr) counter->add_(1);
+    y = train(*x, opt(w), opt(b), opt(rm), opt(rv), id, eps, w != nullptr, b != nullptr,
+              rm != nullptr);
+  } else {
+    y = eval(*x, opt(w), opt(b), *rm, *rv, c10::nullopt, id, w != nullptr, b != nullptr, false,
+             false);
+  }
+  TORCH_CHECK(y.defined(), "batchnorm numba step: front() took a call its recipe does not");
+  return py::cast(y);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_recipe", &add_recipe);
   m.def("set_layout", &set_layout);
@@ -573,4 +737,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &train);
   m.def("train_act", &train_act);
   m.def("eval", &eval);
+  m.def("front_add", &front_add);
+  m.def("front", &front);
+  m.def("front_clear", &front_clear);
 }

@@ -52,8 +52,8 @@ from . import numba_backend as nb
 from .activations import check_activation, invertible_weight
 from .base import acc_dtype, layout_of, out_strides
 
-__all__ = ["act_train_step", "available", "eval_act_step", "eval_step", "set_double_backward",
-           "set_double_backward_act", "train_step"]
+__all__ = ["act_train_step", "available", "eval_act_step", "eval_step", "forget_recipes",
+           "set_double_backward", "set_double_backward_act", "train_step"]
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "numba_step.cpp")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
@@ -137,7 +137,10 @@ def _ext() -> Any:
         return _state["ext"]
     with _build_lock:
         if "ext" not in _state:
-            _state["ext"] = _build() if _enabled() else None
+            ext = _state["ext"] = _build() if _enabled() else None
+            from . import set_eager_front
+
+            set_eager_front("numba", None if ext is None else ext.front)
     return _state["ext"]
 
 
@@ -210,6 +213,17 @@ def empty_pool() -> None:
     ext = _state.get("ext")
     if ext is not None:
         ext.empty_pool()
+
+
+def forget_recipes() -> None:
+    """Drop every recipe key (the next call of each kind makes its recipe again), the C++
+    front door's table with them: for tests that watch recipes being made."""
+    with _lock:
+        for table in (_train_recipes, _eval_recipes, _act_recipes, _eval_act_recipes):
+            table.clear()
+        ext = _state.get("ext")
+        if ext is not None:
+            ext.front_clear()
 
 
 def pool_bytes() -> int:
@@ -349,6 +363,19 @@ def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                          kernel_weight)
 
 
+def _front_add(ext: Any, rid: int | None, x: Tensor, training: bool, weight: Tensor | None,
+               bias: Tensor | None, running_mean: Tensor | None, momentum: float,
+               eps: float) -> int | None:
+    """Register plain BatchNorm's recipe ``rid`` (if any) for the front door (``front`` in
+    numba_step.cpp), with whether ``"auto"`` picks this backend for such an input; returns
+    ``rid``."""
+    if rid is not None:
+        ext.front_add(rid, training, weight is not None, bias is not None,
+                      running_mean is not None, float(momentum), float(eps),
+                      nb.NumbaBackend().preferred_for(x, training))
+    return rid
+
+
 def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
@@ -397,9 +424,9 @@ def train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     (the caller then runs the Python path). Arguments are validated by the caller."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
            momentum, eps)
-    found = _find(_train_recipes, key, lambda ext: _train_recipe(
-        ext, x, weight, bias, running_mean, running_var, momentum, eps),
-        x, weight, bias, running_mean, running_var)
+    found = _find(_train_recipes, key, lambda ext: _front_add(ext, _train_recipe(
+        ext, x, weight, bias, running_mean, running_var, momentum, eps), x, True, weight, bias,
+        running_mean, momentum, eps), x, weight, bias, running_mean, running_var)
     if found is None:
         return None
     ext, rid = found
@@ -414,9 +441,9 @@ def eval_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mea
     None where the C++ step does not take this call."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
            eps)
-    found = _find(_eval_recipes, key, lambda ext: _eval_recipe(
-        ext, x, weight, bias, running_mean, running_var, eps),
-        x, weight, bias, running_mean, running_var)
+    found = _find(_eval_recipes, key, lambda ext: _front_add(ext, _eval_recipe(
+        ext, x, weight, bias, running_mean, running_var, eps), x, False, weight, bias,
+        running_mean, 0.0, eps), x, weight, bias, running_mean, running_var)
     if found is None:
         return None
     ext, rid = found

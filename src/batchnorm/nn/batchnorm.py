@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._validation import (
@@ -20,7 +21,7 @@ from .._validation import (
     check_batch_norm_args,
     check_one_value_per_channel,
 )
-from ..backends import AUTO, registered_backends, resolve_backend
+from ..backends import AUTO, eager_front, front_mode, registered_backends, resolve_backend
 from ..functional import _batch_norm_unchecked
 from ._fx import fx_leaf
 
@@ -149,6 +150,9 @@ class _BatchNormBase(_BatchNorm):
         """Normalize ``input``; in training also update the running statistics."""
         if torch.jit.is_scripting():
             return self._scripted(input)
+        y = self._front(input)
+        if y is not None:
+            return y
         node = fx_leaf(self, input)
         if node is not None:
             return node
@@ -157,6 +161,34 @@ class _BatchNormBase(_BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
             self.eps, backend,
         )
+
+
+    @torch.jit.unused
+    def _front(self, input: Tensor) -> Tensor | None:
+        """:meth:`forward` through the backend's C++ front door (``front`` in numba_step.cpp),
+        with the decisions of :meth:`_prepare`, the counter ticked there; None where it does
+        not take the call. Only for this package's own classes (a subclass may check the
+        input otherwise, in its ``_check_input_dim``), not for ``momentum=None`` (whose
+        factor changes every batch), and never while compiling or in forward-mode AD."""
+        if torch.compiler.is_compiling():
+            return None
+        front = eager_front["fn"]
+        rank = _FRONT_RANKS.get(type(self))
+        momentum = self.momentum
+        if front is None or rank is None or momentum is None or forward_ad._current_level >= 0:
+            return None
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        training = self.training
+        counter = None
+        if training:
+            if self.track_running_stats:
+                counter = buffers["num_batches_tracked"]
+            else:
+                running_mean = running_var = None
+        return front(input, running_mean, running_var, params["weight"], params["bias"],
+                     training or running_mean is None, momentum, self.eps,
+                     front_mode(self.backend), counter, rank, self.num_features)
 
 
 def _check_scripted_tensor(input: Tensor, t: Tensor | None, name: str) -> None:
@@ -273,3 +305,7 @@ def rebuild_as(cls: type, module: torch.nn.Module, **kwargs: Any) -> Any:
     if hasattr(module, "qconfig"):
         out.qconfig = module.qconfig
     return out
+
+
+# The spatial rank each class takes, for the C++ front door (-1: any; 1: 2-D or 3-D input).
+_FRONT_RANKS: dict[type, int] = {BatchNorm: -1, BatchNorm1d: 1, BatchNorm2d: 2, BatchNorm3d: 3}

@@ -358,3 +358,62 @@ def test_tracing_transforms_and_forward_ad_are_declined(spy):
     assert spy.asked == asked and spy.taken == before
     torch.testing.assert_close(tangent, (w / torch.sqrt(rv + 1e-5)).view(1, C, 1, 1)
                                .expand_as(x))
+
+
+def test_hooks_and_parametrizations_that_compute_the_weight(monkeypatch, spy):
+    """``weight_norm`` keeps the computed weight in the module's ``__dict__`` (not in
+    ``_parameters``) and a parametrization swaps the module's class: both give the Python
+    path's numbers, through the front door where it can see the weight."""
+    from torch.nn.utils import parametrize
+
+    x, dy = make_input(SHAPE), torch.randn(SHAPE)
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def build(kind):
+        torch.manual_seed(7)
+        m = batchnorm.BatchNorm2d(C, backend="numba")
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+        if kind == "weight_norm":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # (deprecated for parametrize)
+                torch.nn.utils.weight_norm(m, "weight", dim=0)
+        else:
+            parametrize.register_parametrization(m, "weight", Doubled())
+        return m
+
+    for kind, taken in (("weight_norm", 2), ("parametrization", 0)):
+        results = []
+        for front in (True, False):
+            with monkeypatch.context() as mp:
+                if not front:
+                    _without_front(mp)
+                m = build(kind)
+                out = []
+                numba_step.forget_recipes()  # (the first call makes the recipe)
+                before = spy.taken
+                for _ in range(3):
+                    xi = x.detach().requires_grad_()
+                    y = m(xi)
+                    out += [y, *torch.autograd.grad(y, [xi, *m.parameters()], dy)]
+                assert spy.taken - before == (taken if front else 0), kind
+                results.append(out + list(m.state_dict().values()))
+        _assert_same(*results)
+
+
+def test_an_unknown_default_backend_errs_in_the_python_paths_order(monkeypatch, spy):
+    x, rm, rv, w, b = _args()
+    with torch.no_grad():
+        batchnorm.batch_norm(x, rm, rv, w, b, False, backend="numba")
+        monkeypatch.setenv("BATCHNORM_BACKEND", "numbaa")
+        for args in ((x, rm, rv, w, b, False), (x, rm, rv, torch.ones(C + 1), b, False)):
+            got = _outcome(lambda: batchnorm.batch_norm(*args))  # noqa: B023
+            with monkeypatch.context() as m:
+                _without_front(m)
+                expected = _outcome(lambda: batchnorm.batch_norm(*args))  # noqa: B023
+            assert got[0] is not "ok" and got == expected  # noqa: F632

@@ -170,8 +170,10 @@ def front_mode(name: str | None) -> int:
     it names the front's backend (by the argument or the process default), 2 for ``"auto"``
     where ``"auto"`` would try that backend first on CPU (the front then checks that it also
     prefers the input), 0 otherwise (the front does not take the call)."""
+    # (the environment read as get_default_backend does, without its check: an unknown name
+    # gives 0 here, and the Python path raises for it in its own order)
     chosen = name if name is not None else _default if _default is not None else (
-        get_default_backend())
+        os.environ.get("BATCHNORM_BACKEND", "").strip() or AUTO)
     if chosen == eager_front["name"]:
         return 1
     if chosen == AUTO and _AUTO_ORDER["cpu"][0] == eager_front["name"]:

@@ -177,16 +177,17 @@ class _BatchNormBase(_BatchNorm):
         momentum = self.momentum
         if front is None or rank is None or momentum is None or forward_ad._current_level >= 0:
             return None
-        params, buffers = self._parameters, self._buffers
-        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        # (attributes, as _prepare reads them: weight_norm and other hooks keep a computed
+        # weight in the instance's __dict__, not in _parameters)
+        running_mean, running_var = self.running_mean, self.running_var
         training = self.training
         counter = None
         if training:
             if self.track_running_stats:
-                counter = buffers["num_batches_tracked"]
+                counter = self.num_batches_tracked
             else:
                 running_mean = running_var = None
-        return front(input, running_mean, running_var, params["weight"], params["bias"],
+        return front(input, running_mean, running_var, self.weight, self.bias,
                      training or running_mean is None, momentum, self.eps,
                      front_mode(self.backend), counter, rank, self.num_features)
 

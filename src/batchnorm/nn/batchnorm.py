@@ -162,7 +162,6 @@ class _BatchNormBase(_BatchNorm):
             self.eps, backend,
         )
 
-
     @torch.jit.unused
     def _front(self, input: Tensor) -> Tensor | None:
         """:meth:`forward` through the backend's C++ front door (``front`` in numba_step.cpp),

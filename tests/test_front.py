@@ -50,13 +50,9 @@ def _without_front(monkeypatch):
     monkeypatch.setitem(eager_front, "fn", None)
 
 
-def _layout(x, cl):
-    return x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
-
-
 def _args(dtype=torch.float32, cl=False, affine=True, running=True):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = _layout(make_input(SHAPE, dtype), cl)
+    x = make_input(SHAPE, dtype, channels_last=cl)
     w = torch.rand(C, dtype=acc) + 0.5 if affine else None
     b = torch.randn(C, dtype=acc) if affine else None
     rm = torch.randn(C, dtype=acc) if running else None
@@ -96,7 +92,7 @@ def _assert_same(got, expected):
 def test_functional_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy, training, cl,
                                                               dtype, affine, running):
     x, rm, rv, w, b = _args(dtype, cl, affine, running)
-    dy = _layout(torch.randn(SHAPE, dtype=dtype), cl)
+    dy = make_input(SHAPE, dtype, channels_last=cl, shift=0.0, scale=1.0)
     _functional_step(x, rm, rv, w, b, training, dy, backend="numba")  # makes the recipe
     before = spy.taken
     got = _functional_step(x, rm, rv, w, b, training, dy, backend="numba")
@@ -135,8 +131,8 @@ def _module_run(cls, x, dy, steps, front, monkeypatch, **kw):
                                 {"momentum": 0.3}], ids=["default", "plain", "untracked",
                                                          "momentum"])
 def test_module_calls_give_the_python_paths_bits_and_count_once(monkeypatch, spy, cl, kw):
-    x = _layout(make_input(SHAPE), cl)
-    dy = _layout(torch.randn(SHAPE), cl)
+    x = make_input(SHAPE, channels_last=cl)
+    dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
     steps = [True, True, False, True, False, False]
     _module_run(batchnorm.BatchNorm2d, x, dy, steps, True, monkeypatch, **kw)  # recipes
     before = spy.taken

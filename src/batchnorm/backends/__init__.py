@@ -144,13 +144,18 @@ def set_backend(name: str | None) -> None:
 
 def get_default_backend() -> str:
     """The process default: :func:`set_backend`, else ``$BATCHNORM_BACKEND``, else ``"auto"``."""
+    if _default is not None:  # (set_backend checked it)
+        return _default
+    name = _default_name()
+    _check_name(name)
+    return name
+
+
+def _default_name() -> str:
+    """:func:`get_default_backend` without checking the environment's name."""
     if _default is not None:
         return _default
-    env = os.environ.get("BATCHNORM_BACKEND", "").strip()
-    if env:
-        _check_name(env)
-        return env
-    return AUTO
+    return os.environ.get("BATCHNORM_BACKEND", "").strip() or AUTO
 
 
 # A backend's entry for a whole eager CPU call, checks included ("fn": the numba backend's C++
@@ -170,10 +175,9 @@ def front_mode(name: str | None) -> int:
     it names the front's backend (by the argument or the process default), 2 for ``"auto"``
     where ``"auto"`` would try that backend first on CPU (the front then checks that it also
     prefers the input), 0 otherwise (the front does not take the call)."""
-    # (the environment read as get_default_backend does, without its check: an unknown name
-    # gives 0 here, and the Python path raises for it in its own order)
-    chosen = name if name is not None else _default if _default is not None else (
-        os.environ.get("BATCHNORM_BACKEND", "").strip() or AUTO)
+    # (the default unchecked: an unknown name gives 0 here, and the Python path raises for it
+    # in its own order)
+    chosen = name if name is not None else _default_name()
     if chosen == eager_front["name"]:
         return 1
     if chosen == AUTO and _AUTO_ORDER["cpu"][0] == eager_front["name"]:

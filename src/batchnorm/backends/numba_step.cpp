@@ -646,8 +646,7 @@ bool front_tensor(PyObject* o, const Tensor** t) {
 
 // A per-channel tensor the checks accept and the kernels read in place.
 bool front_channel(const Tensor* t, int64_t c, at::ScalarType acc) {
-  return t == nullptr || (t->dim() == 1 && t->size(0) == c && t->scalar_type() == acc &&
-                          t->is_contiguous());
+  return t == nullptr || (t->dim() == 1 && t->size(0) == c && channel_ok(*t, true, acc));
 }
 
 // Register recipe ``id`` (plain BatchNorm's, training or eval) for front().

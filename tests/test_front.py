@@ -16,7 +16,7 @@ pytest.importorskip("numba", reason="the numba backend needs numba (pip install 
 
 import batchnorm
 from batchnorm.backends import eager_front, numba_step, resolve_backend
-from helpers import make_input
+from helpers import make_input, to_channels_last
 
 pytestmark = pytest.mark.skipif(not numba_step.available(),
                                 reason="the C++ step did not build here (test_numba_step.py "
@@ -413,3 +413,145 @@ def test_an_unknown_default_backend_errs_in_the_python_paths_order(monkeypatch, 
                 _without_front(m)
                 expected = _outcome(lambda: batchnorm.batch_norm(*args))  # noqa: B023
             assert got[0] is not "ok" and got == expected  # noqa: F632
+
+
+# ---- BatchNorm + activation (+ residual), out of place ----------------------------------------
+
+
+def _act_step(x, rm, rv, w, b, r, training, dy, **kw):
+    """batch_norm_act's y, then (training) the gradients of x, w, b and the residual; the
+    buffers."""
+    rm, rv = rm.clone(), rv.clone()
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b, r)]
+    if training:
+        y = batchnorm.batch_norm_act(leaves[0], rm, rv, leaves[1], leaves[2], True,
+                                     residual=leaves[3], **kw)
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
+    else:
+        with torch.no_grad():
+            y = batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=r, **kw)
+        grads = ()
+    return [y, *grads, rm, rv]
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("activation", "slope", "with_residual"),
+                         [("relu", 0.01, True), ("leaky_relu", 0.2, True), ("silu", 0.01, False),
+                          ("gelu", 0.01, True), ("identity", 0.01, False)])
+def test_act_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy, cl, training,
+                                                       activation, slope, with_residual):
+    x, rm, rv, w, b = _args(cl=cl)
+    r = make_input(SHAPE, channels_last=cl, shift=0.0) if with_residual else None
+    dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
+    kw = {"activation": activation, "negative_slope": slope, "backend": "numba"}
+    _act_step(x, rm, rv, w, b, r, training, dy, **kw)  # makes the recipe
+    before = spy.taken
+    got = _act_step(x, rm, rv, w, b, r, training, dy, **kw)
+    assert spy.taken == before + 1, "the front door did not take the call"
+    with monkeypatch.context() as m:
+        _without_front(m)
+        expected = _act_step(x, rm, rv, w, b, r, training, dy, **kw)
+    _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+def test_act_module_calls_give_the_python_paths_bits_and_count_once(monkeypatch, spy, cl):
+    x = make_input(SHAPE, channels_last=cl)
+    r = make_input(SHAPE, channels_last=cl, shift=0.0)
+    dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
+    steps = [True, True, False, True, False]
+
+    def run(front):
+        torch.manual_seed(5)
+        m = batchnorm.BatchNormAct2d(C, activation="leaky_relu", negative_slope=0.1,
+                                     backend="numba")
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_()
+        out = []
+        with monkeypatch.context() as mp:
+            if not front:
+                _without_front(mp)
+            for training in steps:
+                m.train(training)
+                xi, ri = x.detach().requires_grad_(training), r.detach().requires_grad_(training)
+                with torch.set_grad_enabled(training):
+                    y = m(xi, ri)
+                grads = (torch.autograd.grad(y, [xi, ri, *m.parameters()], dy) if training
+                         else ())
+                out += [y.detach(), *grads, *m.state_dict().values()]
+        return out
+
+    run(True)  # (the recipes)
+    before = spy.taken
+    got = run(True)
+    assert spy.taken - before == len(steps), "the front door did not take every call"
+    _assert_same(got, run(False))
+    assert int(got[-1]) == steps.count(True), "num_batches_tracked"
+
+
+def test_bad_act_calls_raise_and_in_place_calls_are_declined(monkeypatch, spy):
+    x, rm, rv, w, b = _args()
+    r = make_input(SHAPE, shift=0.0)
+    valid = {"input": x, "running_mean": rm, "running_var": rv, "weight": w, "bias": b,
+             "training": True, "activation": "leaky_relu", "negative_slope": 0.1,
+             "residual": r, "backend": "numba"}
+    with torch.no_grad():
+        batchnorm.batch_norm_act(**valid)
+        before = spy.taken
+        batchnorm.batch_norm_act(**valid)
+    assert spy.taken == before + 1
+    bad = [("unknown activation", {"activation": "tanh"}),
+           ("activation None", {"activation": None}),
+           ("slope nan", {"negative_slope": math.nan}), ("slope bool", {"negative_slope": True}),
+           ("residual shape", {"residual": r[:, :, :2]}), ("residual int", {"residual": r.long()}),
+           ("residual list", {"residual": r.tolist()}),
+           ("in place, not invertible", {"activation": "relu", "inplace": True}),
+           ("weight size", {"weight": torch.ones(C + 1)})]
+    for name, change in bad:
+        call = functools.partial(batchnorm.batch_norm_act, **{**valid, **change})
+        saved = [rm.clone(), rv.clone()]
+        with torch.no_grad():
+            got = _outcome(call)
+            with monkeypatch.context() as m:
+                _without_front(m)
+                expected = _outcome(call)
+        assert got[0] is not "ok" and got == expected, name  # noqa: F632
+        assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1]), name
+    # valid calls the front leaves to the Python path: in place (its checks of the input's
+    # memory), a slope the Python path converts, a residual in another layout (converted)
+    declined = [("in place", {"inplace": True}), ("slope str", {"negative_slope": "0.1"}),
+                ("residual channels-last", {"residual": to_channels_last(r)})]
+    for name, change in declined:
+        results = []
+        for front in (True, False):
+            with torch.no_grad(), monkeypatch.context() as m:
+                if not front:
+                    _without_front(m)
+                before = spy.taken
+                args = {**valid, **change, "input": x.clone(), "running_mean": rm.clone(),
+                        "running_var": rv.clone()}
+                results.append([batchnorm.batch_norm_act(**args), args["running_mean"],
+                                args["running_var"]])
+                assert spy.taken == before, f"{name}: the front door took it"
+        _assert_same(*results)
+
+
+def test_act_eval_with_a_residual_that_needs_a_gradient_keeps_autograd(monkeypatch, spy):
+    x, rm, rv, w, b = _args()
+    r = make_input(SHAPE, shift=0.0)
+    dy = make_input(SHAPE, shift=0.0, scale=1.0)
+    with torch.no_grad():
+        batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=r, backend="numba")
+    grads = []
+    for front in (True, False):
+        with monkeypatch.context() as m:
+            if not front:
+                _without_front(m)
+            before = spy.taken
+            ri = r.clone().requires_grad_()
+            y = batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=ri, backend="numba")
+            assert spy.taken == before, "the front door took an eval call that needs a gradient"
+            grads.append(torch.autograd.grad(y, ri, dy))
+    _assert_same(*grads)

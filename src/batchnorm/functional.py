@@ -54,7 +54,7 @@ def batch_norm(
             and forward_ad._current_level < 0):
         # the whole call in C++ where it takes it (numba_step.cpp: front), else None
         y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                  front_mode(backend), None, -1, -1)
+                  front_mode(backend), None, -1, -1, None, None, None, None)
         if y is not None:
             return y
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -135,6 +135,14 @@ def batch_norm_act(
     Shape:
         Input and residual ``(N, C, *)``; output the same shape, dtype and memory layout.
     """
+    if (not torch.compiler.is_compiling() and (front := eager_front["fn"]) is not None
+            and forward_ad._current_level < 0):
+        # as in batch_norm (out of place only: in place, the checks of the input's memory)
+        y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                  front_mode(backend), None, -1, -1, residual, activation, negative_slope,
+                  inplace)
+        if y is not None:
+            return y
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     check_act_args(input, residual, activation, negative_slope, inplace)
     return _batch_norm_act_unchecked(

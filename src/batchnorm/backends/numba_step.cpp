@@ -584,13 +584,31 @@ namespace {
 struct FrontKey {
   std::vector<int64_t> geometry;  // sizes, then strides
   at::ScalarType dtype;
-  int flags;  // weight, bias, running buffers, training
+  int flags;  // weight, bias, running buffers, training, residual
   double momentum, eps;  // (compared as numbers: -0.0 is 0.0, as in the Python tables)
+  int activation;  // index in kActivations; -1: plain BatchNorm
+  double slope;
   bool operator<(const FrontKey& o) const {
-    return std::tie(geometry, dtype, flags, momentum, eps) <
-           std::tie(o.geometry, o.dtype, o.flags, o.momentum, o.eps);
+    return std::tie(geometry, dtype, flags, momentum, eps, activation, slope) <
+           std::tie(o.geometry, o.dtype, o.flags, o.momentum, o.eps, o.activation, o.slope);
   }
 };
+
+// activations.ACTIVATIONS (the fused activation's names; an index in FrontKey)
+const std::array<const char*, 6> kActivations = {"identity", "relu", "leaky_relu", "elu",
+                                                 "silu", "gelu"};
+
+int front_activation(PyObject* o) {
+  if (!PyUnicode_CheckExact(o)) return -2;
+  const char* name = PyUnicode_AsUTF8(o);
+  if (name == nullptr) {
+    PyErr_Clear();
+    return -2;
+  }
+  for (size_t i = 0; i < kActivations.size(); ++i)
+    if (std::strcmp(name, kActivations[i]) == 0) return static_cast<int>(i);
+  return -2;
+}
 
 struct FrontEntry {
   int64_t recipe;
@@ -602,8 +620,8 @@ std::map<FrontKey, FrontEntry>& front_table() {
   return *t;
 }
 
-int front_flags(bool w, bool b, bool running, bool training) {
-  return int(w) | int(b) << 1 | int(running) << 2 | int(training) << 3;
+int front_flags(bool w, bool b, bool running, bool training, bool residual) {
+  return int(w) | int(b) << 1 | int(running) << 2 | int(training) << 3 | int(residual) << 4;
 }
 
 // A Python number as the checks take it: an int (not a bool) or a float, exactly.
@@ -649,15 +667,23 @@ bool front_channel(const Tensor* t, int64_t c, at::ScalarType acc) {
   return t == nullptr || (t->dim() == 1 && t->size(0) == c && channel_ok(*t, true, acc));
 }
 
-// Register recipe ``id`` (plain BatchNorm's, training or eval) for front().
+// Register recipe ``id`` (training or eval; plain BatchNorm's with ``activation`` "", or the
+// fused activation's, out of place) for front().
 void front_add(int64_t id, bool training, bool has_weight, bool has_bias, bool running,
-               double momentum, double eps, bool auto_picks) {
+               double momentum, double eps, const std::string& activation, double slope,
+               bool has_residual, bool auto_picks) {
   const Recipe& r = recipe(id);
   std::vector<int64_t> geometry = r.sizes;
   geometry.insert(geometry.end(), r.strides.begin(), r.strides.end());
+  int act = -1;
+  if (!activation.empty()) {
+    act = front_activation(py::str(activation).ptr());
+    TORCH_CHECK(act >= 0, "batchnorm numba step: no activation ", activation);
+  }
   front_table()[FrontKey{std::move(geometry), r.dtype,
-                         front_flags(has_weight, has_bias, running, training),
-                         training ? momentum : 0.0, eps}] = FrontEntry{id, auto_picks};
+                         front_flags(has_weight, has_bias, running, training, has_residual),
+                         training ? momentum : 0.0, eps, act, act < 0 ? 0.0 : slope}] =
+      FrontEntry{id, auto_picks};
 }
 
 void front_clear() { front_table().clear(); }
@@ -668,15 +694,30 @@ void front_clear() { front_table().clear(); }
 // ``rank`` (the input's spatial rank it takes: -1 any, 1 for 2-D or 3-D input) and
 // ``channels`` (num_features; -1: not checked), and ``counter`` (num_batches_tracked, or
 // None), ticked once every check has passed, before the kernels run, as _prepare does.
+// batch_norm_act's call (out of place: ``inplace`` False) also gives the activation's name
+// and slope and the residual; a plain BatchNorm call gives None for all four.
 py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, py::handle pb,
                  py::handle ptraining, py::handle pmomentum, py::handle peps, int64_t mode,
-                 py::handle pcounter, int64_t rank, int64_t channels) {
+                 py::handle pcounter, int64_t rank, int64_t channels, py::handle presidual,
+                 py::handle pactivation, py::handle pslope, py::handle pinplace) {
   py::object none = py::none();
-  const Tensor *x, *rm, *rv, *w, *b, *counter;
+  const Tensor *x, *rm, *rv, *w, *b, *counter, *res;
   if (!front_tensor(px.ptr(), &x) || x == nullptr || !front_tensor(prm.ptr(), &rm) ||
       !front_tensor(prv.ptr(), &rv) || !front_tensor(pw.ptr(), &w) ||
-      !front_tensor(pb.ptr(), &b) || !front_tensor(pcounter.ptr(), &counter))
+      !front_tensor(pb.ptr(), &b) || !front_tensor(pcounter.ptr(), &counter) ||
+      !front_tensor(presidual.ptr(), &res))
     return none;
+  int act = -1;
+  double slope = 0.0;
+  if (pactivation.ptr() != Py_None) {
+    act = front_activation(pactivation.ptr());
+    if (act < 0 || pinplace.ptr() != Py_False || !front_number(pslope.ptr(), &slope) ||
+        !std::isfinite(slope))
+      return none;  // (in place: the Python path's checks of the input's memory)
+  } else if (res != nullptr || pinplace.ptr() != Py_None) {
+    return none;
+  }
+  if (res != nullptr && !residual_ok(*res, true, *x)) return none;
   if (ptraining.ptr() != Py_True && ptraining.ptr() != Py_False) return none;
   bool training = ptraining.ptr() == Py_True;
   double momentum, eps;
@@ -697,14 +738,15 @@ py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, p
   if (torch::jit::tracer::isTracing()) return none;
   if (!training && at::GradMode::is_enabled() &&
       (x->requires_grad() || (w != nullptr && w->requires_grad()) ||
-       (b != nullptr && b->requires_grad())))
+       (b != nullptr && b->requires_grad()) || (res != nullptr && res->requires_grad())))
     return none;  // eval with a gradient: the op layer's autograd.Function
   std::vector<int64_t> geometry(x->sizes().begin(), x->sizes().end());
   geometry.insert(geometry.end(), x->strides().begin(), x->strides().end());
   auto& table = front_table();
   auto it = table.find(FrontKey{std::move(geometry), x->scalar_type(),
-                                front_flags(w != nullptr, b != nullptr, rm != nullptr, training),
-                                training ? momentum : 0.0, eps});
+                                front_flags(w != nullptr, b != nullptr, rm != nullptr, training,
+                                            res != nullptr),
+                                training ? momentum : 0.0, eps, act, act < 0 ? 0.0 : slope});
   if (it == table.end() || (mode == 2 && !it->second.auto_picks) || (mode != 1 && mode != 2))
     return none;
   int64_t id = it->second.recipe;
@@ -712,11 +754,16 @@ py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, p
   Tensor y;
   if (training) {
     if (counter != nullptr) counter->add_(1);
-    y = train(*x, opt(w), opt(b), opt(rm), opt(rv), id, eps, w != nullptr, b != nullptr,
-              rm != nullptr);
+    if (act < 0)
+      y = train(*x, opt(w), opt(b), opt(rm), opt(rv), id, eps, w != nullptr, b != nullptr,
+                rm != nullptr);
+    else
+      y = train_act(*x, opt(w), opt(b), opt(rm), opt(rv), opt(res), id, eps, kActivations[act],
+                    slope, w != nullptr, b != nullptr, rm != nullptr, res != nullptr, false,
+                    c10::nullopt);
   } else {
-    y = eval(*x, opt(w), opt(b), *rm, *rv, c10::nullopt, id, w != nullptr, b != nullptr, false,
-             false);
+    y = eval(*x, opt(w), opt(b), *rm, *rv, opt(res), id, w != nullptr, b != nullptr,
+             res != nullptr, false);
   }
   TORCH_CHECK(y.defined(), "batchnorm numba step: front() took a call its recipe does not");
   return py::cast(y);

@@ -8,13 +8,15 @@ parent.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..backends.activations import act_forward, check_activation
 from ..functional import _batch_norm_act_unchecked, check_act_args, check_residual
 from ._fx import fx_leaf
-from .batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import _FRONT_RANKS, BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
     "BatchNormAct",
@@ -73,6 +75,9 @@ class BatchNormAct(BatchNorm):
             act += ", inplace=True"
         return f"{super().extra_repr()}, {act}"
 
+    def _front_activation(self) -> tuple[Any, Any, Any]:
+        return self.activation, self.negative_slope, self.inplace
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """``act(BN(input) + residual)``; in training also updates the running statistics."""
         if torch.jit.is_scripting():
@@ -80,6 +85,9 @@ class BatchNormAct(BatchNorm):
             check_residual(input, residual)
             return apply_activation(self._scripted(input), residual, self.activation,
                                     float(self.negative_slope))
+        y = self._front(input, residual)
+        if y is not None:
+            return y
         node = fx_leaf(self, input, residual)
         if node is not None:
             return node
@@ -103,6 +111,10 @@ class BatchNormAct2d(BatchNormAct, BatchNorm2d):
 
 class BatchNormAct3d(BatchNormAct, BatchNorm3d):
     """:class:`BatchNormAct` for ``(N, C, D, H, W)`` input; a ``BatchNorm3d``."""
+
+
+_FRONT_RANKS.update({BatchNormAct: -1, BatchNormAct1d: 1, BatchNormAct2d: 2,
+                     BatchNormAct3d: 3})
 
 
 class ResidualActivation(torch.nn.Module):

@@ -163,7 +163,7 @@ class _BatchNormBase(_BatchNorm):
         )
 
     @torch.jit.unused
-    def _front(self, input: Tensor) -> Tensor | None:
+    def _front(self, input: Tensor, residual: Tensor | None = None) -> Tensor | None:
         """:meth:`forward` through the backend's C++ front door (``front`` in numba_step.cpp),
         with the decisions of :meth:`_prepare`, the counter ticked there; None where it does
         not take the call. Only for this package's own classes (a subclass may check the
@@ -188,7 +188,13 @@ class _BatchNormBase(_BatchNorm):
                 running_mean = running_var = None
         return front(input, running_mean, running_var, self.weight, self.bias,
                      training or running_mean is None, momentum, self.eps,
-                     front_mode(self.backend), counter, rank, self.num_features)
+                     front_mode(self.backend), counter, rank, self.num_features, residual,
+                     *self._front_activation())
+
+    def _front_activation(self) -> tuple[Any, Any, Any]:
+        """The fused activation's arguments of :meth:`_front` (activation, slope, inplace):
+        None for plain BatchNorm."""
+        return None, None, None
 
 
 def _check_scripted_tensor(input: Tensor, t: Tensor | None, name: str) -> None:

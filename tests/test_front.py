@@ -103,9 +103,9 @@ def test_functional_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy, 
     _assert_same(got, expected)
 
 
-def _module_run(cls, x, dy, steps, front, monkeypatch, **kw):
-    """``steps`` forward (+ backward in training) calls of a fresh module: outputs, weight
-    gradients and the state_dict after each."""
+def _module_run(cls, inputs, dy, steps, front, monkeypatch, **kw):
+    """``steps`` forward (+ backward in training) calls ``m(*inputs)`` of a fresh module:
+    outputs, the gradients of the inputs and parameters, and the state_dict after each."""
     torch.manual_seed(1234)
     m = cls(C, backend="numba", **kw)
     if m.weight is not None:
@@ -118,10 +118,10 @@ def _module_run(cls, x, dy, steps, front, monkeypatch, **kw):
             _without_front(mp)
         for training in steps:
             m.train(training)
-            xi = x.detach().requires_grad_(training)
+            leaves = [t.detach().requires_grad_(training) for t in inputs]
             with torch.set_grad_enabled(training):  # (eval with a gradient: declined)
-                y = m(xi)
-            grads = torch.autograd.grad(y, [xi, *m.parameters()], dy) if training else ()
+                y = m(*leaves)
+            grads = torch.autograd.grad(y, [*leaves, *m.parameters()], dy) if training else ()
             out += [y.detach(), *grads, *m.state_dict().values()]
     return out
 
@@ -134,11 +134,11 @@ def test_module_calls_give_the_python_paths_bits_and_count_once(monkeypatch, spy
     x = make_input(SHAPE, channels_last=cl)
     dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
     steps = [True, True, False, True, False, False]
-    _module_run(batchnorm.BatchNorm2d, x, dy, steps, True, monkeypatch, **kw)  # recipes
+    _module_run(batchnorm.BatchNorm2d, [x], dy, steps, True, monkeypatch, **kw)  # recipes
     before = spy.taken
-    got = _module_run(batchnorm.BatchNorm2d, x, dy, steps, True, monkeypatch, **kw)
+    got = _module_run(batchnorm.BatchNorm2d, [x], dy, steps, True, monkeypatch, **kw)
     assert spy.taken - before == len(steps), "the front door did not take every call"
-    expected = _module_run(batchnorm.BatchNorm2d, x, dy, steps, False, monkeypatch, **kw)
+    expected = _module_run(batchnorm.BatchNorm2d, [x], dy, steps, False, monkeypatch, **kw)
     _assert_same(got, expected)
     if kw.get("track_running_stats", True):
         assert int(got[-1]) == steps.count(True), "num_batches_tracked"
@@ -149,6 +149,20 @@ def _outcome(fn):
         return ("ok", fn())
     except Exception as exc:  # (the exception is what is compared)
         return (type(exc), str(exc))
+
+
+def _assert_refused_alike(monkeypatch, call, name, *state):
+    """``call`` raises the same exception with the same message with the front door as
+    without it, and leaves the tensors ``state`` as they were."""
+    saved = [t.clone() for t in state]
+    with torch.no_grad():
+        got = _outcome(call)
+        with monkeypatch.context() as m:
+            _without_front(m)
+            expected = _outcome(call)
+    assert got[0] is not "ok" and got == expected, name  # noqa: F632 (identity on purpose)
+    for t, before in zip(state, saved):
+        assert torch.equal(t, before), f"{name}: the state changed"
 
 
 def _bad_functional_calls():
@@ -200,15 +214,8 @@ def test_bad_functional_calls_raise_as_on_the_python_path(monkeypatch, spy, cl, 
         batchnorm.batch_norm(**valid)
     assert spy.taken == before + 1
     for name, bad in _bad_functional_calls():
-        call = functools.partial(batchnorm.batch_norm, **bad(valid))
-        saved = [rm.clone(), rv.clone()]
-        with torch.no_grad():
-            got = _outcome(call)
-            with monkeypatch.context() as m:
-                _without_front(m)
-                expected = _outcome(call)
-        assert got[0] is not "ok" and got == expected, name  # noqa: F632 (identity on purpose)
-        assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1]), name
+        _assert_refused_alike(monkeypatch, functools.partial(batchnorm.batch_norm, **bad(valid)),
+                              name, rm, rv)
 
 
 def test_bad_module_calls_raise_as_on_the_python_path(monkeypatch, spy):
@@ -237,15 +244,7 @@ def test_bad_module_calls_raise_as_on_the_python_path(monkeypatch, spy):
            ("weight size", lambda: batchnorm.BatchNorm2d(C + 1, backend="numba")(x)),
            ("one value per channel", lambda: m(x[:1, :, :1, :1]))]
     for name, call in bad:
-        state = {k: v.clone() for k, v in m.state_dict().items()}
-        with torch.no_grad():
-            got = _outcome(call)
-            with monkeypatch.context() as mp:
-                _without_front(mp)
-                expected = _outcome(call)
-        assert got[0] is not "ok" and got == expected, name  # noqa: F632
-        for k, v in m.state_dict().items():
-            assert torch.equal(v, state[k]), f"{name}: {k} changed"
+        _assert_refused_alike(monkeypatch, call, name, *m.state_dict().values())
 
 
 def test_calls_the_python_path_treats_otherwise_are_declined(monkeypatch, spy):
@@ -407,12 +406,9 @@ def test_an_unknown_default_backend_errs_in_the_python_paths_order(monkeypatch, 
     with torch.no_grad():
         batchnorm.batch_norm(x, rm, rv, w, b, False, backend="numba")
         monkeypatch.setenv("BATCHNORM_BACKEND", "numbaa")
-        for args in ((x, rm, rv, w, b, False), (x, rm, rv, torch.ones(C + 1), b, False)):
-            got = _outcome(lambda: batchnorm.batch_norm(*args))  # noqa: B023
-            with monkeypatch.context() as m:
-                _without_front(m)
-                expected = _outcome(lambda: batchnorm.batch_norm(*args))  # noqa: B023
-            assert got[0] is not "ok" and got == expected  # noqa: F632
+        for name, weight in (("valid arguments", w), ("weight size", torch.ones(C + 1))):
+            _assert_refused_alike(monkeypatch, functools.partial(
+                batchnorm.batch_norm, x, rm, rv, weight, b, False), name, rm, rv)
 
 
 # ---- BatchNorm + activation (+ residual), out of place ----------------------------------------
@@ -461,33 +457,13 @@ def test_act_module_calls_give_the_python_paths_bits_and_count_once(monkeypatch,
     r = make_input(SHAPE, channels_last=cl, shift=0.0)
     dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
     steps = [True, True, False, True, False]
-
-    def run(front):
-        torch.manual_seed(5)
-        m = batchnorm.BatchNormAct2d(C, activation="leaky_relu", negative_slope=0.1,
-                                     backend="numba")
-        with torch.no_grad():
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_()
-        out = []
-        with monkeypatch.context() as mp:
-            if not front:
-                _without_front(mp)
-            for training in steps:
-                m.train(training)
-                xi, ri = x.detach().requires_grad_(training), r.detach().requires_grad_(training)
-                with torch.set_grad_enabled(training):
-                    y = m(xi, ri)
-                grads = (torch.autograd.grad(y, [xi, ri, *m.parameters()], dy) if training
-                         else ())
-                out += [y.detach(), *grads, *m.state_dict().values()]
-        return out
-
-    run(True)  # (the recipes)
+    kw = {"activation": "leaky_relu", "negative_slope": 0.1}
+    act2d = batchnorm.BatchNormAct2d
+    _module_run(act2d, [x, r], dy, steps, True, monkeypatch, **kw)  # (the recipes)
     before = spy.taken
-    got = run(True)
+    got = _module_run(act2d, [x, r], dy, steps, True, monkeypatch, **kw)
     assert spy.taken - before == len(steps), "the front door did not take every call"
-    _assert_same(got, run(False))
+    _assert_same(got, _module_run(act2d, [x, r], dy, steps, False, monkeypatch, **kw))
     assert int(got[-1]) == steps.count(True), "num_batches_tracked"
 
 
@@ -510,15 +486,9 @@ def test_bad_act_calls_raise_and_in_place_calls_are_declined(monkeypatch, spy):
            ("in place, not invertible", {"activation": "relu", "inplace": True}),
            ("weight size", {"weight": torch.ones(C + 1)})]
     for name, change in bad:
-        call = functools.partial(batchnorm.batch_norm_act, **{**valid, **change})
-        saved = [rm.clone(), rv.clone()]
-        with torch.no_grad():
-            got = _outcome(call)
-            with monkeypatch.context() as m:
-                _without_front(m)
-                expected = _outcome(call)
-        assert got[0] is not "ok" and got == expected, name  # noqa: F632
-        assert torch.equal(rm, saved[0]) and torch.equal(rv, saved[1]), name
+        _assert_refused_alike(
+            monkeypatch, functools.partial(batchnorm.batch_norm_act, **{**valid, **change}),
+            name, rm, rv)
     # valid calls the front leaves to the Python path: in place (its checks of the input's
     # memory), a slope the Python path converts, a residual in another layout (converted)
     declined = [("in place", {"inplace": True}), ("slope str", {"negative_slope": "0.1"}),

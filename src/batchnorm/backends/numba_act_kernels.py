@@ -179,6 +179,25 @@ def _f32_as_i32(typingctx, v):
     return types.int32(types.float32), codegen
 
 
+@intrinsic
+def _unfolded(typingctx, v):
+    """``v`` itself, through LLVM's ``freeze``: a value that the x86 back end cannot fold as
+    a memory operand into the instruction that uses it. Where ``dz = z > 0 ? dy : 0`` (relu)
+    selects a loaded ``dy``, LLVM folded the load into a zero-masked load (``vmovups
+    (mem), zmm {k} {z}``, or a masked multiply), which cannot start before the mask, so
+    before ``x`` had arrived and ``z`` been computed: from memory the relu backward's
+    reduction ran 2-3x slower than identity's or leaky_relu's (0.51 against 0.23 ns a value,
+    one thread, runs of 196; benchmarks/RESULTS.md, session 25). Frozen, ``dy`` is a plain
+    load issued with ``x``'s and the mask is applied to a register. The bits are unchanged."""
+
+    def codegen(context, builder, sig, args):
+        frozen = ir.instructions.Instruction(builder.block, args[0].type, "freeze", [args[0]])
+        builder._insert(frozen)
+        return frozen
+
+    return v(v), codegen
+
+
 @njit(inline="always")
 def _log1p32(y):
     """log1p(y) in float32 for y in [-1 + 2^-23, inf) (in-place elu recovers z from y <= 0):
@@ -362,6 +381,7 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, kind, inp):
     xh = (v - hi) * inv + k0
     z = xh * w + b + rv
     if kind == 0:
+        g = _unfolded(g)  # relu selects g or 0: see _unfolded
         # as torch's threshold_backward, relu passes g at a NaN z and blocks it with a zero
         # where z <= 0 (not g * 0, which is NaN for an infinite g); leaky_relu scales it
         if z > 0 or (a == 1 and z != z):

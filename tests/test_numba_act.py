@@ -389,3 +389,61 @@ def test_identity_gives_plain_batchnorms_bits(channels_last, center):
                                       activation="identity", backend="numba")
         assert torch.equal(ya, y), f"training={training}: {(ya - y).abs().max().item():.3e}"
         assert torch.equal(rm2, rm) and torch.equal(rv2, rv)
+
+
+def test_unfolded_returns_its_value():
+    """``_unfolded`` (LLVM ``freeze``, which keeps the relu backward's ``dy`` load out of a
+    masked instruction) changes no value: NaN, infinities, -0 and subnormals pass bit for
+    bit, in float32 and float64, inside a vectorized loop."""
+    import numpy as np
+    from numba import njit
+
+    from batchnorm.backends.numba_act_kernels import _unfolded
+
+    @njit
+    def through(src, dst):
+        for i in range(src.size):
+            dst[i] = _unfolded(src[i])
+
+    for dtype, itype in ((np.float32, np.uint32), (np.float64, np.uint64)):
+        src = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.5, -2.25,
+                        np.finfo(dtype).tiny / 4, np.finfo(dtype).max] * 7, dtype=dtype)
+        dst = np.full_like(src, 7.0)
+        through(src, dst)
+        assert np.array_equal(dst.view(itype), src.view(itype)), dtype
+
+
+_MASKED_LOADS_SCRIPT = """
+import os, re, sys, tempfile
+os.environ["BATCHNORM_NUMBA_CHILD_COMPILE"] = "0"
+os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp()
+import torch
+from batchnorm.backends import numba_entry as ne
+compiled = {}
+plain = ne._compile
+def keep(fn, module, name, dtype):
+    compiled[name] = plain(fn, None, name, dtype)
+    return compiled[name]
+ne._compile = keep
+ne.entry_for("numba_act_kernels", "backward_act", torch.float32)
+asm = compiled["backward_act"]._library.get_asm_str()
+bad = [ln.strip() for ln in asm.splitlines() if "{z}" in ln and re.search(r"[(]", ln)]
+print(len(bad))
+print("\\n".join(bad[:20]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux" or "avx512f" not in open("/proc/cpuinfo").read(),
+                    reason="the masked loads in question are AVX-512's (x86 Linux with it)")
+def test_relu_backward_has_no_zero_masked_loads():
+    """relu's ``dz = z > 0 ? dy : 0`` let the x86 back end fold the ``dy`` load into a
+    zero-masked load, which waits for x and z: the backward's reduction ran 2-3x slower
+    from memory than identity's (benchmarks/RESULTS.md, session 25). The compiled backward
+    kernel (float32, built uncached in a child) has no zero-masking instruction with a
+    memory operand; without ``_unfolded`` it had 96 (checked)."""
+    done = subprocess.run([sys.executable, "-c", _MASKED_LOADS_SCRIPT],
+                          capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, _, lines = done.stdout.partition("\n")
+    assert int(count) == 0, lines

@@ -755,9 +755,9 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 m1 = min(m0 + seg, n1)
                 rows_bred(dy, v, r, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2, kind,
                           res, inplace)
-                for c in range(c_):
-                    sdz[c] += np.float64(q1[c])
-                    sdx[c] += np.float64(q2[c])
+                for c in range(c_):  # (unsigned indices: vectorized, see _fold_add)
+                    sdz[_u(c)] += np.float64(q1[_u(c)])
+                    sdx[_u(c)] += np.float64(q2[_u(c)])
             return
         seg = min(s_, ROW_SEGMENT) if kind != 0 else 0
         bz = np.empty(seg, co.dtype)

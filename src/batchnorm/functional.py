@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from . import ops
 from ._validation import check_batch_norm_args
-from .backends import eager_front, front_mode, resolve_backend
+from .backends import front_mode, resolve_backend, usable_front
 
 __all__ = ["batch_norm", "batch_norm_act"]
 
@@ -50,8 +49,7 @@ def batch_norm(
 
     All checks run before any buffer is touched; see ``_validation.check_batch_norm_args``.
     """
-    if (not torch.compiler.is_compiling() and (front := eager_front["fn"]) is not None
-            and forward_ad._current_level < 0):
+    if (front := usable_front()) is not None:
         # the whole call in C++ where it takes it (numba_step.cpp: front), else None
         y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
                   front_mode(backend), None, -1, -1, None, None, None, None)
@@ -135,8 +133,7 @@ def batch_norm_act(
     Shape:
         Input and residual ``(N, C, *)``; output the same shape, dtype and memory layout.
     """
-    if (not torch.compiler.is_compiling() and (front := eager_front["fn"]) is not None
-            and forward_ad._current_level < 0):
+    if (front := usable_front()) is not None:
         # as in batch_norm (out of place only: in place, the checks of the input's memory)
         y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
                   front_mode(backend), None, -1, -1, residual, activation, negative_slope,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .base import Backend
 
@@ -33,6 +34,7 @@ __all__ = [
     "registered_backends",
     "resolve_backend",
     "set_backend",
+    "usable_front",
 ]
 
 AUTO = "auto"
@@ -168,6 +170,15 @@ def set_eager_front(name: str, fn: Callable[..., Any] | None) -> None:
     """Install (or with None remove) backend ``name``'s :data:`eager_front`."""
     eager_front["name"] = name
     eager_front["fn"] = fn
+
+
+def usable_front() -> Callable[..., Any] | None:
+    """:data:`eager_front`'s function where a call may try it now, else None: not while
+    torch.compile traces the call, nor under forward-mode AD (both need the op layer's
+    Python path), nor before the backend has installed it."""
+    if torch.compiler.is_compiling() or forward_ad._current_level >= 0:
+        return None
+    return eager_front["fn"]
 
 
 def front_mode(name: str | None) -> int:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._validation import (
@@ -21,7 +20,7 @@ from .._validation import (
     check_batch_norm_args,
     check_one_value_per_channel,
 )
-from ..backends import AUTO, eager_front, front_mode, registered_backends, resolve_backend
+from ..backends import AUTO, front_mode, registered_backends, resolve_backend, usable_front
 from ..functional import _batch_norm_unchecked
 from ._fx import fx_leaf
 
@@ -169,12 +168,10 @@ class _BatchNormBase(_BatchNorm):
         not take the call. Only for this package's own classes (a subclass may check the
         input otherwise, in its ``_check_input_dim``), not for ``momentum=None`` (whose
         factor changes every batch), and never while compiling or in forward-mode AD."""
-        if torch.compiler.is_compiling():
-            return None
-        front = eager_front["fn"]
+        front = usable_front()
         rank = _FRONT_RANKS.get(type(self))
         momentum = self.momentum
-        if front is None or rank is None or momentum is None or forward_ad._current_level >= 0:
+        if front is None or rank is None or momentum is None:
             return None
         # (attributes, as _prepare reads them: weight_norm and other hooks keep a computed
         # weight in the instance's __dict__, not in _parameters)

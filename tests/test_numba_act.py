@@ -220,7 +220,10 @@ def _act_outputs(be, x, w, b, rm, rv, r, training, activation, dy, inplace):
 def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_last):
     """Forcing the non-temporal store path (numba_backend._STREAM_MIN_BYTES = 0) on y, dx and
     dresidual gives the same bits as plain stores, with and without a residual, in place
-    too."""
+    too. With a residual in normal mode the two backward paths differ: plain stores let the
+    reduction write dz into dresidual and the elementwise pass read it back, streamed ones
+    recompute dz there, so this also checks that both give the same dz and dx (training and
+    eval, a piecewise-linear and a transcendental activation)."""
     from batchnorm.backends import numba_backend
 
     c = shape[1]
@@ -229,7 +232,8 @@ def test_streamed_outputs_equal_plain_stores(be, monkeypatch, shape, channels_la
     r = make_input(shape, torch.float32, channels_last, seed=14, shift=0.0)
     dy = make_input(shape, torch.float32, channels_last, seed=15, shift=0.0, scale=1.0)
     cases = [("relu", r, False, True), ("silu", None, False, True),
-             ("leaky_relu", r, True, True), ("elu", None, True, False)]
+             ("leaky_relu", r, True, True), ("elu", None, True, False),
+             ("gelu", r, False, True), ("relu", r, False, False)]
     for activation, res, inplace, training in cases:
         outs = []
         for limit in (1 << 62, 0):

@@ -390,6 +390,22 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, kind, inp):
     return g * _dact(z, kind, sl), xh
 
 
+@njit(fastmath=_EXACT_MATH, forceinline=True)
+def _xhat(v, hi, inv, k0):
+    """xhat of one element of x, rounded as in :func:`_dz_xhat` (normal mode)."""
+    return (v - hi) * inv + k0
+
+
+def _same_dtype(a, b):
+    """Whether arrays ``a`` and ``b`` hold the same dtype (a compile-time constant)."""
+
+
+@overload(_same_dtype)
+def _same_dtype_impl(a, b):
+    same = a.dtype == b.dtype
+    return lambda a, b: same
+
+
 # The reductions' copy: with the reductions' flags (contracted into FMAs), as when numba
 # inlined it into its callers (session 19), where the exact copy cost the 7x7 and 14x14
 # reductions 5-10% (paired A/B, benchmarks/RESULTS.md, session 22). The elementwise pass
@@ -475,15 +491,21 @@ def _negs(a, sl):
 
 
 @njit(inline="always")
-def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, bx, kind,
-                   res, inp):
+def _run_bred_body(dy, v, r, dr, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, bx, kind,
+                   res, inp, pre):
     s1 = _zero(hi)
     s2 = _zero(hi)
     if kind == 0:
         for i in range(o, o + s):
             rv = _ld(r[_u(i)]) if res else _zero(hi)
-            dz, xh = _dz_xhat_sum(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
-                              neg, rneg, sl, kind, inp)
+            if pre:
+                # dz for dr (and so for dx) rounded as the elementwise pass's own copy would
+                dz, xh = _dz_xhat(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b, rw, a,
+                                  neg, rneg, sl, kind, inp)
+                dr[_u(i)] = _st(dz, dr)
+            else:
+                dz, xh = _dz_xhat_sum(_ld(dy[_u(i)]), _ld(v[_u(i)]), rv, hi, inv, k0, w, b,
+                                      rw, a, neg, rneg, sl, kind, inp)
             s1 += dz
             s2 += dz * xh
         return np.float64(s1), np.float64(s2)
@@ -496,6 +518,8 @@ def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, 
         rv = _ld(r[j]) if res else _zero(hi)
         bz[_u(i)], bx[_u(i)] = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a,
                                         neg, rneg, sl, kind, inp)
+        if pre:
+            dr[j] = _st(bz[_u(i)], dr)
     for i in range(s):
         s1 += bz[_u(i)]
         s2 += bz[_u(i)] * bx[_u(i)]
@@ -503,8 +527,8 @@ def _run_bred_body(dy, v, r, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, 
 
 
 @njit(inline="always")
-def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, bz,
-                    bx, kind, res, inp):
+def _runs_bred_body(dy, v, r, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
+                    bz, bx, kind, res, inp, pre):
     if s_ <= ROW_SEGMENT:
         # short runs (all but a volume at batch size 1): one call a run, no piece loop around
         # it, which made the 7x7 and 14x14 reductions 10-15% slower (paired, session 22; as
@@ -512,9 +536,9 @@ def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, 
         for n in range(n0, n1):
             o = n * stride + c0 * s_
             for c in range(c0, c1):
-                u, w = _run_bred_body(dy, v, r, o, s_, co[0, c], co[1, c], co[2, c], co[3, c],
-                                      co[4, c], co[5, c], a, neg, rneg, sl, bz, bx, kind, res,
-                                      inp)
+                u, w = _run_bred_body(dy, v, r, dr, o, s_, co[0, c], co[1, c], co[2, c],
+                                      co[3, c], co[4, c], co[5, c], a, neg, rneg, sl, bz, bx,
+                                      kind, res, inp, pre)
                 sdz[c] += u
                 sdx[c] += w
                 o += s_
@@ -525,9 +549,9 @@ def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, 
             # a long run in pieces of ROW_SEGMENT values (compute-dtype sums; as
             # numba_kernels._task_bred_long)
             for p in range(0, s_, ROW_SEGMENT):
-                u, w = _run_bred_body(dy, v, r, o + p, min(ROW_SEGMENT, s_ - p), co[0, c],
-                                      co[1, c], co[2, c], co[3, c], co[4, c], co[5, c], a,
-                                      neg, rneg, sl, bz, bx, kind, res, inp)
+                u, w = _run_bred_body(dy, v, r, dr, o + p, min(ROW_SEGMENT, s_ - p),
+                                      co[0, c], co[1, c], co[2, c], co[3, c], co[4, c],
+                                      co[5, c], a, neg, rneg, sl, bz, bx, kind, res, inp, pre)
                 sdz[c] += u
                 sdx[c] += w
             o += s_
@@ -535,14 +559,18 @@ def _runs_bred_body(dy, v, r, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, 
 
 @njit(inline="always")
 def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                     rneg, sl, kind, res, inp):
+                     rneg, sl, kind, res, inp, pre):
     for i in range(s):
         j = _u(o + i)
-        rv = _ld(r[j]) if res else _zero(hi)
-        dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl,
-                          kind, inp)
+        if pre:  # dz is in dr already (the reduction wrote it, yo == o)
+            dz = _ld(dr[j])
+            xh = _xhat(_ld(v[j]), hi, inv, k0)
+        else:
+            rv = _ld(r[j]) if res else _zero(hi)
+            dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg,
+                              sl, kind, inp)
         dx[_u(yo + i)] = _st(sc * (dz + k1 + _xterm(xh, _zero(xh), k2)), dx)
-        if res:
+        if res and not pre:
             dr[_u(yo + i)] = _st(dz, dr)
 
 
@@ -555,24 +583,25 @@ def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl
         c = c0 + j
         _run_bapply_body(dy, v, r, dx, dr, o + p, p - a0, q - p, co[0, c], co[1, c], co[2, c],
                          co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a, neg,
-                         rneg, sl, kind, res, inp)
+                         rneg, sl, kind, res, inp, False)
         p = q
 
 
 @njit(inline="always")
 def _runs_bapply_body(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl,
-                      kind, res, inp):
+                      kind, res, inp, pre):
     for n in range(n0, n1):
         o = n * stride + c0 * s_
         for c in range(c0, c1):
             _run_bapply_body(dy, v, r, dx, dr, o, o, s_, co[0, c], co[1, c], co[2, c],
                              co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a,
-                             neg, rneg, sl, kind, res, inp)
+                             neg, rneg, sl, kind, res, inp, pre)
             o += s_
 
 
 @njit(inline="always")
-def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, kind, res, inp):
+def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, kind, res, inp,
+                    pre):
     """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``.
     The coefficients are read as rows of ``co`` with unsigned indices, and the flags are
     constants in each copy of the loop: indexed as ``co[k, j]`` with the flags tested per
@@ -589,14 +618,17 @@ def _rows_bred_body(dy, v, r, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, kind, 
             rv = _ld(r[i]) if res else zero
             dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
                               rw[u], a, neg, rneg, sl, kind, inp)
+            if pre:
+                dr[i] = _st(dz, dr)
             q1[u] += dz
             q2[u] += dz * xh
 
 
 @njit(inline="always")
 def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, kind, res,
-                      inp):
-    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers)."""
+                      inp, pre):
+    """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers;
+    ``pre``: dz from dr, yo == n0 * c_)."""
     hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
     sc, k1, k2 = co[6], co[7], co[8]
     zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
@@ -606,11 +638,15 @@ def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, ki
         for j in range(c_):
             i = _u(p + j)
             u = _u(j)
-            rv = _ld(r[i]) if res else zero
-            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
-                              rw[u], a, neg, rneg, sl, kind, inp)
+            if pre:
+                dz = _ld(dr[i])
+                xh = _xhat(_ld(v[i]), hi[u], inv[u], k0[u])
+            else:
+                rv = _ld(r[i]) if res else zero
+                dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
+                                  rw[u], a, neg, rneg, sl, kind, inp)
             dx[_u(q + j)] = _st(sc[u] * (dz + k1[u] + _xterm(xh, zero, k2[u])), dx)
-            if res:
+            if res and not pre:
                 dr[_u(q + j)] = _st(dz, dr)
 
 
@@ -670,6 +706,9 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
     rf = ("res", (True, False), None)
     # in place only with an invertible activation (identity, leaky_relu: kind 0; elu)
     pf = ("inp", (True, False), lambda kind, res: kind in (0, 3))
+    # dz written by the reduction into dr and read back by the elementwise pass (see
+    # backward_act): with a residual, in normal mode
+    qf = ("pre", (True, False), lambda kind, res, inp: res and not inp)
     tag = "k" + "_".join(str(k) for k in kinds)
     # buf[:b0 - a0] from x (and r) at [o + a0, o + b0): a stream or in-place chunk, one call
     # (a call per piece, through the flags' dispatch, measured 1.1-2.1x slower in place:
@@ -685,19 +724,19 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
     # a task's runs with the flags chosen once per task: per run, the choice and a call cost
     # as much as the 49 values of a 7x7 run
     runs_bred = _by_flags(_runs_bred_body,
-                          "dy v r stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx bz bx",
-                          (kf, rf, pf), _REDUCE_MATH)
-    rows_bred = _by_flags(_rows_bred_body, "dy v r o nrows c_ co a neg rneg sl q1 q2",
-                          (kf, rf, pf), _ELEM_MATH)
+                          "dy v r dr stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx bz bx",
+                          (kf, rf, pf, qf), _REDUCE_MATH)
+    rows_bred = _by_flags(_rows_bred_body, "dy v r dr o nrows c_ co a neg rneg sl q1 q2",
+                          (kf, rf, pf, qf), _ELEM_MATH)
     # dx[:b0 - a0] (and dr) from the inputs at [o + a0, o + b0): a stream chunk, one call
     # (as chunk_act: streamed backward of (32, 1024, 14, 14) 4.13 -> 3.04 ms)
     chunk_bapply = _by_flags(_chunk_bapply_body, "dy v r dx dr o a0 b0 s_ c0 co a neg rneg sl",
                              (kf, rf, pf), _EXACT_MATH)
     runs_bapply = _by_flags(_runs_bapply_body,
                             "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl",
-                            (kf, rf, pf), _EXACT_MATH)
+                            (kf, rf, pf, qf), _EXACT_MATH)
     rows_bapply = _by_flags(_rows_bapply_body, "dy v r dx dr c_ n0 n1 yo co a neg rneg sl",
-                            (kf, rf, pf), _ELEM_MATH)
+                            (kf, rf, pf, qf), _ELEM_MATH)
 
     @njit
     @_named_as(tag)
@@ -738,8 +777,9 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
 
     @njit
     @_named_as(tag)
-    def task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, sdz, sdx):
-        """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1)."""
+    def task_bred(dy, v, r, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre, sdz, sdx):
+        """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1);
+        ``pre``: dz into dr as well."""
         sl = _k(slope, co[0, 0])
         neg, rneg = _negs(a, sl)
         kind = _kind(a)
@@ -753,8 +793,8 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
             seg = max(1, ROW_SEGMENT // c_)
             for m0 in range(n0, n1, seg):
                 m1 = min(m0 + seg, n1)
-                rows_bred(dy, v, r, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2, kind,
-                          res, inplace)
+                rows_bred(dy, v, r, dr, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2,
+                          kind, res, inplace, pre)
                 for c in range(c_):  # (unsigned indices: vectorized, see _fold_add)
                     sdz[_u(c)] += np.float64(q1[_u(c)])
                     sdx[_u(c)] += np.float64(q2[_u(c)])
@@ -762,14 +802,16 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         seg = min(s_, ROW_SEGMENT) if kind != 0 else 0
         bz = np.empty(seg, co.dtype)
         bx = np.empty(seg, co.dtype)
-        runs_bred(dy, v, r, c_ * s_, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx, bz,
-                  bx, kind, res, inplace)
+        runs_bred(dy, v, r, dr, c_ * s_, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
+                  bz, bx, kind, res, inplace, pre)
 
     @njit
     @_named_as(tag)
-    def task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, stream):
+    def task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre,
+                    stream):
         """dx (and dr) of rows [n0, n1) x channels [c0, c1); streamed as in task_act (dx and
-        dr are the same shape, so one chunking serves both)."""
+        dr are the same shape, so one chunking serves both). ``pre`` (never streamed): dz
+        is read from dr, which the reduction wrote."""
         sl = _k(slope, co[0, 0])
         neg, rneg = _negs(a, sl)
         kind = _kind(a)
@@ -780,12 +822,12 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         if s_ == 1:
             if not stream:
                 rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, neg, rneg, sl, kind,
-                            res, inplace)
+                            res, inplace, pre)
                 return
             for m0 in range(n0, n1, k):
                 m1 = min(m0 + k, n1)
                 rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, neg, rneg, sl, kind,
-                            res, inplace)
+                            res, inplace, False)
                 _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
                 if res:
                     _stream(br, dr, m0 * c_, (m1 - m0) * c_)
@@ -807,7 +849,7 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                     a0 = b0
             return
         runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, kind,
-                    res, inplace)
+                    res, inplace, pre)
 
     @njit(inline="always")
     @_named_as(tag)
@@ -865,7 +907,14 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         inputs). ``do_apply``: ``dx = w * invstd * (dz - sum_dz / count - xhat * sum_dzx /
         count)`` (training; ``w * invstd * dz`` in eval) and, with a residual, ``dr = dz``.
         ``stream``: non-temporal stores for ``dx`` and ``dr``.
+
+        With a residual, in normal mode, not streamed, in the compute dtype and with both
+        passes (``pre``), the reduction also writes ``dr = dz`` and the elementwise pass
+        reads dz back from ``dr`` instead of recomputing it from ``dy``, ``x`` and ``r``: the
+        second pass reads two inputs instead of three (``x`` for xhat, and ``dr``).
         """
+        pre = (r.size > 0 and do_reduce and do_apply and not inplace and not stream
+               and _same_dtype(dr, coef))
         n = units
         k = _claim(ctl, n)
         while k < n:
@@ -874,14 +923,14 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 c0, c1 = _span(c_, blocks, t // parts)
                 n0, n1 = _span(n_, parts, t % parts)
                 if do_reduce:
-                    task_bred(dy, v, r, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
-                              pm[t % parts], pq[t % parts])
+                    task_bred(dy, v, r, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
+                              pre, pm[t % parts], pq[t % parts])
                 if parts == 1:
                     _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0,
                                 c1)
                     if do_apply:
                         task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act,
-                                    slope, inplace, stream)
+                                    slope, inplace, pre, stream)
             elif phase == 1:
                 a, b = _merge_range(k, c_)
                 _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, a, b)
@@ -893,7 +942,7 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 c0, c1 = _span(c_, blocks, t // parts)
                 n0, n1 = _span(n_, parts, t % parts)
                 task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
-                            inplace, stream)
+                            inplace, pre, stream)
             _unit_done(ctl, stream)
             k = _claim(ctl, n)
 

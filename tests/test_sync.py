@@ -115,7 +115,10 @@ def test_sharded_training_equals_single_process(world):
     of one value per channel raises on every rank; every rank empty; eval never communicates;
     process groups (world size 1, a subset of ranks); DDP steps equal single-process training
     with identical buffers on every rank."""
-    reports = World("main", world).collect(deadline_s=180.0)
+    # The group timeout bounds a wait in a collective while the peer works: a rank's first
+    # use of a numba kernel loads (cold cache: compiles) it, which on a 2-vCPU machine took
+    # over the default 20 s (a send timed out). A hang still fails, at the deadline.
+    reports = World("main", world, timeout_s=120.0).collect(deadline_s=180.0)
     expected = [name for name, _ in _dist_worker.main_checks(0, world)]
     assert_world_ok(reports, list(range(world)), expected)
 

@@ -9,10 +9,13 @@ The pass structure is the plain BatchNorm kernels' own:
   that normalizes, adds the residual and applies the activation; with one batch part per
   task a channel block is reduced and then written while it is still in cache;
 * backward: one reduction of ``sum(dz)`` and ``sum(dz * xhat)`` with ``dz = dy * act'(z)``,
-  then one elementwise pass writing ``dx`` and ``dresidual = dz`` together. ``z`` and
-  ``xhat`` are recomputed: from ``x`` in normal mode (``xhat = (x - mean) * invstd``,
+  then one elementwise pass writing ``dx`` and ``dresidual = dz``. ``z`` and ``xhat`` are
+  recomputed: from ``x`` in normal mode (``xhat = (x - mean) * invstd``,
   ``z = xhat * w + b + r``), from the output ``y`` in in-place mode (``z = act^-1(y)``,
-  ``xhat = (z - r - b) / w``, ``act'`` through ``y``).
+  ``xhat = (z - r - b) / w``, ``act'`` through ``y``). With a residual in normal mode the
+  reduction writes ``dresidual = dz`` itself and the elementwise pass reads it back (``x``
+  and ``dz``: two inputs instead of ``x``, ``dy`` and ``r``), unless the outputs are
+  streamed (see ``backward_act``).
 
 Activations (codes): 0 identity, 1 relu, 2 leaky_relu(slope), 3 elu (alpha 1), 4 silu,
 5 gelu (exact, erf). Every loop is compiled once per activation kind, with the kind a

@@ -943,6 +943,43 @@ def test_a_failed_child_compile_warns_and_leaves_the_compile_to_this_process(mon
         numba_entry._compile_in_child("numba_kernels", "forward", torch.float32)
 
 
+def test_precompile_compiles_the_missing_modules_concurrently(monkeypatch):
+    """precompile starts one child compile per (module, dtype) missing from the cache (and
+    none for one cached), up to ``jobs`` of them at once, and names what it compiled."""
+    import threading
+    import time
+
+    from batchnorm.backends import numba_entry
+
+    cached = {("numba_kernels", torch.float32)}
+    # each probe stands for its (module, kernel, dtype): nothing is built or compiled
+    monkeypatch.setattr(numba_entry, "_entry_function",
+                        lambda module, name, dtype: ((), "", (module, name, dtype)))
+    monkeypatch.setattr(numba_entry, "_caching_cfunc", lambda job: job)
+    monkeypatch.setattr(numba_entry, "_in_cache", lambda job: (job[0], job[2]) in cached)
+    lock, running, peak, calls = threading.Lock(), [0], [0], []
+
+    def child(module, name, dtype):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            calls.append((module, name, dtype))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    monkeypatch.setattr(numba_entry, "_compile_in_child", child)
+    done = numba_entry.precompile([(m, d) for m in ("numba_kernels", "numba_act_kernels")
+                                   for d in (torch.float32, torch.float64)], jobs=2)
+    assert sorted(done) == ["numba_act_kernels float32", "numba_act_kernels float64",
+                            "numba_kernels float64"]
+    assert sorted((calls_m, str(d)) for calls_m, _, d in calls) == [
+        ("numba_act_kernels", "torch.float32"), ("numba_act_kernels", "torch.float64"),
+        ("numba_kernels", "torch.float64")]
+    assert {n for _, n, _ in calls} == {"forward", "forward_act"}  # each module's first kernel
+    assert peak[0] == 2  # concurrently, and no more than jobs
+
+
 def _forked_child(x, q):
     y = get_backend(BACKEND).forward_train(x, None, None, None, None, 0.1, 1e-5)[0]
     q.put(y.numpy().copy())  # compared in the parent: torch's own parallel ops hang here

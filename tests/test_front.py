@@ -467,7 +467,7 @@ def test_act_module_calls_give_the_python_paths_bits_and_count_once(monkeypatch,
     assert int(got[-1]) == steps.count(True), "num_batches_tracked"
 
 
-def test_bad_act_calls_raise_and_in_place_calls_are_declined(monkeypatch, spy):
+def test_bad_act_calls_raise_and_converted_ones_are_declined(monkeypatch, spy):
     x, rm, rv, w, b = _args()
     r = make_input(SHAPE, shift=0.0)
     valid = {"input": x, "running_mean": rm, "running_var": rv, "weight": w, "bias": b,
@@ -489,10 +489,11 @@ def test_bad_act_calls_raise_and_in_place_calls_are_declined(monkeypatch, spy):
         _assert_refused_alike(
             monkeypatch, functools.partial(batchnorm.batch_norm_act, **{**valid, **change}),
             name, rm, rv)
-    # valid calls the front leaves to the Python path: in place (its checks of the input's
-    # memory), a slope the Python path converts, a residual in another layout (converted)
-    declined = [("in place", {"inplace": True}), ("slope str", {"negative_slope": "0.1"}),
-                ("residual channels-last", {"residual": to_channels_last(r)})]
+    # valid calls the front leaves to the Python path: a slope the Python path converts, a
+    # residual in another layout (converted), in place with a truthy non-bool
+    declined = [("slope str", {"negative_slope": "0.1"}),
+                ("residual channels-last", {"residual": to_channels_last(r)}),
+                ("in place, inplace=1", {"inplace": 1})]
     for name, change in declined:
         results = []
         for front in (True, False):
@@ -506,6 +507,132 @@ def test_bad_act_calls_raise_and_in_place_calls_are_declined(monkeypatch, spy):
                                 args["running_var"]])
                 assert spy.taken == before, f"{name}: the front door took it"
         _assert_same(*results)
+
+
+def _in_place_step(x, rm, rv, w, b, r, training, dy, **kw):
+    """An in-place call on an intermediate copy of ``x``: y, whether y is that copy and its
+    version, then (training) the gradients of x's leaf, w, b and r; the buffers."""
+    rm, rv = rm.clone(), rv.clone()
+    leaves = [t.detach().requires_grad_(training) if t is not None else None
+              for t in (x, w, b, r)]
+    with torch.set_grad_enabled(training):
+        x0 = leaves[0] * 1.0
+        y = batchnorm.batch_norm_act(x0, rm, rv, leaves[1], leaves[2], training,
+                                     residual=leaves[3], inplace=True, **kw)
+        same = [torch.tensor(y is x0), torch.tensor(x0._version)]
+        grads = (torch.autograd.grad(y, [t for t in leaves if t is not None], dy) if training
+                 else ())
+    return [y.detach(), *same, *grads, rm, rv]
+
+
+@pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("activation", "slope", "with_residual"),
+                         [("leaky_relu", 0.2, True), ("elu", 0.01, False),
+                          ("identity", 0.01, True)])
+def test_in_place_act_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy, cl, training,
+                                                                activation, slope,
+                                                                with_residual):
+    x, rm, rv, w, b = _args(cl=cl)
+    # weights the in-place kernels replace (|w| < 1e-6, signed zeros) and keep (1e-6, NaN-free)
+    w[:6] = torch.tensor([0.0, -0.0, 1e-7, -5e-7, 1e-6, -1e-6])
+    r = make_input(SHAPE, channels_last=cl, shift=0.0) if with_residual else None
+    dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
+    kw = {"activation": activation, "negative_slope": slope, "backend": "numba"}
+    _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)  # makes the recipe
+    before = spy.taken
+    got = _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)
+    assert spy.taken == before + 1, "the front door did not take the call"
+    assert bool(got[1]), "the output is not the input"
+    with monkeypatch.context() as m:
+        _without_front(m)
+        expected = _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)
+    _assert_same(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_in_place_module_calls_give_the_python_paths_bits(monkeypatch, spy, dtype):
+    x = make_input(SHAPE, dtype)
+    r = make_input(SHAPE, dtype, shift=0.0)
+    dy = make_input(SHAPE, dtype, shift=0.0, scale=1.0)
+
+    def run(front):
+        torch.manual_seed(0)
+        m = batchnorm.BatchNormAct2d(C, activation="leaky_relu", negative_slope=0.1,
+                                     inplace=True, backend="numba", dtype=dtype)
+        with torch.no_grad():
+            m.weight.uniform_(-1.0, 1.0)
+            m.weight[:3] = torch.tensor([0.0, 1e-8, -1e-8])
+        out = []
+        with monkeypatch.context() as mp:
+            if not front:
+                _without_front(mp)
+            for training in (True, True, False, True):
+                m.train(training)
+                leaves = [t.detach().requires_grad_(training) for t in (x, r)]
+                with torch.set_grad_enabled(training):
+                    y = m(leaves[0] * 1.0, leaves[1])
+                grads = (torch.autograd.grad(y, [*leaves, *m.parameters()], dy) if training
+                         else ())
+                out += [y.detach(), *grads, *m.state_dict().values()]
+        return out
+
+    run(True)  # (the recipes)
+    before = spy.taken
+    got = run(True)
+    assert spy.taken - before == 4, "the front door did not take every call"
+    _assert_same(got, run(False))
+    assert int(got[-1]) == 3, "num_batches_tracked"
+
+
+def test_in_place_calls_the_python_path_refuses_or_looks_at_closer(monkeypatch, spy):
+    """What check_act_args refuses in place, the front door declines before any state
+    changes (the same error either way); what it checks more closely (views, inference
+    tensors) it leaves to that path, which gives the same result."""
+    x, rm, rv, w, b = _args()
+    r = make_input(SHAPE, shift=0.0)
+    valid = {"running_mean": rm, "running_var": rv, "weight": w, "bias": b, "training": True,
+             "activation": "leaky_relu", "negative_slope": 0.1, "residual": r,
+             "backend": "numba", "inplace": True}
+    batchnorm.batch_norm_act(x.clone(), **valid)  # (the recipe)
+    before = spy.taken
+    batchnorm.batch_norm_act(x.clone(), **valid)
+    assert spy.taken == before + 1
+    leaf = x.clone().requires_grad_()
+    with torch.inference_mode():
+        inference = x.clone()
+    refused = [
+        ("leaf that requires grad", lambda: {"input": leaf}),
+        ("view of a leaf that requires grad", lambda: {"input": leaf.view(SHAPE)}),
+        ("inference tensor", lambda: {"input": inference}),
+        ("expanded", lambda: {"input": x[:1].expand(SHAPE),
+                              "residual": r[:1].expand(SHAPE)}),
+        ("residual is the input", lambda: (lambda t: {"input": t, "residual": t})(x.clone())),
+        ("residual overlaps the input",
+         lambda: (lambda t: {"input": t[:6], "residual": t[1:7]})(
+             make_input((7, C, 5, 4), shift=0.0))),
+        ("relu", lambda: {"input": x.clone(), "activation": "relu"}),
+        ("slope 0", lambda: {"input": x.clone(), "negative_slope": 0.0}),
+    ]
+    for name, change in refused:
+        def call(change=change):
+            with torch.enable_grad():
+                return batchnorm.batch_norm_act(**{**valid, **change()})
+        _assert_refused_alike(monkeypatch, call, name, rm, rv)
+    # a view of an intermediate tensor: the Python path's (and the same result)
+    results = []
+    for front in (True, False):
+        with monkeypatch.context() as m:
+            if not front:
+                _without_front(m)
+            before = spy.taken
+            args = {**valid, "running_mean": rm.clone(), "running_var": rv.clone()}
+            source = x.clone().requires_grad_()
+            y = batchnorm.batch_norm_act((source * 1.0).view(SHAPE), **args)
+            assert spy.taken == before, "the front door took a view"
+            results.append([y.detach(), args["running_mean"], args["running_var"],
+                            *torch.autograd.grad(y.sum(), source)])
+    _assert_same(*results)
 
 
 def test_act_eval_with_a_residual_that_needs_a_gradient_keeps_autograd(monkeypatch, spy):

@@ -134,7 +134,8 @@ def batch_norm_act(
         Input and residual ``(N, C, *)``; output the same shape, dtype and memory layout.
     """
     if (front := usable_front()) is not None:
-        # as in batch_norm (out of place only: in place, the checks of the input's memory)
+        # as in batch_norm (in place too: the front door checks the input's memory per call
+        # and leaves anything check_act_args would refuse, or look at closer, to this path)
         y = front(input, running_mean, running_var, weight, bias, training, momentum, eps,
                   front_mode(backend), None, -1, -1, residual, activation, negative_slope,
                   inplace)

@@ -573,7 +573,8 @@ Tensor eval(const Tensor& x, const c10::optional<Tensor>& weight,
 // the interpreter's code and data from the caches: a tenth of a small layer's eval. front()
 // makes the same decisions in C++ for the calls it recognises and runs the step, or returns
 // None, and the caller goes the Python way, which raises the errors with their messages.
-// So it only accepts: every check of _validation.check_batch_norm_args passed, the backend
+// So it only accepts: every check of _validation.check_batch_norm_args passed (and for
+// batch_norm_act, functional.check_act_args's, in place included: front_inplace_ok), the backend
 // resolved to "numba" (by name, or "auto" where "auto" picks it), nothing traced or
 // transformed (ops._traced, ops._transformed: the caller has checked torch.compile and
 // forward-mode AD), and a recipe the Python path made for such a call before (front_add).
@@ -620,9 +621,13 @@ std::map<FrontKey, FrontEntry>& front_table() {
   return *t;
 }
 
-int front_flags(bool w, bool b, bool running, bool training, bool residual) {
-  return int(w) | int(b) << 1 | int(running) << 2 | int(training) << 3 | int(residual) << 4;
+int front_flags(bool w, bool b, bool running, bool training, bool residual, bool inplace) {
+  return int(w) | int(b) << 1 | int(running) << 2 | int(training) << 3 | int(residual) << 4 |
+         int(inplace) << 5;
 }
+
+// activations.INPLACE_MIN_ABS_WEIGHT
+constexpr double kInplaceMinAbsWeight = 1e-6;
 
 // A Python number as the checks take it: an int (not a bool) or a float, exactly.
 bool front_number(PyObject* o, double* out) {
@@ -668,10 +673,10 @@ bool front_channel(const Tensor* t, int64_t c, at::ScalarType acc) {
 }
 
 // Register recipe ``id`` (training or eval; plain BatchNorm's with ``activation`` "", or the
-// fused activation's, out of place) for front().
+// fused activation's, out of place or ``inplace``) for front().
 void front_add(int64_t id, bool training, bool has_weight, bool has_bias, bool running,
                double momentum, double eps, const std::string& activation, double slope,
-               bool has_residual, bool auto_picks) {
+               bool has_residual, bool inplace, bool auto_picks) {
   const Recipe& r = recipe(id);
   std::vector<int64_t> geometry = r.sizes;
   geometry.insert(geometry.end(), r.strides.begin(), r.strides.end());
@@ -681,12 +686,53 @@ void front_add(int64_t id, bool training, bool has_weight, bool has_bias, bool r
     TORCH_CHECK(act >= 0, "batchnorm numba step: no activation ", activation);
   }
   front_table()[FrontKey{std::move(geometry), r.dtype,
-                         front_flags(has_weight, has_bias, running, training, has_residual),
+                         front_flags(has_weight, has_bias, running, training, has_residual,
+                                     inplace),
                          training ? momentum : 0.0, eps, act, act < 0 ? 0.0 : slope}] =
       FrontEntry{id, auto_picks};
 }
 
 void front_clear() { front_table().clear(); }
+
+// Whether an in-place call (``act`` an index in kActivations) may write over x as the Python
+// path would (functional.check_act_args): an invertible activation, and x an intermediate
+// tensor with its own memory that the residual does not share. Anything that check raises
+// for, or that it looks at more closely (any view; an inference tensor), is declined.
+bool front_inplace_ok(const Tensor& x, const Tensor* res, int act, double slope) {
+  const std::string name = kActivations[act];
+  if (!(name == "identity" || name == "elu" || (name == "leaky_relu" && slope > 0.0)))
+    return false;  // (activations.INVERTIBLE)
+  if ((x.is_leaf() && x.requires_grad()) || x.is_view() || x.is_inference() || x.numel() == 0)
+    return false;
+  int64_t span = 1;  // elements from the first to one past the last
+  for (int64_t i = 0; i < x.dim(); ++i) {
+    if (x.stride(i) == 0 && x.size(i) > 1) return false;  // expanded
+    span += (x.size(i) - 1) * x.stride(i);
+  }
+  if (res != nullptr && res->numel() > 0) {
+    // same sizes and strides (residual_ok): the byte ranges overlap iff the starts are
+    // closer than one range's length
+    auto a = reinterpret_cast<intptr_t>(x.data_ptr()), r = reinterpret_cast<intptr_t>(res->data_ptr());
+    if ((a > r ? a - r : r - a) < span * static_cast<intptr_t>(x.element_size())) return false;
+  }
+  return true;
+}
+
+// activations.invertible_weight: |gamma| kept at 1e-6 or more (sign kept, 0 -> +1e-6), NaN
+// kept; w is a contiguous float32 or float64 CPU tensor (channel_ok).
+Tensor invertible_weight(const Tensor& w) {
+  Tensor out = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "invertible_weight", [&] {
+    const scalar_t* src = w.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const scalar_t floor = static_cast<scalar_t>(kInplaceMinAbsWeight);
+    for (int64_t i = 0; i < w.numel(); ++i) {
+      scalar_t v = src[i];
+      dst[i] = std::abs(v) < floor ? (v < 0 ? -floor : floor) : v;
+    }
+  });
+  return out;
+}
 
 // The call batchnorm.batch_norm(x, running_mean, running_var, weight, bias, training,
 // momentum, eps) makes, when front() takes it: y (the running buffers updated in training);
@@ -694,8 +740,9 @@ void front_clear() { front_table().clear(); }
 // ``rank`` (the input's spatial rank it takes: -1 any, 1 for 2-D or 3-D input) and
 // ``channels`` (num_features; -1: not checked), and ``counter`` (num_batches_tracked, or
 // None), ticked once every check has passed, before the kernels run, as _prepare does.
-// batch_norm_act's call (out of place: ``inplace`` False) also gives the activation's name
-// and slope and the residual; a plain BatchNorm call gives None for all four.
+// batch_norm_act's call also gives the activation's name and slope, the residual and
+// ``inplace`` (a bool; True: see front_inplace_ok); a plain BatchNorm call gives None for all
+// four.
 py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, py::handle pb,
                  py::handle ptraining, py::handle pmomentum, py::handle peps, int64_t mode,
                  py::handle pcounter, int64_t rank, int64_t channels, py::handle presidual,
@@ -709,15 +756,18 @@ py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, p
     return none;
   int act = -1;
   double slope = 0.0;
+  bool inplace = false;
   if (pactivation.ptr() != Py_None) {
     act = front_activation(pactivation.ptr());
-    if (act < 0 || pinplace.ptr() != Py_False || !front_number(pslope.ptr(), &slope) ||
-        !std::isfinite(slope))
-      return none;  // (in place: the Python path's checks of the input's memory)
+    if (act < 0 || (pinplace.ptr() != Py_False && pinplace.ptr() != Py_True) ||
+        !front_number(pslope.ptr(), &slope) || !std::isfinite(slope))
+      return none;
+    inplace = pinplace.ptr() == Py_True;
   } else if (res != nullptr || pinplace.ptr() != Py_None) {
     return none;
   }
   if (res != nullptr && !residual_ok(*res, true, *x)) return none;
+  if (inplace && !front_inplace_ok(*x, res, act, slope)) return none;
   if (ptraining.ptr() != Py_True && ptraining.ptr() != Py_False) return none;
   bool training = ptraining.ptr() == Py_True;
   double momentum, eps;
@@ -745,12 +795,15 @@ py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, p
   auto& table = front_table();
   auto it = table.find(FrontKey{std::move(geometry), x->scalar_type(),
                                 front_flags(w != nullptr, b != nullptr, rm != nullptr, training,
-                                            res != nullptr),
+                                            res != nullptr, inplace),
                                 training ? momentum : 0.0, eps, act, act < 0 ? 0.0 : slope});
   if (it == table.end() || (mode == 2 && !it->second.auto_picks) || (mode != 1 && mode != 2))
     return none;
   int64_t id = it->second.recipe;
   auto opt = [](const Tensor* t) { return t ? c10::optional<Tensor>(*t) : c10::nullopt; };
+  // in place, the kernels read the weight kept invertible
+  c10::optional<Tensor> kernel_w;
+  if (inplace && w != nullptr) kernel_w = invertible_weight(*w);
   Tensor y;
   if (training) {
     if (counter != nullptr) counter->add_(1);
@@ -759,11 +812,11 @@ py::object front(py::handle px, py::handle prm, py::handle prv, py::handle pw, p
                 rm != nullptr);
     else
       y = train_act(*x, opt(w), opt(b), opt(rm), opt(rv), opt(res), id, eps, kActivations[act],
-                    slope, w != nullptr, b != nullptr, rm != nullptr, res != nullptr, false,
-                    c10::nullopt);
+                    slope, w != nullptr, b != nullptr, rm != nullptr, res != nullptr, inplace,
+                    kernel_w);
   } else {
-    y = eval(*x, opt(w), opt(b), *rm, *rv, opt(res), id, w != nullptr, b != nullptr,
-             res != nullptr, false);
+    y = eval(*x, inplace ? kernel_w : opt(w), opt(b), *rm, *rv, opt(res), id, w != nullptr,
+             b != nullptr, res != nullptr, inplace);
   }
   TORCH_CHECK(y.defined(), "batchnorm numba step: front() took a call its recipe does not");
   return py::cast(y);

@@ -348,7 +348,7 @@ def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     None where the C++ step does not take this call."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
            _dtype(residual), momentum, eps, activation, slope, inplace)
-    found = _find(_act_recipes, key, lambda ext: _front_add_act(ext, _act_recipe(
+    found = _find(_act_recipes, key, lambda ext: _front_add(ext, _act_recipe(
         ext, x, weight, bias, running_mean, running_var, residual, momentum, eps, activation,
         slope, inplace), x, True, weight, bias, running_mean, momentum, eps, activation, slope,
         residual, inplace), x, weight, bias, running_mean, running_var)
@@ -367,28 +367,17 @@ def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
 def _front_add(ext: Any, rid: int | None, x: Tensor, training: bool, weight: Tensor | None,
                bias: Tensor | None, running_mean: Tensor | None, momentum: float,
                eps: float, activation: str = "", slope: float = 0.0,
-               residual: Tensor | None = None) -> int | None:
+               residual: Tensor | None = None, inplace: bool = False) -> int | None:
     """Register recipe ``rid`` (if any: plain BatchNorm's, or with ``activation`` the fused
-    activation's, out of place) for the front door (``front`` in numba_step.cpp), with
-    whether ``"auto"`` picks this backend for such an input; returns ``rid``."""
+    activation's, out of place or ``inplace``) for the front door (``front`` in
+    numba_step.cpp), with whether ``"auto"`` picks this backend for such an input; returns
+    ``rid``. (In place, the front door makes the checks of the input's memory per call.)"""
     if rid is not None:
         ext.front_add(rid, training, weight is not None, bias is not None,
                       running_mean is not None, float(momentum), float(eps), activation,
-                      float(slope), residual is not None,
+                      float(slope), residual is not None, inplace,
                       nb.NumbaBackend().preferred_for(x, training))
     return rid
-
-
-def _front_add_act(ext: Any, rid: int | None, x: Tensor, training: bool,
-                   weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
-                   momentum: float, eps: float, activation: str, slope: float,
-                   residual: Tensor | None, inplace: bool) -> int | None:
-    """:func:`_front_add` for the fused activation's recipes; in-place ones stay with the
-    Python path (its checks of the input's memory)."""
-    if inplace:
-        return rid
-    return _front_add(ext, rid, x, training, weight, bias, running_mean, momentum, eps,
-                      activation, slope, residual)
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
@@ -492,7 +481,7 @@ def eval_act_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     ``x`` returned. None where the C++ step does not take this call."""
     key = (x.shape, x.stride(), x.dtype, _dtype(weight), _dtype(bias), _dtype(running_mean),
            _dtype(residual), eps, activation, slope, inplace)
-    found = _find(_eval_act_recipes, key, lambda ext: _front_add_act(ext, _eval_act_recipe(
+    found = _find(_eval_act_recipes, key, lambda ext: _front_add(ext, _eval_act_recipe(
         ext, x, weight, bias, running_mean, running_var, residual, eps, activation, slope,
         inplace), x, False, weight, bias, running_mean, 0.0, eps, activation, slope, residual,
         inplace), x, weight, bias, running_mean, running_var)

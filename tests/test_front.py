@@ -550,6 +550,31 @@ def test_in_place_act_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy
     _assert_same(got, expected)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_in_place_calls_in_inference_mode_give_the_python_paths_bits(monkeypatch, spy,
+                                                                     training):
+    x, rm, rv, w, b = _args()
+    r = make_input(SHAPE, shift=0.0)
+    kw = {"activation": "elu", "residual": r, "inplace": True, "backend": "numba"}
+
+    def call():
+        args = [rm.clone(), rv.clone(), w, b, training]
+        with torch.inference_mode():
+            x0 = x.clone()
+            y = batchnorm.batch_norm_act(x0, *args, **kw)
+            assert y is x0 and x0.is_inference()
+        return [y, args[0], args[1]]
+
+    call()  # (the recipe)
+    before = spy.taken
+    got = call()
+    assert spy.taken == before + 1, "the front door did not take the call"
+    with monkeypatch.context() as m:
+        _without_front(m)
+        expected = call()
+    _assert_same(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_in_place_module_calls_give_the_python_paths_bits(monkeypatch, spy, dtype):
     x = make_input(SHAPE, dtype)
@@ -587,8 +612,8 @@ def test_in_place_module_calls_give_the_python_paths_bits(monkeypatch, spy, dtyp
 
 def test_in_place_calls_the_python_path_refuses_or_looks_at_closer(monkeypatch, spy):
     """What check_act_args refuses in place, the front door declines before any state
-    changes (the same error either way); what it checks more closely (views, inference
-    tensors) it leaves to that path, which gives the same result."""
+    changes (the same error either way); what it checks more closely (views) it leaves to
+    that path, which gives the same result."""
     x, rm, rv, w, b = _args()
     r = make_input(SHAPE, shift=0.0)
     valid = {"running_mean": rm, "running_var": rv, "weight": w, "bias": b, "training": True,
@@ -604,7 +629,7 @@ def test_in_place_calls_the_python_path_refuses_or_looks_at_closer(monkeypatch, 
     refused = [
         ("leaf that requires grad", lambda: {"input": leaf}),
         ("view of a leaf that requires grad", lambda: {"input": leaf.view(SHAPE)}),
-        ("inference tensor", lambda: {"input": inference}),
+        ("inference tensor outside inference mode", lambda: {"input": inference}),
         ("expanded", lambda: {"input": x[:1].expand(SHAPE),
                               "residual": r[:1].expand(SHAPE)}),
         ("residual is the input", lambda: (lambda t: {"input": t, "residual": t})(x.clone())),

@@ -696,13 +696,15 @@ void front_clear() { front_table().clear(); }
 
 // Whether an in-place call (``act`` an index in kActivations) may write over x as the Python
 // path would (functional.check_act_args): an invertible activation, and x an intermediate
-// tensor with its own memory that the residual does not share. Anything that check raises
-// for, or that it looks at more closely (any view; an inference tensor), is declined.
+// tensor with its own memory that the residual does not share, not an inference tensor
+// outside inference mode. Anything that check raises for, or that it looks at more closely
+// (any view), is declined.
 bool front_inplace_ok(const Tensor& x, const Tensor* res, int act, double slope) {
   const std::string name = kActivations[act];
   if (!(name == "identity" || name == "elu" || (name == "leaky_relu" && slope > 0.0)))
     return false;  // (activations.INVERTIBLE)
-  if ((x.is_leaf() && x.requires_grad()) || x.is_view() || x.is_inference() || x.numel() == 0)
+  if ((x.is_leaf() && x.requires_grad()) || x.is_view() || x.numel() == 0 ||
+      (x.is_inference() && !c10::InferenceMode::is_enabled()))
     return false;
   int64_t span = 1;  // elements from the first to one past the last
   for (int64_t i = 0; i < x.dim(); ++i) {

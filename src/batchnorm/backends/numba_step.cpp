@@ -517,8 +517,9 @@ Tensor train(const Tensor& x, const c10::optional<Tensor>& weight,
   return Train::apply(x, weight, bias, running_mean, running_var, id, eps);
 }
 
-// BatchNorm + activation (+ residual), training, out of place: y; None (an undefined
-// tensor) when the arguments are not what recipe ``id`` was made for.
+// BatchNorm + activation (+ residual), training: y (in place: x, written over, with the
+// kernels on ``kernel_weight``); None (an undefined tensor) when the arguments are not what
+// recipe ``id`` was made for.
 Tensor train_act(const Tensor& x, const c10::optional<Tensor>& weight,
                  const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                  const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& residual,
@@ -585,7 +586,7 @@ namespace {
 struct FrontKey {
   std::vector<int64_t> geometry;  // sizes, then strides
   at::ScalarType dtype;
-  int flags;  // weight, bias, running buffers, training, residual
+  int flags;  // weight, bias, running buffers, training, residual, in place
   double momentum, eps;  // (compared as numbers: -0.0 is 0.0, as in the Python tables)
   int activation;  // index in kActivations; -1: plain BatchNorm
   double slope;
@@ -700,9 +701,8 @@ void front_clear() { front_table().clear(); }
 // outside inference mode. Anything that check raises for, or that it looks at more closely
 // (any view), is declined.
 bool front_inplace_ok(const Tensor& x, const Tensor* res, int act, double slope) {
-  const std::string name = kActivations[act];
-  if (!(name == "identity" || name == "elu" || (name == "leaky_relu" && slope > 0.0)))
-    return false;  // (activations.INVERTIBLE)
+  // activations.INVERTIBLE: identity, elu, leaky_relu with a positive slope (kActivations)
+  if (!(act == 0 || act == 3 || (act == 2 && slope > 0.0))) return false;
   if ((x.is_leaf() && x.requires_grad()) || x.is_view() || x.numel() == 0 ||
       (x.is_inference() && !c10::InferenceMode::is_enabled()))
     return false;

@@ -430,6 +430,20 @@ def _act_step(x, rm, rv, w, b, r, training, dy, **kw):
     return [y, *grads, rm, rv]
 
 
+def _taken_alike(monkeypatch, spy, step, *args, **kw):
+    """``step(*args, **kw)`` once to make the recipe, then once through the front door (which
+    must take it) and once without it: the two give the same bits; returns the first."""
+    step(*args, **kw)
+    before = spy.taken
+    got = step(*args, **kw)
+    assert spy.taken == before + 1, "the front door did not take the call"
+    with monkeypatch.context() as m:
+        _without_front(m)
+        expected = step(*args, **kw)
+    _assert_same(got, expected)
+    return got
+
+
 @pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize(("activation", "slope", "with_residual"),
@@ -441,14 +455,7 @@ def test_act_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy, cl, tra
     r = make_input(SHAPE, channels_last=cl, shift=0.0) if with_residual else None
     dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
     kw = {"activation": activation, "negative_slope": slope, "backend": "numba"}
-    _act_step(x, rm, rv, w, b, r, training, dy, **kw)  # makes the recipe
-    before = spy.taken
-    got = _act_step(x, rm, rv, w, b, r, training, dy, **kw)
-    assert spy.taken == before + 1, "the front door did not take the call"
-    with monkeypatch.context() as m:
-        _without_front(m)
-        expected = _act_step(x, rm, rv, w, b, r, training, dy, **kw)
-    _assert_same(got, expected)
+    _taken_alike(monkeypatch, spy, _act_step, x, rm, rv, w, b, r, training, dy, **kw)
 
 
 @pytest.mark.parametrize("cl", [False, True], ids=["cf", "cl"])
@@ -539,15 +546,9 @@ def test_in_place_act_calls_it_takes_give_the_python_paths_bits(monkeypatch, spy
     r = make_input(SHAPE, channels_last=cl, shift=0.0) if with_residual else None
     dy = make_input(SHAPE, channels_last=cl, shift=0.0, scale=1.0)
     kw = {"activation": activation, "negative_slope": slope, "backend": "numba"}
-    _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)  # makes the recipe
-    before = spy.taken
-    got = _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)
-    assert spy.taken == before + 1, "the front door did not take the call"
+    got = _taken_alike(monkeypatch, spy, _in_place_step, x, rm, rv, w, b, r, training, dy,
+                       **kw)
     assert bool(got[1]), "the output is not the input"
-    with monkeypatch.context() as m:
-        _without_front(m)
-        expected = _in_place_step(x, rm, rv, w, b, r, training, dy, **kw)
-    _assert_same(got, expected)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -565,14 +566,7 @@ def test_in_place_calls_in_inference_mode_give_the_python_paths_bits(monkeypatch
             assert y is x0 and x0.is_inference()
         return [y, args[0], args[1]]
 
-    call()  # (the recipe)
-    before = spy.taken
-    got = call()
-    assert spy.taken == before + 1, "the front door did not take the call"
-    with monkeypatch.context() as m:
-        _without_front(m)
-        expected = call()
-    _assert_same(got, expected)
+    _taken_alike(monkeypatch, spy, call)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -645,18 +639,27 @@ def test_in_place_calls_the_python_path_refuses_or_looks_at_closer(monkeypatch, 
                 return batchnorm.batch_norm_act(**{**valid, **change()})
         _assert_refused_alike(monkeypatch, call, name, rm, rv)
     # a view of an intermediate tensor: the Python path's (and the same result)
+    def view_step():
+        args = {**valid, "running_mean": rm.clone(), "running_var": rv.clone()}
+        source = x.clone().requires_grad_()
+        y = batchnorm.batch_norm_act((source * 1.0).view(SHAPE), **args)
+        return [y.detach(), args["running_mean"], args["running_var"],
+                *torch.autograd.grad(y.sum(), source)]
+
+    _declined_alike(monkeypatch, spy, view_step, "a view")
+
+
+def _declined_alike(monkeypatch, spy, step, what):
+    """``step()`` with the front door and without it: the front door must not take it, and
+    both give the same bits."""
     results = []
     for front in (True, False):
         with monkeypatch.context() as m:
             if not front:
                 _without_front(m)
             before = spy.taken
-            args = {**valid, "running_mean": rm.clone(), "running_var": rv.clone()}
-            source = x.clone().requires_grad_()
-            y = batchnorm.batch_norm_act((source * 1.0).view(SHAPE), **args)
-            assert spy.taken == before, "the front door took a view"
-            results.append([y.detach(), args["running_mean"], args["running_var"],
-                            *torch.autograd.grad(y.sum(), source)])
+            results.append(step())
+            assert spy.taken == before, f"the front door took {what}"
     _assert_same(*results)
 
 
@@ -666,14 +669,9 @@ def test_act_eval_with_a_residual_that_needs_a_gradient_keeps_autograd(monkeypat
     dy = make_input(SHAPE, shift=0.0, scale=1.0)
     with torch.no_grad():
         batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=r, backend="numba")
-    grads = []
-    for front in (True, False):
-        with monkeypatch.context() as m:
-            if not front:
-                _without_front(m)
-            before = spy.taken
-            ri = r.clone().requires_grad_()
-            y = batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=ri, backend="numba")
-            assert spy.taken == before, "the front door took an eval call that needs a gradient"
-            grads.append(torch.autograd.grad(y, ri, dy))
-    _assert_same(*grads)
+    def step():
+        ri = r.clone().requires_grad_()
+        y = batchnorm.batch_norm_act(x, rm, rv, w, b, False, residual=ri, backend="numba")
+        return list(torch.autograd.grad(y, ri, dy))
+
+    _declined_alike(monkeypatch, spy, step, "an eval call that needs a gradient")

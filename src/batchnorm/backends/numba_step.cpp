@@ -714,7 +714,8 @@ bool front_inplace_ok(const Tensor& x, const Tensor* res, int act, double slope)
   if (res != nullptr && res->numel() > 0) {
     // same sizes and strides (residual_ok): the byte ranges overlap iff the starts are
     // closer than one range's length
-    auto a = reinterpret_cast<intptr_t>(x.data_ptr()), r = reinterpret_cast<intptr_t>(res->data_ptr());
+    auto a = reinterpret_cast<intptr_t>(x.data_ptr());
+    auto r = reinterpret_cast<intptr_t>(res->data_ptr());
     if ((a > r ? a - r : r - a) < span * static_cast<intptr_t>(x.element_size())) return false;
   }
   return true;

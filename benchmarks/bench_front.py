@@ -16,36 +16,36 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import batchnorm
 from batchnorm.backends import eager_front, numba_step
+from batchnorm.benchmarking.common import measure_turns, median_ms
 
 SHAPES = ["8,64,28,28", "32,512,7,7", "32,256,14,14", "64,512,200"]
 
 
-def _paired(step: Callable[[], None], fn: Callable[..., object], rounds: int
+def _paired(step: Callable[[int], None], fn: Callable[..., object], rounds: int
             ) -> tuple[float, float, float]:
-    """(front ms, Python path ms, median ratio) of ``step`` over ``rounds`` shuffled pairs."""
-    times: dict[bool, list[float]] = {True: [], False: []}
+    """(front ms, Python path ms, median per-round ratio) of ``step`` over ``rounds`` rounds
+    of :func:`~batchnorm.benchmarking.common.measure_turns` (shuffled turns)."""
+
+    def through(front: bool) -> Callable[[int], None]:
+        def call(i: int) -> None:
+            eager_front["fn"] = fn if front else None
+            step(i)
+        return call
+
     try:
-        for _ in range(rounds):
-            order = [True, False]
-            random.shuffle(order)
-            for front in order:
-                eager_front["fn"] = fn if front else None
-                t0 = time.perf_counter()
-                step()
-                times[front].append(time.perf_counter() - t0)
+        times, _ = measure_turns({"front": through(True), "python": through(False)},
+                                 reps=rounds, warmup=20, max_seconds=1e9)
     finally:
         eager_front["fn"] = fn
-    ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
-    return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3, ratio
+    ratio = statistics.median(b / a for a, b in zip(times["front"], times["python"]))
+    return median_ms(times["front"]), median_ms(times["python"]), ratio
 
 
 def _row(shape: tuple[int, ...], inplace: bool, fn: Callable[..., object], rounds: int) -> str:
@@ -57,23 +57,20 @@ def _row(shape: tuple[int, ...], inplace: bool, fn: Callable[..., object], round
     k = max(2, (64 << 20) // (torch.Size(shape).numel() * 4))
     leaves = [torch.randn(shape).requires_grad_() for _ in range(k)]
     res, dys, plain = ([torch.randn(shape) for _ in range(k)] for _ in range(3))
-    turn = [0]
 
-    def train_step() -> None:
-        i = turn[0] = (turn[0] + 1) % k
+    def train_step(i: int) -> None:
+        i %= k
         m(leaves[i] * 1.0, res[i]).backward(dys[i])
 
-    def eval_step() -> None:
-        i = turn[0] = (turn[0] + 1) % k
+    def eval_step(i: int) -> None:
+        i %= k
         with torch.no_grad():
             m(plain[i], res[i])
 
     cells = []
     for mode, step in (("train", train_step), ("eval", eval_step)):
         m.train(mode == "train")
-        for _ in range(20):  # recipes, caches
-            step()
-        front, python, ratio = _paired(step, fn, rounds)
+        front, python, ratio = _paired(step, fn, rounds)  # (its warm-up: recipes, caches)
         cells.append(f"{mode} {front:.3f} / {python:.3f} ({ratio:.2f}x)")
     return "  ".join(cells)
 

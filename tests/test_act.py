@@ -261,16 +261,57 @@ def test_gradcheck_float64(backend, activation, inplace, training):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation", ["gelu", "elu", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "elu", "silu", "relu", "leaky_relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradgradcheck_float64(backend, activation, training):
+    """Also relu and leaky_relu with a residual: the numba backend saves the activation's
+    mask instead of the residual, and its double backward applies the mask's slopes."""
     (x, r, w, b), (rm, rv) = _float64_leaves()
 
     def fn(x_, r_, w_, b_):
         return batch_norm_act(x_, rm.clone(), rv.clone(), w_, b_, training, 0.1, 1e-5,
-                              activation=activation, residual=r_, backend=backend)
+                              activation=activation, negative_slope=0.2, residual=r_,
+                              backend=backend)
 
     assert torch.autograd.gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_double_backward_with_residual_of_strided_and_channels_last_inputs(backend,
+                                                                            activation):
+    """create_graph=True with a residual, relu and leaky_relu, inputs channels-last and
+    strided ("other": the numba backend computes on a contiguous copy, and its activation
+    mask follows the copy's memory order): the gradients and the gradients of their sum
+    match the float64 torch composite's. (The second-order gradient with respect to the
+    residual is zero; where the numba backend saved the mask instead of the residual, its
+    graph does not reach the residual, and autograd reports it unused: None, read as 0.)"""
+    torch.manual_seed(5)
+    for layout in ("cl", "strided"):
+        x, r, gy = (torch.randn(4, 3, 5, 6) for _ in range(3))
+        if layout == "cl":
+            x, r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+        else:
+            x, r = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (x, r))
+        w = torch.rand(3) + 0.5
+        outs = []
+        for ref in (False, True):
+            leaves = [t.double() if ref else t.clone() for t in (x, r, w)]
+            leaves = [t.requires_grad_() for t in leaves]
+            if ref:
+                z = F.batch_norm(leaves[0], None, None, leaves[2], training=True) + leaves[1]
+                y = TORCH_ACT[activation](z)
+            else:
+                y = batch_norm_act(leaves[0], None, None, leaves[2], training=True,
+                                   activation=activation, negative_slope=0.1,
+                                   residual=leaves[1], backend=backend)
+            grads = torch.autograd.grad(y, leaves, gy.to(y.dtype), create_graph=True)
+            second = torch.autograd.grad(sum(g.square().sum() for g in grads), leaves,
+                                         allow_unused=True)
+            second = [torch.zeros_like(t) if g is None else g for g, t in zip(second, leaves)]
+            outs.append([t.float() for t in (*grads, *second)])
+        for i, (got, want) in enumerate(zip(*outs)):
+            assert_close(got, want, 1e-4, 1e-4, f"{layout} {activation} output {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -282,13 +323,14 @@ def test_double_backward_in_place_raises(backend):
         torch.autograd.grad(y.square().sum(), x0, create_graph=True)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct activation-sized storages autograd saves while ``fn`` runs
-    (per-channel vectors, C values each, are left out: both sides save a handful)."""
+def _saved_bytes(fn, channels: int) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, per-channel vectors
+    (``channels`` values or fewer) left out: both sides save a handful. The numba backend's
+    activation mask (one-dimensional, one bit a value) counts."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
-        if t.dim() > 1:
+        if t.numel() > channels:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
@@ -311,10 +353,19 @@ def test_saved_bytes_half_of_eager(backend):
         return lambda: m(a * 1.0)
 
     x_bytes = a.numel() * 4
-    b_eager = _saved_bytes(run(eager))
-    b_inplace = _saved_bytes(run(ours_inplace))
-    b_eager_relu = _saved_bytes(run(eager_relu))
-    b_relu = _saved_bytes(run(ours_relu))
+    b_eager = _saved_bytes(run(eager), 16)
+    b_inplace = _saved_bytes(run(ours_inplace), 16)
+    b_eager_relu = _saved_bytes(run(eager_relu), 16)
+    b_relu = _saved_bytes(run(ours_relu), 16)
+    r = make_input(shape, shift=0.0).requires_grad_()
+    b_eager_res = _saved_bytes(lambda: torch.relu(eager_relu[0](a * 1.0) + r), 16)
+    b_relu_res = _saved_bytes(lambda: ours_relu(a * 1.0, r), 16)
+    if backend == "numba":
+        # relu with a residual saves x and the activation's one-bit mask, not the residual
+        assert b_relu_res == x_bytes + a.numel() // 8, (b_relu_res, x_bytes)
+        assert b_relu_res <= 0.52 * b_eager_res, (b_relu_res, b_eager_res)
+    else:
+        assert b_relu_res <= b_eager_res, (b_relu_res, b_eager_res)
     # eager saves BN's input and the activation's tensor: two activations' worth
     assert b_eager >= 2 * x_bytes
     assert b_inplace <= 0.5 * b_eager, (b_inplace, b_eager)

@@ -451,3 +451,118 @@ def test_relu_backward_has_no_zero_masked_loads():
     assert done.returncode == 0, done.stderr[-3000:]
     count, _, lines = done.stdout.partition("\n")
     assert int(count) == 0, lines
+
+
+# ---- the activation mask (relu / leaky_relu with a residual: saved instead of it) -----------
+
+
+def _with_mask(be, x, w, b, rm, rv, r, training, activation, dy, use_mask, output_mask=MASK,
+               slope=SLOPE):
+    """Forward and backward through the backend's calls, with the activation mask (``r`` not
+    given to the backward) or without it (``r`` given): ``(y, mask, grads)``."""
+    out = empty_out_like(x)
+    mask = be.act_mask(x, r, activation, slope, out) if use_mask else None
+    assert (mask is not None) == use_mask
+    extra = {} if mask is None else {"mask": mask}
+    y, mean, invstd, _, _ = be.forward_act(x, w, b, rm, rv, r, training, MOMENTUM, EPS,
+                                           activation, slope, out, **extra)
+    grads = be.backward_act(dy, x, w, b, mean, invstd, None if use_mask else r, training,
+                            activation, slope, False, output_mask, **extra)
+    return y, mask, grads
+
+
+def _special_residual(shape, channels_last, seed):
+    """A residual with a -inf, a +inf and a NaN: pre-activations relu blocks, passes, and
+    passes (NaN, as torch's threshold_backward), and leaky_relu scales at NaN."""
+    r = make_input(shape, torch.float32, channels_last, seed=seed, shift=0.0)
+    flat = r.view(-1) if r.is_contiguous() else r.permute(0, *range(2, r.dim()), 1).view(-1)
+    flat[1], flat[5], flat[-2] = float("-inf"), float("inf"), float("nan")
+    return r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("shape", "channels_last"),
+                         [*SHAPES, ((5, 13, 7, 7), False), ((3, 13, 3, 3), True),
+                          ((2, 6, 1100), False), ((37, 13), False)],
+                         ids=[*SHAPE_IDS, "odd_runs", "odd_rows", "long_runs", "odd_nc"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_activation_mask_bits_and_gradients(be, monkeypatch, dtype, shape, channels_last,
+                                            threads):
+    """The forward's mask holds, for every value in memory order (``unpack_mask``), relu's
+    ``y != 0`` (so also at NaN) or leaky_relu's ``y > 0``, with zero bits past the end; the
+    backward that reads it instead of the residual gives the residual path's gradients bit
+    for bit (same data: the same decisions), for every output mask, training and eval,
+    plain and non-temporal stores (whose chunks end inside a byte of the mask), on one
+    thread and two (whose tasks share a byte where a range ends inside one). The odd sizes
+    put run, row and task ends inside bytes."""
+    from batchnorm.backends import numba_backend
+    from batchnorm.backends.numba_act import unpack_mask
+
+    c = shape[1]
+    w, b, rm, rv = _params(c, dtype)
+    x = make_input(shape, dtype, channels_last, seed=21)
+    r = _special_residual(shape, channels_last, 22).to(dtype)
+    dy = make_input(shape, dtype, channels_last, seed=23, shift=0.0, scale=1.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for limit in (1 << 62, 0):
+            monkeypatch.setattr(numba_backend, "_STREAM_MIN_BYTES", limit)
+            for activation in ("relu", "leaky_relu"):
+                for training in (True, False):
+                    for output_mask in (MASK, (True, False, False, True), (False, True, True,
+                                                                           False)):
+                        what = (f"{activation} train={training} streamed={limit == 0} "
+                                f"mask={output_mask}")
+                        y, mask, got = _with_mask(be, x, w, b, rm, rv, r, training,
+                                                  activation, dy, True, output_mask)
+                        hot = (y != 0) if activation == "relu" else (y > 0)
+                        assert torch.equal(unpack_mask(mask, x), hot), what
+                        tail = torch.arange(8 * mask.numel() - x.numel()) + x.numel()
+                        bits = (mask[tail // 8] >> (tail % 8).to(torch.uint8)) & 1
+                        assert not bits.any(), f"{what}: bits past the end"
+                        y2, _, want = _with_mask(be, x, w, b, rm, rv, r, training, activation,
+                                                 dy, False, output_mask)
+                        torch.testing.assert_close(y, y2, rtol=0, atol=0, equal_nan=True,
+                                                   msg=what)
+                        for i, (p, q) in enumerate(zip(got, want)):
+                            assert (p is None) == (q is None), f"{what} output {i}"
+                            if p is not None:
+                                torch.testing.assert_close(p, q, rtol=0, atol=0,
+                                                           equal_nan=True,
+                                                           msg=f"{what} output {i}")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_activation_mask_only_where_it_stands_for_the_residual(be, monkeypatch):
+    """A mask for relu, and leaky_relu with a slope >= 0, with a residual, out of place,
+    float32 or float64 (any layout: a strided input is copied for the kernels, and the mask
+    follows the copy); None otherwise: no residual, in place, another activation, a
+    negative slope (y > 0 on both sides of 0), half storage (a rounded output has not z's
+    sign), a residual the kernels do not read as it is, or the switch off."""
+    x = make_input((4, 3, 5, 6))
+    r = make_input((4, 3, 5, 6), shift=0.0)
+    out = empty_out_like(x)
+    mask = be.act_mask(x, r, "relu", 0.0, out)
+    assert mask is not None and mask.dtype == torch.uint8 and mask.numel() == (x.numel() + 7) // 8
+    assert not mask.any(), "the kernels or their partial bytes into a zeroed mask"
+    assert be.act_mask(x, r, "leaky_relu", 0.0, out) is not None
+    strided = x.transpose(2, 3)
+    assert be.act_mask(strided, r.transpose(2, 3), "relu", 0.0,
+                       empty_out_like(strided.contiguous())) is not None
+    half = x.to(torch.bfloat16)
+    for args in ((x, None, "relu", 0.0, out), (x, r, "relu", 0.0, x),
+                 (x, r, "leaky_relu", -0.1, out), (x, r, "elu", 0.0, out),
+                 (x, r, "identity", 0.0, out), (x, r, "silu", 0.0, out),
+                 (half, r.to(torch.bfloat16), "relu", 0.0, empty_out_like(half)),
+                 (x, r.double(), "relu", 0.0, out), (x, r[:2], "relu", 0.0, out)):
+        assert be.act_mask(*args) is None, args[2:4]
+    monkeypatch.setattr(type(be), "activation_mask", False)
+    assert be.act_mask(x, r, "relu", 0.0, out) is None
+    monkeypatch.undo()
+    # a mask for a call that does not run the fused kernels is a caller's bug: loud
+    with pytest.raises(RuntimeError, match="activation mask"):
+        be.forward_act(x, None, None, None, None, r, True, MOMENTUM, EPS, "relu", 0.0,
+                       torch.empty_like(x).transpose(2, 3).contiguous().transpose(2, 3),
+                       mask=mask)

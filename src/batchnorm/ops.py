@@ -513,18 +513,35 @@ def _double_backward_act(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     residual: Tensor | None, mean: Tensor, invstd: Tensor, eps: float, activation: str,
     slope: float, need_dx: bool, need_dw: bool, need_db: bool, need_dr: bool,
-    inplace: bool = False, training: bool = True,
+    inplace: bool = False, training: bool = True, *, mask: Tensor | None = None,
 ) -> list[Tensor | None]:
     """:func:`_double_backward` for BatchNorm + activation (+ residual): ``(dx, dweight,
-    dbias, dresidual)``, differentiable. In place it raises: ``x`` is the output by then."""
+    dbias, dresidual)``, differentiable. In place it raises: ``x`` is the output by then.
+
+    With the numba backend's activation ``mask`` (relu or leaky_relu; the residual was not
+    saved) ``z = BN(x) + r`` is not recomputed: the activation is applied as the constant
+    slope of each value, 1 where the mask is set and ``slope`` (relu: 0) elsewhere. That
+    is its derivative, and its second derivative is zero, so the gradients and their graph
+    are those of the composite, except that the graph does not reach the residual (its
+    second-order gradient is zero: autograd reports the residual unused there, as None
+    with ``allow_unused=True``); ``dresidual`` is the gradient of a zero stand-in for r."""
     if inplace:
         raise RuntimeError(
             "double backward (create_graph=True) is not supported with inplace=True: "
             "the input was overwritten by the output; use inplace=False"
         )
-    y = _composite_forward(x, weight, bias, residual, mean, invstd, training, eps, activation,
-                           slope)
-    return _grads_with_graph(dy, y, (x, weight, bias, residual),
+    if mask is None:
+        y = _composite_forward(x, weight, bias, residual, mean, invstd, training, eps,
+                               activation, slope)
+        return _grads_with_graph(dy, y, (x, weight, bias, residual),
+                                 (need_dx, need_dw, need_db, need_dr))
+    from .backends.numba_act import unpack_mask
+
+    stand_in = torch.zeros_like(x, dtype=acc_dtype(x)).requires_grad_(need_dr)
+    z = _composite_forward(x, weight, bias, stand_in, mean, invstd, training, eps)
+    hot = unpack_mask(mask, x)
+    y = torch.where(hot, z, z * slope if activation == "leaky_relu" else torch.zeros_like(z))
+    return _grads_with_graph(dy, y, (x, weight, bias, stand_in),
                              (need_dx, need_dw, need_db, need_dr))
 
 
@@ -587,13 +604,17 @@ class BatchNormActFunction(torch.autograd.Function):
         out = x if inplace else be.new_output(x)
         acc = acc_dtype(x)
         c = x.shape[1]
+        # the backend's activation mask, saved instead of the residual, when a gradient will
+        # be needed (ctx.needs_input_grad is all False under no_grad)
+        mask = (be.act_mask(x, residual, activation, slope, out)
+                if residual is not None and any(ctx.needs_input_grad) else None)
         if x.numel() == 0:
             mean = invstd = x.new_zeros((c,), dtype=acc)
             new_rm = new_rv = None
         else:
             out, mean, invstd, new_rm, new_rv = be.forward_act(
                 x, w, bias, running_mean, running_var, residual, training, momentum, eps,
-                activation, slope, out,
+                activation, slope, out, **({} if mask is None else {"mask": mask}),
             )
         if training and new_rm is not None and running_mean is not None:
             assert running_var is not None and new_rv is not None
@@ -601,7 +622,8 @@ class BatchNormActFunction(torch.autograd.Function):
             running_var.copy_(new_rv)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(out if inplace else x, w, bias, mean, invstd, residual)
+        ctx.save_for_backward(out if inplace else x, w, bias, mean, invstd,
+                              residual if mask is None else None, mask)
         ctx.cfg = (training, activation, slope, inplace, backend,
                    None if weight is None else weight.dtype,
                    None if bias is None else bias.dtype, eps)
@@ -609,7 +631,7 @@ class BatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        saved, w, bias, mean, invstd, residual = ctx.saved_tensors
+        saved, w, bias, mean, invstd, residual, act_mask = ctx.saved_tensors
         training, activation, slope, inplace, backend, wdt, bdt, eps = ctx.cfg
         needs = ctx.needs_input_grad
         mask = (bool(needs[0]), bool(needs[1]), bool(needs[2]), bool(needs[5]))
@@ -617,7 +639,7 @@ class BatchNormActFunction(torch.autograd.Function):
             # create_graph=True: differentiate the composite (see the module docstring).
             dx, dw, db, dres = _double_backward_act(dy, saved, w, bias, residual, mean, invstd,
                                                     eps, activation, slope, *mask, inplace,
-                                                    training=training)
+                                                    training=training, mask=act_mask)
             return (dx, dw if dw is None else dw.to(wdt), db if db is None else db.to(bdt),
                     None, None, dres, *([None] * 7))
         if saved.numel() == 0:
@@ -630,7 +652,7 @@ class BatchNormActFunction(torch.autograd.Function):
         dy = match_layout(dy, saved)
         dx, dw, db, dres = get_backend(backend).backward_act(
             dy, saved, w, bias, mean, invstd, residual, training, activation, slope, inplace,
-            mask,
+            mask, **({} if act_mask is None else {"mask": act_mask}),
         )
         return (
             dx if mask[0] else None,

@@ -394,6 +394,14 @@ class Backend:
         return None
 
     # ---- BatchNorm + activation (+ residual); fused backends override ------------------------
+    def act_mask(self, x: Tensor, residual: Tensor | None, activation: str, slope: float,
+                 out: Tensor) -> Tensor | None:
+        """A buffer for this call's forward to write the activation's mask into, saved for
+        backward instead of ``residual`` (passed as ``mask=`` to :meth:`forward_act` and
+        :meth:`backward_act`); None (this default): the residual is saved. A backend that
+        returns one takes ``mask`` in both methods."""
+        return None
+
     def forward_act(
         self,
         x: Tensor,

@@ -14,6 +14,14 @@ the activation-sized tensors are those of plain BatchNorm:
 In-place mode (``out is x``; identity, leaky_relu with slope > 0, elu) saves only the output:
 the backward recomputes ``z = act^-1(y)`` and ``xhat = (z - r - b) / w`` from it.
 
+The activation mask (:meth:`NumbaActMixin.act_mask`): with a residual, relu and leaky_relu
+(slope >= 0) in normal mode in float32 or float64, a forward whose gradient will be needed
+also writes the sign of ``z`` as one bit per value, and the backward reads those bits where
+it would read ``r`` to recompute ``z``: autograd saves ``x`` and the bits (1/32 of a float32
+``x``) instead of ``x`` and ``r``, and the backward's reduction reads two tensors instead of
+three. :func:`unpack_mask` turns the bits back into a boolean tensor (for the double
+backward).
+
 Delegated to the composite of :class:`~.base.Backend` (same results, more passes: the numba
 BatchNorm kernels, then torch's activation ops): dtypes the numba backend does not support, a
 residual whose dtype or shape differs from ``x``'s, an ``out`` whose strides differ from
@@ -39,10 +47,11 @@ from .base import (
     empty_out_like,
     layout_of,
     match_layout,
+    out_strides,
     safe_invstd,
 )
 
-__all__ = ["NumbaActMixin"]
+__all__ = ["NumbaActMixin", "unpack_mask"]
 
 
 def _nb() -> Any:
@@ -62,6 +71,16 @@ def _module(activation: str) -> str:
     return "numba_act_kernels" if _codes()[activation] <= 2 else "numba_smooth_kernels"
 
 
+def unpack_mask(mask: Tensor, x: Tensor) -> Tensor:
+    """The activation mask written by the forward of ``x`` (:meth:`NumbaActMixin.act_mask`)
+    as a boolean tensor shaped and laid out like the kernels' copy of ``x``: True where ``z
+    = BN(x) + r`` was > 0 (relu: or NaN). The mask's bit ``j % 8`` of byte ``j // 8`` is the
+    value at item ``j`` of that copy in memory."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    flat = ((mask.view(-1, 1) >> shifts) & 1).view(-1)[:x.numel()].bool()
+    return flat.as_strided(x.shape, out_strides(x))
+
+
 class NumbaActMixin:
     """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
     class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``).
@@ -73,9 +92,13 @@ class NumbaActMixin:
             compute them with float32 exp, expm1 and erf that vectorize (float64: libm's),
             and a training step of ``BatchNormAct2d`` measured 1.2-2.1x faster than that
             composite on the ResNet-50 shapes of 14x14 and up (benchmarks/RESULTS.md).
+        activation_mask: save relu's and leaky_relu's activation mask instead of the
+            residual (:meth:`act_mask`; default True, ``BATCHNORM_NUMBA_ACT_MASK=0`` turns
+            it off: the residual is saved and read back, as before the mask existed).
     """
 
     fuse_all_activations = os.environ.get("BATCHNORM_NUMBA_FUSE_ALL_ACTS", "1").strip() != "0"
+    activation_mask = os.environ.get("BATCHNORM_NUMBA_ACT_MASK", "1").strip() != "0"
 
     def _act_fusable(self, x: Tensor, residual: Tensor | None, activation: str) -> bool:
         """Can the fused kernels run on ``x`` (as laid out for them) with this residual?"""
@@ -86,6 +109,29 @@ class NumbaActMixin:
         if _codes()[activation] > 2 and not self.fuse_all_activations:
             return False
         return residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)
+
+    def _act_fused(self, x: Tensor, residual: Tensor | None, activation: str,
+                   out: Tensor) -> bool:
+        """Does :meth:`forward_act` run the fused kernels (``x`` in a kernel layout)?"""
+        return (self._act_fusable(x, residual, activation) and layout_of(x) != "other"
+                and out.dtype == x.dtype and out.stride() == x.stride())
+
+    def act_mask(self, x: Tensor, residual: Tensor | None, activation: str, slope: float,
+                 out: Tensor) -> Tensor | None:
+        """A (zeroed) activation mask for :meth:`forward_act` to write and
+        :meth:`backward_act` to read instead of ``residual`` (see the module docstring), or
+        None where this call keeps the residual: no residual, in place (``out is x``), an
+        activation other than relu and leaky_relu with a slope >= 0, half storage (where the
+        stored output is rounded: its sign is not z's), or not fused."""
+        if (not self.activation_mask or residual is None or out is x or x.numel() == 0
+                or x.dtype not in (torch.float32, torch.float64)
+                or not (activation == "relu" or (activation == "leaky_relu" and slope >= 0))):
+            return None
+        x = as_kernel_layout(x)
+        if not self._act_fused(x, residual, activation, out):
+            return None
+        # zeroed: the kernels or the bits of a byte that two tasks share into it
+        return torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)
 
     @staticmethod
     def _residual(residual: Tensor | None, x: Tensor) -> Tensor | None:
@@ -106,6 +152,7 @@ class NumbaActMixin:
         activation: str,
         slope: float,
         out: Tensor,
+        mask: Tensor | None = None,
     ) -> ForwardResult:
         """``out = act(BN(x) + residual)`` in one kernel call (see the module docstring).
 
@@ -114,19 +161,23 @@ class NumbaActMixin:
                 :func:`~.base.empty_out_like` layout.
             running_mean, running_var: updated copies returned in training; the
                 normalizing statistics in eval.
+            mask: from :meth:`act_mask` for these arguments, or None: the activation mask
+                to write.
         """
         inplace = out is x
         if not inplace:
             x = as_kernel_layout(x)
-        if (not self._act_fusable(x, residual, activation) or layout_of(x) == "other"
-                or out.dtype != x.dtype or out.stride() != x.stride()):
+        if not self._act_fused(x, residual, activation, out):
+            if mask is not None:
+                raise RuntimeError("batchnorm: an activation mask for a call that does not "
+                                   "run the fused kernels (act_mask returns None for it)")
             return super().forward_act(  # type: ignore[misc]
                 x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                 activation, slope, out,
             )
         _, mean, invstd, new_rm, new_rv = self._forward_act_call(
             x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
-            activation, slope, out).run()
+            activation, slope, out, mask).run()
         if new_rm is not None and new_rv is not None:
             assert running_mean is not None and running_var is not None
             if new_rm.dtype != running_mean.dtype:
@@ -149,11 +200,13 @@ class NumbaActMixin:
         activation: str,
         slope: float,
         out: Tensor,
+        mask: Tensor | None = None,
     ) -> Any:
         """:meth:`forward_act`'s fused kernel call, packed but not run (a
         ``numba_backend.KernelCall``; ``outputs``: ``(out, mean, invstd, new_running_mean,
         new_running_var)``, the running pair in the accumulation dtype or None). ``x`` is in
-        a kernel layout and fusable (:meth:`_act_fusable`)."""
+        a kernel layout and fusable (:meth:`_act_fusable`); ``mask``: as in
+        :meth:`forward_act`."""
         nb = _nb()
         plan = nb._plan(f"{_module(activation)}.forward_act", x, training, True)
         view, acc = plan.view, plan.acc
@@ -173,13 +226,12 @@ class NumbaActMixin:
             invstd = safe_invstd(running_var.detach().to(acc), eps)
         parts = view.parts
         tmp = nb._Scratch(parts, c, 4, acc)
+        stream = 1 if nb._streamed(out, reduced=training) else 2 if out is x else 0
         values = [
-            x, self._residual(residual, x), out, *view.dims, view.blocks, parts, mean,
+            x, self._residual(residual, x), out, mask, *view.dims, view.blocks, parts, mean,
             tmp.rows(3, 0), None if var is not None else invstd, var, nb._chan(weight, acc),
-            nb._chan(bias, acc), rm, rv,
-            new_rm, new_rv, eps, momentum, training, _codes()[activation], slope,
-            1 if nb._streamed(out, reduced=training) else 2 if out is x else 0,
-            *tmp.partials(), tmp.rows(0, 3),
+            nb._chan(bias, acc), rm, rv, new_rm, new_rv, eps, momentum, training,
+            _codes()[activation] + 8 * stream, slope, *tmp.partials(), tmp.rows(0, 3),
         ]
         return nb.KernelCall(plan, values, tmp, (out, mean, invstd, new_rm, new_rv))
 
@@ -229,12 +281,14 @@ class NumbaActMixin:
         slope: float,
         inplace: bool,
         output_mask: tuple[bool, bool, bool, bool],
+        mask: Tensor | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(dx, dweight, dbias, dresidual)`` in one kernel call (reduction + elementwise).
 
         ``saved`` is ``x`` (normal mode) or the output ``y`` (in-place mode); outputs not in
         ``output_mask`` are neither computed nor written. ``dweight``/``dbias`` are in the
-        accumulation dtype.
+        accumulation dtype. ``mask``: the forward's activation mask (:meth:`act_mask`), in
+        place of the residual (then None; ``dresidual`` is still computed).
         """
         if inplace:
             # the kernels build in-place loops for invertible activations only (the public
@@ -245,6 +299,9 @@ class NumbaActMixin:
         else:
             saved = as_kernel_layout(saved)
         if not self._act_fusable(saved, residual, activation) or layout_of(saved) == "other":
+            if mask is not None:
+                raise RuntimeError("batchnorm: the activation mask of a call that does not "
+                                   "run the fused kernels")
             if (not inplace and activation in ("elu", "silu", "gelu") and saved.numel() > 0
                     and saved.dtype in (torch.float32, torch.float64)
                     and layout_of(saved) != "other" and saved.device.type == "cpu"
@@ -259,13 +316,13 @@ class NumbaActMixin:
         if dy.stride() != saved.stride() or dy.dtype != saved.dtype:
             dy = empty_out_like(saved).copy_(dy)
         need_dx, need_dw, need_db, need_dr = output_mask
-        need_dr = need_dr and residual is not None
+        need_dr = need_dr and (residual is not None or mask is not None)
         do_reduce = need_dw or need_db or (training and need_dx)
         do_apply = need_dx or need_dr
         if do_reduce or do_apply:
             dx, sum_dz, sum_dzx, dres = self._backward_act_call(
                 dy, saved, weight, bias, mean, invstd, residual, training, activation, slope,
-                inplace, do_reduce, do_apply).run()
+                inplace, do_reduce, do_apply, mask).run()
         else:
             dx = dres = None
             sum_dz = sum_dzx = torch.zeros(saved.shape[1], dtype=acc_dtype(saved))
@@ -287,10 +344,12 @@ class NumbaActMixin:
         inplace: bool,
         do_reduce: bool,
         do_apply: bool,
+        mask: Tensor | None = None,
     ) -> Any:
         """:meth:`backward_act`'s fused kernel call, packed but not run (``outputs``: ``(dx,
         sum_dz, sum_dz_xhat, dresidual)``). ``dy`` has ``saved``'s strides and dtype. The
-        sums start at zero, which is what the elementwise pass reads without a reduction."""
+        sums start at zero, which is what the elementwise pass reads without a reduction.
+        ``mask``: as in :meth:`backward_act`."""
         nb = _nb()
         acc = acc_dtype(saved)
         c = saved.shape[1]
@@ -298,17 +357,19 @@ class NumbaActMixin:
         # the elementwise pass writes dx, and dresidual whenever there is a residual (one
         # branch-free loop): an output not asked for goes to scratch (rare in practice)
         dx = nb._new_output(saved) if do_apply else None
-        dres = nb._new_output(saved) if do_apply and residual is not None else None
+        has_res = residual is not None or mask is not None
+        dres = nb._new_output(saved) if do_apply and has_res else None
         plan = nb._plan(f"{_module(activation)}.backward_act", saved, do_reduce, do_apply,
                         first=3)
         view = plan.view
         parts = view.parts
         tmp = nb._Scratch(parts, c, 9, acc)
         values = [
-            dy, saved, self._residual(residual, saved), dx, dres, *view.dims, view.blocks,
-            parts, nb._chan(mean, acc), nb._chan(invstd, acc), nb._chan(weight, acc),
-            nb._chan(bias, acc), sum_dz, sum_dzx, float(saved.numel() // c), do_reduce,
-            do_apply, training, inplace, _codes()[activation], slope,
-            nb._streamed(dx, view), *tmp.partials(), tmp.rows(0, 9),
+            dy, saved, self._residual(residual, saved), mask, dx, dres, *view.dims,
+            view.blocks, parts, nb._chan(mean, acc), nb._chan(invstd, acc),
+            nb._chan(weight, acc), nb._chan(bias, acc), sum_dz, sum_dzx,
+            float(saved.numel() // c), do_reduce, do_apply, training, inplace,
+            _codes()[activation] + 8 * bool(nb._streamed(dx, view)), slope, *tmp.partials(),
+            tmp.rows(0, 9),
         ]
         return nb.KernelCall(plan, values, tmp, (dx, sum_dz, sum_dzx, dres))

@@ -353,6 +353,121 @@ def _named_as(tag: str):
     return rename
 
 
+# ---- the activation mask ------------------------------------------------------------------
+# With a residual, relu's and leaky_relu's backward needs z = BN(x) + r only for its sign. A
+# forward that writes the sign as one bit per value (the "mask") lets the backward read the
+# bits instead of r: one input stream fewer, and autograd saves x and the bits (1/32 of a
+# float32 tensor) instead of x and r. Layout: bit ``j % 8`` of byte ``j // 8`` is the value
+# at item ``j`` in memory (``np.packbits(flat, bitorder="little")`` of the kernels' copy of
+# x in memory order). The host zeroes it first: a task writes its whole bytes with plain
+# stores and the two partial ones at the ends of a contiguous range with an atomic or (the
+# neighbouring task owns their other bits). The bit is taken from the stored output (float32
+# or float64 storage only, where y is z exactly when z > 0): relu ``y != 0`` (y is z > 0 or
+# NaN, where relu passes the gradient, as torch's), leaky_relu with a slope >= 0 ``y > 0``
+# (NaN scales it, as torch's).
+
+_SPREAD = np.uint64(0x0101010101010101)
+_PICK = np.uint64(0x8040201008040201)
+_ADD7F = np.uint64(0x7F7F7F7F7F7F7F7F)
+_HIGH = np.uint64(0x8080808080808080)
+_SEVEN = np.uint64(7)
+
+
+@intrinsic
+def _atomic_or_u8(typingctx, arr, k, v):
+    """``arr[k] |= v`` (uint8) as one atomic operation."""
+    sig = types.void(arr, types.intp, types.uint8)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        builder.atomic_rmw("or", builder.gep(a.data, [args[1]]), args[2], "monotonic")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits8_float(typingctx, arr, i, relu):
+    """One mask byte from the eight floats ``arr[i:i + 8]``: bit k set where ``arr[i + k]``
+    is > 0, or (``relu``) also NaN. One vector load, compare and bitcast: 43 GB/s of input
+    on one thread, where a loop of shifts and ors ran at 14 (benchmarks/RESULTS.md)."""
+    if not (isinstance(arr, types.Array) and isinstance(arr.dtype, types.Float)):
+        return None
+    sig = types.uint8(arr, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ft = context.get_data_type(sig.args[0].dtype)
+        vt = ir.VectorType(ft, 8)
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), vt.as_pointer())
+        v = builder.load(ptr, align=context.get_abi_sizeof(ft))
+        zero = ir.Constant(vt, [0.0] * 8)
+        hot = builder.select(args[2], builder.fcmp_unordered(">", v, zero),
+                             builder.fcmp_ordered(">", v, zero))
+        return builder.bitcast(hot, ir.IntType(8))
+
+    return sig, codegen
+
+
+def _bits8(arr, i, relu):
+    """:func:`_bits8_float`, or for half storage (which never writes a mask: the host
+    allows it for float32 and float64 only) the same bits one value at a time."""
+
+
+@overload(_bits8)
+def _bits8_impl(arr, i, relu):
+    if isinstance(arr.dtype, types.Float):
+        return lambda arr, i, relu: _bits8_float(arr, i, relu)
+
+    def impl(arr, i, relu):
+        out = 0
+        for k in range(8):
+            out |= _bit1(_ld(arr[i + k]), relu) << k
+        return np.uint8(out)
+
+    return impl
+
+
+@njit(inline="always")
+def _bit1(y, relu):
+    """The mask bit of one output value (see above)."""
+    return 1 if y > 0 or (relu and y != y) else 0
+
+
+@njit(inline="always")
+def _pack_bits(src, so, cnt, mk, bit, relu):
+    """The mask bits of ``src[so:so + cnt]`` into bits ``[bit, bit + cnt)`` of ``mk``
+    (zeroed): whole bytes by :func:`_bits8`, a partial byte at either end by an atomic or."""
+    i = 0
+    if bit & 7 != 0 and cnt > 0:
+        i = min(cnt, 8 - (bit & 7))
+        v = 0
+        for t in range(i):
+            v |= _bit1(_ld(src[_u(so + t)]), relu) << ((bit + t) & 7)
+        _atomic_or_u8(mk, bit >> 3, np.uint8(v))
+    while i + 8 <= cnt:
+        mk[_u((bit + i) >> 3)] = _bits8(src, so + i, relu)
+        i += 8
+    if i < cnt:
+        v = 0
+        for t in range(cnt - i):
+            v |= _bit1(_ld(src[_u(so + i + t)]), relu) << t
+        _atomic_or_u8(mk, (bit + i) >> 3, np.uint8(v))
+
+
+@njit(inline="always")
+def _expand_bits(mk, bit, cnt, fb):
+    """Bits ``[bit, bit + cnt)`` of ``mk`` as bytes of 0 or 1, eight per uint64 of ``fb``
+    (no loop over the bits: the byte is copied to all eight bytes, each keeps its own bit,
+    and adding 0x7f carries any set bit to the top); returns the offset of bit ``bit`` in
+    ``fb``'s bytes (``bit % 8``)."""
+    b0 = bit >> 3
+    for k in range(((bit & 7) + cnt + 7) >> 3):
+        e = (np.uint64(mk[_u(b0 + k)]) * _SPREAD) & _PICK
+        fb[_u(k)] = ((e + _ADD7F) & _HIGH) >> _SEVEN
+    return bit & 7
+
+
 # ---- element and loop bodies ---------------------------------------------------------------
 # The loop bodies take compile-time flags: ``kind`` (0: identity / relu / leaky_relu, all
 # ``z > 0 ? z : neg * z``, selects only; else the activation's code, 3 elu, 4 silu, 5 gelu),
@@ -394,6 +509,17 @@ def _dz_xhat(g, v, rv, hi, inv, k0, w, b, rw, a, neg, rneg, sl, kind, inp):
 
 
 @njit(fastmath=_EXACT_MATH, forceinline=True)
+def _dz_xhat_m(g, fl, v, hi, inv, k0, a, neg):
+    """:func:`_dz_xhat` of relu and leaky_relu in normal mode with the activation mask:
+    ``fl`` (the element's mask bit, 0 or 1) decides instead of ``z``, which needs r."""
+    xh = (v - hi) * inv + k0
+    g = _unfolded(g)  # see _dz_xhat
+    if fl != 0:
+        return g, xh
+    return (_zero(g) if a == 1 else g * neg), xh
+
+
+@njit(fastmath=_EXACT_MATH, forceinline=True)
 def _xhat(v, hi, inv, k0):
     """xhat of one element of x, rounded as in :func:`_dz_xhat` (normal mode)."""
     return (v - hi) * inv + k0
@@ -414,6 +540,7 @@ def _same_dtype_impl(a, b):
 # reductions 5-10% (paired A/B, benchmarks/RESULTS.md, session 22). The elementwise pass
 # keeps the exact copy (its rounding must not depend on how LLVM fused each loop).
 _dz_xhat_sum = njit(fastmath=_REDUCE_MATH, forceinline=True)(_dz_xhat.py_func)
+_dz_xhat_m_sum = njit(fastmath=_REDUCE_MATH, forceinline=True)(_dz_xhat_m.py_func)
 
 
 @njit(inline="always")
@@ -441,7 +568,8 @@ def _run_act_body(x, r, y, o, yo, s, hi, sc, sh, neg, sl, kind, res):
 
 
 @njit(inline="always")
-def _chunk_act_body(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, kind, res):
+def _chunk_act_body(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, mk, relu, kind, res, msk):
+    """``buf[:b0 - a0]`` from items ``[o + a0, o + b0)``; ``msk``: their mask bits too."""
     p = a0
     while p < b0:  # the pieces of the runs in [a0, b0), as numba_kernels._chunk_norm
         j, q = _piece(p, b0, s_)
@@ -449,20 +577,27 @@ def _chunk_act_body(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, kind, res):
         _run_act_body(x, r, buf, o + p, p - a0, q - p, coef[0, c], coef[1, c], coef[2, c],
                       neg, sl, kind, res)
         p = q
+    if msk:
+        _pack_bits(buf, 0, b0 - a0, mk, o + a0, relu)
 
 
 @njit(inline="always")
-def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, kind, res):
+def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, mk, relu, kind, res,
+                   msk):
+    """Runs of channels [c0, c1) x batch rows [n0, n1); ``msk``: the mask bits of each batch
+    row's block of runs (contiguous: two partial bytes at most, instead of two per run)."""
     for n in range(n0, n1):
-        o = n * stride + c0 * s_
+        o0 = o = n * stride + c0 * s_
         for c in range(c0, c1):
             _run_act_body(x, r, y, o, o, s_, coef[0, c], coef[1, c], coef[2, c], neg, sl,
                           kind, res)
             o += s_
+        if msk:
+            _pack_bits(y, o0, o - o0, mk, o0, relu)
 
 
 @njit(inline="always")
-def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, neg, sl, kind, res):
+def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, neg, sl, mk, relu, kind, res, msk):
     for n in range(n0, n1):
         p = n * c_
         q = yo + (n - n0) * c_
@@ -476,6 +611,8 @@ def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, neg, sl, kind, res):
                 y[_u(q + j)] = _st(_lin_act(z, neg), y)
             else:
                 y[_u(q + j)] = _st(_act(z, kind, sl), y)
+        if msk:  # (a row is in L1 still)
+            _pack_bits(y, q, c_, mk, p, relu)
 
 
 @njit
@@ -494,10 +631,24 @@ def _negs(a, sl):
 
 
 @njit(inline="always")
-def _run_bred_body(dy, v, r, dr, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, bx, kind,
-                   res, inp, pre):
+def _run_bred_body(dy, v, r, dr, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, bz, bx, fb8,
+                   f0, kind, res, inp, pre, msk):
+    """Sums of one run; ``msk``: relu's / leaky_relu's decisions from the mask bits, as
+    bytes (:func:`_expand_bits`): item ``i``'s at ``fb8[f0 + i]``, instead of from ``r``."""
     s1 = _zero(hi)
     s2 = _zero(hi)
+    if kind == 0 and msk:
+        for i in range(o, o + s):
+            fl = fb8[_u(f0 + i)]
+            if pre:
+                dz, xh = _dz_xhat_m(_ld(dy[_u(i)]), fl, _ld(v[_u(i)]), hi, inv, k0, a, neg)
+                dr[_u(i)] = _st(dz, dr)
+            else:
+                dz, xh = _dz_xhat_m_sum(_ld(dy[_u(i)]), fl, _ld(v[_u(i)]), hi, inv, k0, a,
+                                        neg)
+            s1 += dz
+            s2 += dz * xh
+        return np.float64(s1), np.float64(s2)
     if kind == 0:
         for i in range(o, o + s):
             rv = _ld(r[_u(i)]) if res else _zero(hi)
@@ -531,17 +682,19 @@ def _run_bred_body(dy, v, r, dr, o, s, hi, inv, k0, w, b, rw, a, neg, rneg, sl, 
 
 @njit(inline="always")
 def _runs_bred_body(dy, v, r, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
-                    bz, bx, kind, res, inp, pre):
+                    bz, bx, mk, fb, fb8, kind, res, inp, pre, msk):
     if s_ <= ROW_SEGMENT:
         # short runs (all but a volume at batch size 1): one call a run, no piece loop around
         # it, which made the 7x7 and 14x14 reductions 10-15% slower (paired, session 22; as
         # numba_kernels keeps _task_bred_long apart)
         for n in range(n0, n1):
             o = n * stride + c0 * s_
+            # a batch row's block of runs is contiguous: its mask bits expanded at once
+            f0 = _expand_bits(mk, o, (c1 - c0) * s_, fb) - o if msk else 0
             for c in range(c0, c1):
                 u, w = _run_bred_body(dy, v, r, dr, o, s_, co[0, c], co[1, c], co[2, c],
                                       co[3, c], co[4, c], co[5, c], a, neg, rneg, sl, bz, bx,
-                                      kind, res, inp, pre)
+                                      fb8, f0, kind, res, inp, pre, msk)
                 sdz[c] += u
                 sdx[c] += w
                 o += s_
@@ -552,9 +705,11 @@ def _runs_bred_body(dy, v, r, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, 
             # a long run in pieces of ROW_SEGMENT values (compute-dtype sums; as
             # numba_kernels._task_bred_long)
             for p in range(0, s_, ROW_SEGMENT):
-                u, w = _run_bred_body(dy, v, r, dr, o + p, min(ROW_SEGMENT, s_ - p),
-                                      co[0, c], co[1, c], co[2, c], co[3, c], co[4, c],
-                                      co[5, c], a, neg, rneg, sl, bz, bx, kind, res, inp, pre)
+                m = min(ROW_SEGMENT, s_ - p)
+                f0 = _expand_bits(mk, o + p, m, fb) - (o + p) if msk else 0
+                u, w = _run_bred_body(dy, v, r, dr, o + p, m, co[0, c], co[1, c], co[2, c],
+                                      co[3, c], co[4, c], co[5, c], a, neg, rneg, sl, bz, bx,
+                                      fb8, f0, kind, res, inp, pre, msk)
                 sdz[c] += u
                 sdx[c] += w
             o += s_
@@ -562,12 +717,16 @@ def _runs_bred_body(dy, v, r, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, 
 
 @njit(inline="always")
 def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, k2, a, neg,
-                     rneg, sl, kind, res, inp, pre):
+                     rneg, sl, fb8, f0, kind, res, inp, pre, msk):
+    """``msk``: as in :func:`_run_bred_body`."""
     for i in range(s):
         j = _u(o + i)
         if pre:  # dz is in dr already (the reduction wrote it, yo == o)
             dz = _ld(dr[j])
             xh = _xhat(_ld(v[j]), hi, inv, k0)
+        elif msk:
+            dz, xh = _dz_xhat_m(_ld(dy[j]), fb8[_u(f0 + o + i)], _ld(v[j]), hi, inv, k0, a,
+                                neg)
         else:
             rv = _ld(r[j]) if res else _zero(hi)
             dz, xh = _dz_xhat(_ld(dy[j]), _ld(v[j]), rv, hi, inv, k0, w, b, rw, a, neg, rneg,
@@ -578,33 +737,35 @@ def _run_bapply_body(dy, v, r, dx, dr, o, yo, s, hi, inv, k0, w, b, rw, sc, k1, 
 
 
 @njit(inline="always")
-def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl, kind, res,
-                       inp):
+def _chunk_bapply_body(dy, v, r, dx, dr, o, a0, b0, s_, c0, co, a, neg, rneg, sl, mk, fb, fb8,
+                       kind, res, inp, msk):
+    f0 = _expand_bits(mk, o + a0, b0 - a0, fb) - (o + a0) if msk else 0
     p = a0
     while p < b0:  # the pieces of the runs in [a0, b0), as numba_kernels._chunk_norm
         j, q = _piece(p, b0, s_)
         c = c0 + j
         _run_bapply_body(dy, v, r, dx, dr, o + p, p - a0, q - p, co[0, c], co[1, c], co[2, c],
                          co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a, neg,
-                         rneg, sl, kind, res, inp, False)
+                         rneg, sl, fb8, f0, kind, res, inp, False, msk)
         p = q
 
 
 @njit(inline="always")
 def _runs_bapply_body(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl,
-                      kind, res, inp, pre):
+                      mk, fb, fb8, kind, res, inp, pre, msk):
     for n in range(n0, n1):
         o = n * stride + c0 * s_
+        f0 = _expand_bits(mk, o, (c1 - c0) * s_, fb) - o if msk else 0
         for c in range(c0, c1):
             _run_bapply_body(dy, v, r, dx, dr, o, o, s_, co[0, c], co[1, c], co[2, c],
                              co[3, c], co[4, c], co[5, c], co[6, c], co[7, c], co[8, c], a,
-                             neg, rneg, sl, kind, res, inp, pre)
+                             neg, rneg, sl, fb8, f0, kind, res, inp, pre, msk)
             o += s_
 
 
 @njit(inline="always")
-def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, kind, res, inp,
-                    pre):
+def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, mk, fb, fb8,
+                    kind, res, inp, pre, msk):
     """Row mode: per-channel sums (compute dtype) over ``nrows`` rows from offset ``o``.
     The coefficients are read as rows of ``co`` with unsigned indices, and the flags are
     constants in each copy of the loop: indexed as ``co[k, j]`` with the flags tested per
@@ -615,12 +776,17 @@ def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, ki
     q2[:] = 0.0
     for n in range(nrows):
         p = o + n * c_
+        f0 = _expand_bits(mk, p, c_, fb) if msk else 0
         for j in range(c_):
             i = _u(p + j)
             u = _u(j)
-            rv = _ld(r[i]) if res else zero
-            dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
-                              rw[u], a, neg, rneg, sl, kind, inp)
+            if msk:
+                dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + j)], _ld(v[i]), hi[u], inv[u],
+                                    k0[u], a, neg)
+            else:
+                rv = _ld(r[i]) if res else zero
+                dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u],
+                                  b[u], rw[u], a, neg, rneg, sl, kind, inp)
             if pre:
                 dr[i] = _st(dz, dr)
             q1[u] += dz
@@ -628,8 +794,8 @@ def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, ki
 
 
 @njit(inline="always")
-def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, kind, res,
-                      inp, pre):
+def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, mk, fb, fb8,
+                      kind, res, inp, pre, msk):
     """Rows [n0, n1) into dx (and dr) from item yo on (the outputs, or stream buffers;
     ``pre``: dz from dr, yo == n0 * c_)."""
     hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
@@ -638,12 +804,16 @@ def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, ki
     for n in range(n0, n1):
         p = n * c_
         q = yo + (n - n0) * c_
+        f0 = _expand_bits(mk, p, c_, fb) if msk and not pre else 0
         for j in range(c_):
             i = _u(p + j)
             u = _u(j)
             if pre:
                 dz = _ld(dr[i])
                 xh = _xhat(_ld(v[i]), hi[u], inv[u], k0[u])
+            elif msk:
+                dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + j)], _ld(v[i]), hi[u], inv[u],
+                                    k0[u], a, neg)
             else:
                 rv = _ld(r[i]) if res else zero
                 dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
@@ -694,8 +864,8 @@ def _backward_pre(mean, invstd, weight, bias, co, c0, c1):
 # ---- kernels (same phases and arguments as numba_kernels.forward / backward) ---------------
 # Their packed arguments, in order (kinds as in numba_kernels.PACKED, see numba_entry).
 PACKED = {
-    "forward_act": "s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f i d2 d2 a2",
-    "backward_act": "s1 s1 s1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b i f b d2 d2 a2",
+    "forward_act": "s1 s1 s1 u1 i i i i i a1 a1 a1 a1 a1 a1 a1 a1 a1 a1 f f b i f d2 d2 a2",
+    "backward_act": "s1 s1 s1 u1 s1 s1 i i i i i a1 a1 a1 a1 a1 a1 f b b b b i f d2 d2 a2",
 }
 
 
@@ -712,54 +882,66 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
     # dz written by the reduction into dr and read back by the elementwise pass (see
     # backward_act): with a residual, in normal mode
     qf = ("pre", (True, False), lambda kind, res, inp: res and not inp)
+    # the activation mask instead of the residual (relu, leaky_relu; normal mode): written by
+    # the forward, read by the backward's loops that would otherwise recompute z from r
+    mf_fwd = ("msk", (True, False), lambda kind, res: kind == 0 and res)
+    mf_bwd = ("msk", (True, False), lambda kind, res, inp, *_: kind == 0 and res and not inp)
+    mf_apply = ("msk", (True, False),
+                lambda kind, res, inp, pre: kind == 0 and res and not inp and not pre)
     tag = "k" + "_".join(str(k) for k in kinds)
     # buf[:b0 - a0] from x (and r) at [o + a0, o + b0): a stream or in-place chunk, one call
     # (a call per piece, through the flags' dispatch, measured 1.1-2.1x slower in place:
     # (32, 512, 7, 7) forward 0.438 -> 0.225 ms, (32, 256, 14, 14) 0.447 -> 0.351 ms;
     # streamed (32, 256, 28, 28) 1.52 -> 0.89 ms)
-    chunk_act = _by_flags(_chunk_act_body, "x r buf o a0 b0 s_ c0 coef neg sl", (kf, rf),
-                          _ELEM_MATH)
+    chunk_act = _by_flags(_chunk_act_body, "x r buf o a0 b0 s_ c0 coef neg sl mk relu",
+                          (kf, rf, mf_fwd), _ELEM_MATH)
     # a task's runs (channels-first, not streamed) with the flags chosen once per task
-    runs_act = _by_flags(_runs_act_body, "x r y stride s_ c0 c1 n0 n1 coef neg sl", (kf, rf),
-                         _ELEM_MATH)
-    rows_act = _by_flags(_rows_act_body, "x r y c_ n0 n1 yo hi sc sh neg sl", (kf, rf),
-                         _ELEM_MATH)
+    runs_act = _by_flags(_runs_act_body, "x r y stride s_ c0 c1 n0 n1 coef neg sl mk relu",
+                         (kf, rf, mf_fwd), _ELEM_MATH)
+    rows_act = _by_flags(_rows_act_body, "x r y c_ n0 n1 yo hi sc sh neg sl mk relu",
+                         (kf, rf, mf_fwd), _ELEM_MATH)
     # a task's runs with the flags chosen once per task: per run, the choice and a call cost
     # as much as the 49 values of a 7x7 run
-    runs_bred = _by_flags(_runs_bred_body,
-                          "dy v r dr stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx bz bx",
-                          (kf, rf, pf, qf), _REDUCE_MATH)
-    rows_bred = _by_flags(_rows_bred_body, "dy v r dr o nrows c_ co a neg rneg sl q1 q2",
-                          (kf, rf, pf, qf), _ELEM_MATH)
+    runs_bred = _by_flags(
+        _runs_bred_body,
+        "dy v r dr stride s_ c0 c1 n0 n1 co a neg rneg sl sdz sdx bz bx mk fb fb8",
+        (kf, rf, pf, qf, mf_bwd), _REDUCE_MATH)
+    rows_bred = _by_flags(_rows_bred_body,
+                          "dy v r dr o nrows c_ co a neg rneg sl q1 q2 mk fb fb8",
+                          (kf, rf, pf, qf, mf_bwd), _ELEM_MATH)
     # dx[:b0 - a0] (and dr) from the inputs at [o + a0, o + b0): a stream chunk, one call
     # (as chunk_act: streamed backward of (32, 1024, 14, 14) 4.13 -> 3.04 ms)
-    chunk_bapply = _by_flags(_chunk_bapply_body, "dy v r dx dr o a0 b0 s_ c0 co a neg rneg sl",
-                             (kf, rf, pf), _EXACT_MATH)
+    chunk_bapply = _by_flags(_chunk_bapply_body,
+                             "dy v r dx dr o a0 b0 s_ c0 co a neg rneg sl mk fb fb8",
+                             (kf, rf, pf, mf_bwd), _EXACT_MATH)
     runs_bapply = _by_flags(_runs_bapply_body,
-                            "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl",
-                            (kf, rf, pf, qf), _EXACT_MATH)
-    rows_bapply = _by_flags(_rows_bapply_body, "dy v r dx dr c_ n0 n1 yo co a neg rneg sl",
-                            (kf, rf, pf, qf), _ELEM_MATH)
+                            "dy v r dx dr stride s_ c0 c1 n0 n1 co a neg rneg sl mk fb fb8",
+                            (kf, rf, pf, qf, mf_apply), _EXACT_MATH)
+    rows_bapply = _by_flags(_rows_bapply_body,
+                            "dy v r dx dr c_ n0 n1 yo co a neg rneg sl mk fb fb8",
+                            (kf, rf, pf, qf, mf_apply), _ELEM_MATH)
 
     @njit
     @_named_as(tag)
-    def task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
+    def task_act(x, r, y, mk, c_, s_, c0, c1, n0, n1, coef, a, slope, stream):
         sl = _k(slope, coef[0, 0])
         neg, _ = _negs(a, sl)
         kind = _kind(a)
         res = r.size > 0
+        msk = mk.size > 0
+        relu = a == 1
         if s_ == 1:
             if not stream:
-                rows_act(x, r, y, c_, n0, n1, n0 * c_, coef[0], coef[1], coef[2], neg, sl,
-                         kind, res)
+                rows_act(x, r, y, c_, n0, n1, n0 * c_, coef[0], coef[1], coef[2], neg, sl, mk,
+                         relu, kind, res, msk)
                 return
             # whole rows per chunk (rows are contiguous; a chunk boundary is a partial line)
             k = max(1, STREAM_CHUNK // c_)
             buf = np.empty(k * c_, y.dtype)
             for m0 in range(n0, n1, k):
                 m1 = min(m0 + k, n1)
-                rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], neg, sl, kind,
-                         res)
+                rows_act(x, r, buf, c_, m0, m1, _I0, coef[0], coef[1], coef[2], neg, sl, mk,
+                         relu, kind, res, msk)
                 _put(buf, y, m0 * c_, (m1 - m0) * c_, stream)
             return
         stride = c_ * s_
@@ -772,21 +954,29 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 a0 = 0
                 while a0 < end:
                     b0 = _chunk_end(base + o, a0, end)
-                    chunk_act(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, kind, res)
+                    chunk_act(x, r, buf, o, a0, b0, s_, c0, coef, neg, sl, mk, relu, kind, res,
+                              msk)
                     _put(buf, y, o + a0, b0 - a0, stream)
                     a0 = b0
             return
-        runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, kind, res)
+        runs_act(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, mk, relu, kind, res, msk)
 
     @njit
     @_named_as(tag)
-    def task_bred(dy, v, r, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre, sdz, sdx):
+    def task_bred(dy, v, r, mk, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre, sdz,
+                  sdx):
         """float64 sum(dz)[c], sum(dz * xhat)[c] for c in [c0, c1) over rows [n0, n1);
-        ``pre``: dz into dr as well."""
+        ``pre``: dz into dr as well; ``mk`` (size > 0): the activation mask, read instead of
+        the residual ``r`` (then empty)."""
         sl = _k(slope, co[0, 0])
         neg, rneg = _negs(a, sl)
         kind = _kind(a)
-        res = r.size > 0
+        msk = mk.size > 0
+        res = r.size > 0 or msk
+        # the mask bits as bytes: a row, a batch row's block of runs, or a long run's piece
+        cnt = c_ if s_ == 1 else (c1 - c0) * s_ if s_ <= ROW_SEGMENT else ROW_SEGMENT
+        fb = np.empty((cnt + 23) >> 3 if msk else 0, np.uint64)
+        fb8 = fb.view(np.uint8)
         for c in range(c0, c1):
             sdz[c] = 0.0
             sdx[c] = 0.0
@@ -796,8 +986,8 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
             seg = max(1, ROW_SEGMENT // c_)
             for m0 in range(n0, n1, seg):
                 m1 = min(m0 + seg, n1)
-                rows_bred(dy, v, r, dr, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2,
-                          kind, res, inplace, pre)
+                rows_bred(dy, v, r, dr, m0 * c_, m1 - m0, c_, co, a, neg, rneg, sl, q1, q2, mk,
+                          fb, fb8, kind, res, inplace, pre, msk)
                 for c in range(c_):  # (unsigned indices: vectorized, see _fold_add)
                     sdz[_u(c)] += np.float64(q1[_u(c)])
                     sdx[_u(c)] += np.float64(q2[_u(c)])
@@ -806,31 +996,37 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         bz = np.empty(seg, co.dtype)
         bx = np.empty(seg, co.dtype)
         runs_bred(dy, v, r, dr, c_ * s_, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, sdz, sdx,
-                  bz, bx, kind, res, inplace, pre)
+                  bz, bx, mk, fb, fb8, kind, res, inplace, pre, msk)
 
     @njit
     @_named_as(tag)
-    def task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre,
+    def task_bapply(dy, v, r, mk, dx, dr, c_, s_, c0, c1, n0, n1, co, a, slope, inplace, pre,
                     stream):
         """dx (and dr) of rows [n0, n1) x channels [c0, c1); streamed as in task_act (dx and
         dr are the same shape, so one chunking serves both). ``pre`` (never streamed): dz
-        is read from dr, which the reduction wrote."""
+        is read from dr, which the reduction wrote. ``mk``: as in task_bred."""
         sl = _k(slope, co[0, 0])
         neg, rneg = _negs(a, sl)
         kind = _kind(a)
-        res = r.size > 0
+        msk = mk.size > 0
+        res = r.size > 0 or msk
+        # whole lines (a channels-first run, a row) or a stream chunk's piece of one
+        # the mask bits as bytes: a row, a stream chunk, or a batch row's block of runs
+        cnt = c_ if s_ == 1 else STREAM_CHUNK if stream else (c1 - c0) * s_
+        fb = np.empty((cnt + 23) >> 3 if msk and not pre else 0, np.uint64)
+        fb8 = fb.view(np.uint8)
         k = max(1, STREAM_CHUNK // c_) if s_ == 1 else 1
         bx = np.empty(max(STREAM_CHUNK, k * c_) if stream else 0, dx.dtype)
         br = np.empty(bx.size if res else 0, dr.dtype)
         if s_ == 1:
             if not stream:
-                rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, neg, rneg, sl, kind,
-                            res, inplace, pre)
+                rows_bapply(dy, v, r, dx, dr, c_, n0, n1, n0 * c_, co, a, neg, rneg, sl, mk, fb,
+                            fb8, kind, res, inplace, pre, msk)
                 return
             for m0 in range(n0, n1, k):
                 m1 = min(m0 + k, n1)
-                rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, neg, rneg, sl, kind,
-                            res, inplace, False)
+                rows_bapply(dy, v, r, bx, br, c_, m0, m1, _I0, co, a, neg, rneg, sl, mk, fb,
+                            fb8, kind, res, inplace, False, msk)
                 _stream(bx, dx, m0 * c_, (m1 - m0) * c_)
                 if res:
                     _stream(br, dr, m0 * c_, (m1 - m0) * c_)
@@ -845,28 +1041,32 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 while a0 < end:
                     b0 = _chunk_end(base + o, a0, end)
                     chunk_bapply(dy, v, r, bx, br, o, a0, b0, s_, c0, co, a, neg, rneg, sl,
-                                 kind, res, inplace)
+                                 mk, fb, fb8, kind, res, inplace, msk)
                     _stream(bx, dx, o + a0, b0 - a0)
                     if res:
                         _stream(br, dr, o + a0, b0 - a0)
                     a0 = b0
             return
-        runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, kind,
-                    res, inplace, pre)
+        runs_bapply(dy, v, r, dx, dr, stride, s_, c0, c1, n0, n1, co, a, neg, rneg, sl, mk, fb,
+                    fb8, kind, res, inplace, pre, msk)
 
     @njit(inline="always")
     @_named_as(tag)
-    def forward_act(x, r, y, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight,
-                    bias, rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, act,
-                    slope, stream, pm, pq, coef, phase, units, ctl):
+    def forward_act(x, r, y, mk, n_, c_, s_, blocks, parts, mean, m2, invstd, var_in, weight,
+                    bias, rmean, rvar, new_rmean, new_rvar, eps, momentum, do_stats, mode,
+                    slope, pm, pq, coef, phase, units, ctl):
         """``y = act(BN(x) + r)`` (``r`` of size 0: no residual; ``y`` may be ``x``).
 
         ``do_stats``: batch statistics (and running update) as ``numba_kernels.forward``;
-        otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``stream``: 0 direct
-        stores, 1 non-temporal stores for ``y`` (see ``numba_kernels._stream``), 2 ``y`` is
-        ``x``: the elementwise pass computes chunks into a buffer and copies them
-        (``numba_kernels._put``).
+        otherwise ``mean`` and ``var_in`` with ``eps`` normalize. ``mode``: the activation's
+        code plus 8 times ``stream``: 0 direct stores, 1 non-temporal stores for ``y`` (see
+        ``numba_kernels._stream``), 2 ``y`` is ``x``: the elementwise pass computes chunks
+        into a buffer and copies them (``numba_kernels._put``). ``mk`` (size > 0; relu or
+        leaky_relu with a residual, not in place): the activation mask is written too (see
+        "the activation mask" above).
         """
+        act = mode & 7
+        stream = mode >> 3
         n = units
         k = _claim(ctl, n)
         while k < n:
@@ -885,7 +1085,7 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                                      coef)
                     else:
                         _given_coefs(c0, c1, mean, invstd, var_in, eps, weight, bias, coef)
-                    task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
+                    task_act(x, r, y, mk, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
             elif phase == 1:
                 _merge_unit(k, n_, c_, s_, do_stats, pm, pq, mean, m2, invstd, var_in, rmean,
                             rvar, new_rmean, new_rvar, eps, momentum, weight, bias, coef)
@@ -893,16 +1093,18 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 t = units - 1 - k
                 c0, c1 = _span(c_, blocks, t // parts)
                 n0, n1 = _span(n_, parts, t % parts)
-                task_act(x, r, y, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
+                task_act(x, r, y, mk, c_, s_, c0, c1, n0, n1, coef, act, slope, stream)
             _unit_done(ctl, stream)
             k = _claim(ctl, n)
 
     @njit(inline="always")
     @_named_as(tag)
-    def backward_act(dy, v, r, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weight, bias,
-                     sum_dz, sum_dzx, count, do_reduce, do_apply, training, inplace, act,
-                     slope, stream, pm, pq, coef, phase, units, ctl):
-        """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``.
+    def backward_act(dy, v, r, mk, dx, dr, n_, c_, s_, blocks, parts, mean, invstd, weight,
+                     bias, sum_dz, sum_dzx, count, do_reduce, do_apply, training, inplace,
+                     mode, slope, pm, pq, coef, phase, units, ctl):
+        """Backward of ``y = act(BN(x) + r)``; ``v`` is ``x`` or (``inplace``) ``y``;
+        ``mode``: the activation's code plus 8 for non-temporal stores (``stream``); ``mk``
+        (size > 0): the forward's activation mask, read instead of ``r`` (then empty).
 
         Phase 3 (run first, ``MERGE_CHUNK`` channels a unit) writes ``coef`` rows 0-6 from
         the saved ``mean``, ``invstd`` and the affine parameters; phases 0-2 as the
@@ -916,8 +1118,10 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         reads dz back from ``dr`` instead of recomputing it from ``dy``, ``x`` and ``r``: the
         second pass reads two inputs instead of three (``x`` for xhat, and ``dr``).
         """
-        pre = (r.size > 0 and do_reduce and do_apply and not inplace and not stream
-               and _same_dtype(dr, coef))
+        act = mode & 7
+        stream = mode >= 8
+        pre = ((r.size > 0 or mk.size > 0) and do_reduce and do_apply and not inplace
+               and not stream and _same_dtype(dr, coef))
         n = units
         k = _claim(ctl, n)
         while k < n:
@@ -926,13 +1130,13 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 c0, c1 = _span(c_, blocks, t // parts)
                 n0, n1 = _span(n_, parts, t % parts)
                 if do_reduce:
-                    task_bred(dy, v, r, dr, c_, s_, c0, c1, n0, n1, coef, act, slope, inplace,
-                              pre, pm[t % parts], pq[t % parts])
+                    task_bred(dy, v, r, mk, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
+                              inplace, pre, pm[t % parts], pq[t % parts])
                 if parts == 1:
                     _bwd_finish(coef, sum_dz, sum_dzx, count, do_reduce, training, pm, pq, c0,
                                 c1)
                     if do_apply:
-                        task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act,
+                        task_bapply(dy, v, r, mk, dx, dr, c_, s_, c0, c1, n0, n1, coef, act,
                                     slope, inplace, pre, stream)
             elif phase == 1:
                 a, b = _merge_range(k, c_)
@@ -944,7 +1148,7 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
                 t = units - 1 - k
                 c0, c1 = _span(c_, blocks, t // parts)
                 n0, n1 = _span(n_, parts, t % parts)
-                task_bapply(dy, v, r, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
+                task_bapply(dy, v, r, mk, dx, dr, c_, s_, c0, c1, n0, n1, coef, act, slope,
                             inplace, pre, stream)
             _unit_done(ctl, stream)
             k = _claim(ctl, n)

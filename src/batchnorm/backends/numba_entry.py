@@ -28,11 +28,11 @@ A kernel declares its packed arguments as a string of kinds, one per argument, i
 (``PACKED`` in its module): ``s1`` a 1-D array of the storage dtype (float32, float64, or the
 bits of float16 as uint16 and of bfloat16 as int16), ``a1``/``a2`` a 1-D/2-D array of the
 accumulation dtype (float64 for float64 storage, else float32), ``d2`` a 2-D float64 array,
-``i`` an integer, ``f`` a float, ``b`` a boolean. Its signature is those arguments followed by
-``(phase, units, ctl)``, 30 parameters at most (CPython compiles a call with more arguments
-as ``f(*args)``, which numba cannot inline). An array is passed as a C-contiguous tensor of
-that dtype, None (an empty array), or ``(address, *shape)`` (a piece of a scratch
-allocation).
+``u1`` a 1-D uint8 array, ``i`` an integer, ``f`` a float, ``b`` a boolean. Its signature is
+those arguments followed by ``(phase, units, ctl)``, 30 parameters at most (CPython compiles
+a call with more arguments as ``f(*args)``, which numba cannot inline). An array is passed as
+a C-contiguous tensor of that dtype, None (an empty array), or ``(address, *shape)`` (a piece
+of a scratch allocation).
 
 Each entry is compiled once per kernel and storage dtype and cached on disk like the kernels
 (the cache key includes the kernels' source files, whose changes numba's own cache would not
@@ -84,7 +84,7 @@ def _parse(kinds: str) -> tuple[tuple[int, int, str], ...]:
     """``"s1 a1 i"`` -> ``((_ARRAY, 1, "s"), (_ARRAY, 1, "a"), (_INT, 0, ""))``."""
     out = []
     for k in kinds.split():
-        if k[0] in "sad" and len(k) == 2 and k[1] in "12":
+        if k[0] in "sadu" and len(k) == 2 and k[1] in "12":
             out.append((_ARRAY, int(k[1]), k[0]))
         elif k in ("i", "f", "b"):
             out.append(({"i": _INT, "f": _FLOAT, "b": _BOOL}[k], 0, ""))
@@ -100,7 +100,7 @@ def _slots(spec: tuple[tuple[int, int, str], ...]) -> int:
 def _checksum(spec: tuple[tuple[int, int, str], ...], storage: types.Type) -> int:
     h = _slots(spec) * 131 + list(_STORAGE.values()).index(storage)
     for kind, rank, letter in spec:
-        h = (h * 1000003 + 16 * kind + 4 * rank + " sad".index(letter or " ")) % (1 << 61)
+        h = (h * 1000003 + 16 * kind + 4 * rank + " sadu".index(letter or " ")) % (1 << 61)
     return h
 
 
@@ -149,7 +149,7 @@ def _unpack_call_impl(data, key):
                         f"(phase, units, ctl), got {len(spec)}: CPython compiles a longer "
                         "call as f(*args), which numba cannot inline")
     acc = types.float64 if storage == types.float64 else types.float32
-    dtypes = {"s": storage, "a": acc, "d": types.float64}
+    dtypes = {"s": storage, "a": acc, "d": types.float64, "u": types.uint8}
     ns: dict[str, Any] = {"np": np, "carray": carray, "_voidp": _voidp,
                           "_bits_float": _bits_float, "kernel": kernel}
     args = []

@@ -51,9 +51,9 @@ std::atomic<gomp_fn> g_gomp{nullptr};
 
 // Sources a patch can take an address from (numba_step.py: _FWD, _BWD, _ACT_BWD). Forward:
 // x, y, mean, invstd, weight, bias, running mean and var, their new values, residual,
-// scratch, var (eval). Backward: dy, x, dx, mean, invstd, weight, sum_dy, sum_dy_xmu,
-// dweight, (unused), (unused), scratch.
-constexpr int kSources = 13;
+// scratch, var (eval), activation mask. Backward: dy, x, dx, mean, invstd, weight, sum_dy,
+// sum_dy_xmu, dweight, (unused), (unused), scratch; the fused activation's as in TrainAct.
+constexpr int kSources = 14;
 constexpr int kScratch = 11;
 
 struct Recipe {
@@ -67,6 +67,8 @@ struct Recipe {
   std::vector<int64_t> sizes, strides, out_strides;
   at::ScalarType dtype = at::kFloat;
   int64_t backward = -1;  // first of the 4 backward recipes (dx?, dweight?), or -1
+  // bytes of the activation mask the forward writes (numba_act.act_mask), 0: none
+  int64_t mask_bytes = 0;
 };
 
 constexpr int64_t kMaxRecipes = 32768;  // 4096 training keys of 5 recipes, and eval's
@@ -254,7 +256,8 @@ at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble 
 // call changes nothing).
 std::pair<Tensor, Tensor> train_forward(const Recipe& r, const Tensor& x, const Tensor& y,
                                         const Tensor& w, const Tensor& b, const Tensor& rm,
-                                        const Tensor& rv, const Tensor& residual) {
+                                        const Tensor& rv, const Tensor& residual,
+                                        const Tensor& mask = Tensor()) {
   int64_t c = x.size(1);
   auto opts = x.options().dtype(acc_of(x.scalar_type()));
   Tensor mean = at::empty({c}, opts), invstd = at::empty({c}, opts);
@@ -266,7 +269,7 @@ std::pair<Tensor, Tensor> train_forward(const Recipe& r, const Tensor& x, const 
   Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
   run(r, {address(x), address(y), address(mean), address(invstd), address(w), address(b),
           address(rm), address(rv), address(new_rm), address(new_rv), address(residual),
-          address(scratch), 0});
+          address(scratch), 0, address(mask)});
   if (rm.defined()) {
     rm.copy_(new_rm);
     rv.copy_(new_rv);
@@ -338,9 +341,12 @@ struct Train : public torch::autograd::Function<Train> {
 py::object* g_double_backward_act = nullptr;
 
 // BatchNorm + activation (+ residual), training: y = act(BN(x) + residual). Forward sources:
-// as Train's, with the residual at 10. Backward sources: dy, x (in place: y), dx, mean,
-// invstd, weight, sum_dz, sum_dz_xhat, bias, residual, dresidual, scratch. The backward
-// recipes are three, by what the call does: elementwise only, reduction only, both.
+// as Train's, with the residual at 10 and the activation mask at 13. Backward sources: dy,
+// x (in place: y), dx, mean, invstd, weight, sum_dz, sum_dz_xhat, bias, residual, dresidual,
+// scratch, activation mask. The backward recipes are three, by what the call does:
+// elementwise only, reduction only, both. A recipe with a mask (relu or leaky_relu with a
+// residual, out of place: numba_act.act_mask) writes it in the forward and saves it instead
+// of the residual, which its backward then does not read.
 // In place (``inplace``): y is written over x, which is marked dirty; the kernels read
 // ``kernel_weight`` (the weight kept invertible, activations.invertible_weight), and the
 // backward recomputes x-hat from y.
@@ -356,11 +362,13 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     Tensor w = (inplace ? kernel_weight : weight).value_or(Tensor());
     Tensor b = bias.value_or(Tensor()), res = residual.value_or(Tensor());
     Tensor y = inplace ? x : new_output(r, x);
+    Tensor mask = r.mask_bytes > 0 ? at::zeros({r.mask_bytes}, x.options().dtype(at::kByte))
+                                   : Tensor();
     auto [mean, invstd] = train_forward(r, x, y, w, b, running_mean.value_or(Tensor()),
-                                        running_var.value_or(Tensor()), res);
+                                        running_var.value_or(Tensor()), res, mask);
     if (inplace) ctx->mark_dirty({x});
     // x: the input, or in place the output written over it (what the backward reads)
-    ctx->save_for_backward({x, w, b, mean, invstd, res});
+    ctx->save_for_backward({x, w, b, mean, invstd, mask.defined() ? Tensor() : res, mask});
     ctx->saved_data["recipe"] = id;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["activation"] = activation;
@@ -379,7 +387,7 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     Tensor x = saved[0], w = saved[1], b = saved[2], mean = saved[3], invstd = saved[4],
-           res = saved[5];
+           res = saved[5], mask = saved[6];
     auto needs = [&](const char* key) {
       int64_t e = ctx->saved_data[key].toInt();
       return e >= 0 && ctx->needs_input_grad(e);
@@ -393,10 +401,11 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
       // create_graph=True: the composite, in Python (which refuses in-place mode)
       TORCH_CHECK(g_double_backward_act != nullptr, "batchnorm numba step: no double backward");
       py::gil_scoped_acquire gil;
+      py::object m = mask.defined() ? py::cast(mask) : py::none();
       py::tuple got = (*g_double_backward_act)(
           dy, x, w, b, res, mean, invstd, ctx->saved_data["eps"].toDouble(),
           ctx->saved_data["activation"].toStringRef(), ctx->saved_data["slope"].toDouble(), ndx,
-          ndw, ndb, ndr, ctx->saved_data["inplace"].toBool());
+          ndw, ndb, ndr, ctx->saved_data["inplace"].toBool(), py::arg("mask") = m);
       const int slot[4] = {0, 1, 2, 5};
       for (int i = 0; i < 4; ++i)
         if (!got[i].is_none()) out[slot[i]] = got[i].cast<Tensor>();
@@ -412,12 +421,12 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
     // an output not asked for still gets a buffer when the elementwise pass runs (it
     // writes dx and dresidual together)
     Tensor dx = apply ? new_output(r, x) : Tensor();
-    Tensor dres = apply && res.defined() ? new_output(r, x) : Tensor();
+    Tensor dres = apply && (res.defined() || mask.defined()) ? new_output(r, x) : Tensor();
     Tensor sum_dz = at::zeros({c}, opts), sum_dzx = at::zeros({c}, opts);
     Tensor scratch = at::empty({r.scratch_bytes}, x.options().dtype(at::kByte));
     run(r, {address(dy), address(x), address(dx), address(mean), address(invstd), address(w),
             address(sum_dz), address(sum_dzx), address(b), address(res), address(dres),
-            address(scratch), 0});
+            address(scratch), address(mask), 0});
     if (ndx) out[0] = dx;
     if (ndw) out[1] = sum_dzx;
     if (ndb) out[2] = sum_dz;
@@ -433,7 +442,8 @@ struct TrainAct : public torch::autograd::Function<TrainAct> {
 int64_t add_recipe(int64_t entry, std::vector<int64_t> templ, std::vector<int64_t> patches,
                    std::vector<int64_t> phases, int64_t scratch_bytes, bool small,
                    std::vector<int64_t> sizes, std::vector<int64_t> strides,
-                   std::vector<int64_t> out_strides, const std::string& dtype, int64_t backward) {
+                   std::vector<int64_t> out_strides, const std::string& dtype, int64_t backward,
+                   int64_t mask_bytes) {
   TORCH_CHECK(patches.size() % 3 == 0 && phases.size() % 3 == 0, "bad recipe");
   auto r = std::make_unique<Recipe>();
   r->entry = reinterpret_cast<entry_fn>(entry);
@@ -457,6 +467,7 @@ int64_t add_recipe(int64_t entry, std::vector<int64_t> templ, std::vector<int64_
   else if (dtype == "bfloat16") r->dtype = at::kBFloat16;
   else TORCH_CHECK(false, "batchnorm numba step: no recipe for dtype ", dtype);
   r->backward = backward;
+  r->mask_bytes = mask_bytes;
   std::lock_guard<std::mutex> lock(g_add);
   int64_t id = g_count.load();
   if (id >= kMaxRecipes) return -1;  // full: the caller keeps the Python path

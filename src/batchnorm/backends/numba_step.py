@@ -61,11 +61,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64",
 # Where the C++ side (numba_step.cpp, run()) takes each tensor's address from: forward
 # kernels, the plain backward, the fused activation's backward; and the scratch allocation.
 _FWD = {"x": 0, "y": 1, "mean": 2, "invstd": 3, "weight": 4, "bias": 5, "running_mean": 6,
-        "running_var": 7, "new_mean": 8, "new_var": 9, "residual": 10, "var": 12}
+        "running_var": 7, "new_mean": 8, "new_var": 9, "residual": 10, "var": 12, "mask": 13}
 _BWD = {"dy": 0, "x": 1, "dx": 2, "mean": 3, "invstd": 4, "weight": 5, "sum_dy": 6,
         "sum_dy_xmu": 7, "dweight": 8}
 _ACT_BWD = {"dy": 0, "x": 1, "dx": 2, "mean": 3, "invstd": 4, "weight": 5, "sum_dz": 6,
-            "sum_dz_xhat": 7, "bias": 8, "residual": 9, "dresidual": 10}
+            "sum_dz_xhat": 7, "bias": 8, "residual": 9, "dresidual": 10, "mask": 12}
 _SCRATCH = 11
 _MAX_KEYS = 4096
 
@@ -200,7 +200,8 @@ def set_double_backward(fn: Callable[..., Any]) -> None:
 def set_double_backward_act(fn: Callable[..., Any]) -> None:
     """As :func:`set_double_backward`, for BatchNorm + activation: ``fn(dy, x, weight, bias,
     residual, mean, invstd, eps, activation, slope, need_dx, need_dweight, need_dbias,
-    need_dresidual, inplace) -> (dx, dweight, dbias, dresidual)``, raising in place."""
+    need_dresidual, inplace, *, mask) -> (dx, dweight, dbias, dresidual)``, raising in place
+    (``mask``: the activation mask saved instead of the residual, or None)."""
     global double_backward_act
     double_backward_act = fn
     ext = _state.get("ext")
@@ -241,7 +242,8 @@ def _recipe(ext: Any, call: nb.KernelCall, slots: dict[str, int], like: Tensor,
     ``sources`` (by name, the C++ side's slot of each in ``slots``; a tensor given under two
     names takes the last one's), its scratch pieces as offsets into the scratch allocation.
     None when a tensor is not one of the sources (a converted copy: such calls keep the
-    Python path) or the C++ side is full."""
+    Python path) or the C++ side is full. A forward's ``mask`` source (the activation mask)
+    is allocated by the C++ side per call, of that size."""
     entry, scratch = call.plan.entry, call.scratch
     base = scratch.tensor.data_ptr()
     end = base + scratch.tensor.numel()
@@ -262,9 +264,11 @@ def _recipe(ext: Any, call: nb.KernelCall, slots: dict[str, int], like: Tensor,
                 return None
         slot += 1 + rank
     phases = [v for phase in call.plan.phases for v in (phase[0], phase[1], int(phase[2]))]
+    mask = sources.get("mask") if slots is _FWD else None
+    mask_bytes = 0 if mask is None else mask.numel()
     rid = ext.add_recipe(entry.address, templ, patches, phases, scratch.tensor.numel(),
                          call.plan.small, list(like.shape), list(like.stride()),
-                         out_strides(like), _DTYPE_NAMES[like.dtype], backward)
+                         out_strides(like), _DTYPE_NAMES[like.dtype], backward, mask_bytes)
     return None if rid < 0 else rid
 
 
@@ -317,26 +321,30 @@ def _act_recipe(ext: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         check_activation(activation, slope, True)
         weight = invertible_weight(weight)
     out = x if inplace else nb._new_output(x)
+    # the activation mask (relu, leaky_relu with a residual): the backward reads it instead
+    # of the residual, which is then not saved
+    mask = be.act_mask(x, residual, activation, slope, out)
     fwd = be._forward_act_call(x, weight, bias, running_mean, running_var, residual, True,
-                               momentum, eps, activation, slope, out)
+                               momentum, eps, activation, slope, out, mask)
     y, mean, invstd, new_mean, new_var = fwd.outputs
     dy = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
     first = None
+    bwd_residual = residual if mask is None else None
     # in the order the C++ backward indexes them: elementwise only, reduction only, both
     for i, (reduce, apply) in enumerate(((False, True), (True, False), (True, True))):
-        bwd = be._backward_act_call(dy, y, weight, bias, mean, invstd, residual, True,
-                                    activation, slope, inplace, reduce, apply)
+        bwd = be._backward_act_call(dy, y, weight, bias, mean, invstd, bwd_residual, True,
+                                    activation, slope, inplace, reduce, apply, mask)
         dx, sum_dz, sum_dzx, dres = bwd.outputs
         rid = _recipe(ext, bwd, _ACT_BWD, x, dy=dy, x=y, dx=dx, mean=mean, invstd=invstd,
                       weight=weight, sum_dz=sum_dz, sum_dz_xhat=sum_dzx, bias=bias,
-                      residual=residual, dresidual=dres)
+                      residual=bwd_residual, dresidual=dres, mask=mask)
         if rid is None or (first is not None and rid != first + i):
             return None
         first = rid if first is None else first
     return _recipe(ext, fwd, _FWD, x, first, x=x, y=y, mean=mean, invstd=invstd,
                    weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, new_mean=new_mean, new_var=new_var,
-                   residual=residual)
+                   residual=residual, mask=mask)
 
 
 def act_train_step(x: Tensor, weight: Tensor | None, bias: Tensor | None,

@@ -15,7 +15,9 @@ The pass structure is the plain BatchNorm kernels' own:
   ``xhat = (z - r - b) / w``, ``act'`` through ``y``). With a residual in normal mode the
   reduction writes ``dresidual = dz`` itself and the elementwise pass reads it back (``x``
   and ``dz``: two inputs instead of ``x``, ``dy`` and ``r``), unless the outputs are
-  streamed (see ``backward_act``).
+  streamed (see ``backward_act``). With the activation mask (relu, leaky_relu; see "the
+  activation mask" below) the forward also writes z's sign as bits, and the backward reads
+  them instead of ``r``.
 
 Activations (codes): 0 identity, 1 relu, 2 leaky_relu(slope), 3 elu (alpha 1), 4 silu,
 5 gelu (exact, erf). Every loop is compiled once per activation kind, with the kind a

@@ -84,12 +84,23 @@ def test_matches_composite(backend, activation, with_residual, training, shape, 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["cf", "cl"])
 def test_inplace_overwrites_input_and_matches(backend, activation, with_residual, channels_last):
+    """(elu recomputes z = log1p(y), whose error grows as exp(-z) where the output saturates
+    near -1: about 0.3% of seeds put one value near z = -7, where it is 1e-4, and failed
+    the 4x tolerance below. The data are drawn again until z >= -4 for elu, as the
+    docstring of ``batch_norm_act`` states that error.)"""
     shape, c = (4, 3, 5, 5), 3
-    base = make_input(shape, channels_last=channels_last).requires_grad_()
-    r = make_input(shape, channels_last=channels_last, shift=0.0).requires_grad_() \
-        if with_residual else None
     w = torch.tensor([0.7, -1.3, 2.0]).requires_grad_()  # a negative gamma stays invertible
-    b = torch.randn(c).requires_grad_()
+    while True:
+        base = make_input(shape, channels_last=channels_last).requires_grad_()
+        r = make_input(shape, channels_last=channels_last, shift=0.0).requires_grad_() \
+            if with_residual else None
+        b = torch.randn(c).requires_grad_()
+        z = F.batch_norm(base.detach().double(), None, None, w.detach().double(),
+                         b.detach().double(), training=True)
+        if r is not None:
+            z = z + r.detach().double()
+        if activation != "elu" or z.min().item() >= -4.0:
+            break
     rm, rv = torch.zeros(c), torch.ones(c)
     x = base * 1.0  # an intermediate tensor (in-place on a leaf is refused)
     ptr = x.data_ptr()

@@ -483,8 +483,10 @@ def _special_residual(shape, channels_last, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(("shape", "channels_last"),
                          [*SHAPES, ((5, 13, 7, 7), False), ((3, 13, 3, 3), True),
-                          ((2, 6, 1100), False), ((37, 13), False)],
-                         ids=[*SHAPE_IDS, "odd_runs", "odd_rows", "long_runs", "odd_nc"])
+                          ((2, 6, 1100), False), ((37, 13), False), ((40, 3, 6, 6), True),
+                          ((300, 5), False)],
+                         ids=[*SHAPE_IDS, "odd_runs", "odd_rows", "long_runs", "odd_nc",
+                              "row_groups", "nc_groups"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_activation_mask_bits_and_gradients(be, monkeypatch, dtype, shape, channels_last,
                                             threads):
@@ -494,10 +496,13 @@ def test_activation_mask_bits_and_gradients(be, monkeypatch, dtype, shape, chann
     for bit (same data: the same decisions), for every output mask, training and eval,
     plain and non-temporal stores (whose chunks end inside a byte of the mask), on one
     thread and two (whose tasks share a byte where a range ends inside one). The odd sizes
-    put run, row and task ends inside bytes."""
+    put run, row and task ends inside bytes; the last two have rows of few channels, whose
+    bits are packed and expanded in groups of rows (several groups, ends inside bytes)."""
     from batchnorm.backends import numba_backend
     from batchnorm.backends.numba_act import unpack_mask
 
+    # the kernels' rows of few channels too (the host gives them no mask by default)
+    monkeypatch.setattr(type(be), "mask_min_row_channels", 0)
     c = shape[1]
     w, b, rm, rv = _params(c, dtype)
     x = make_input(shape, dtype, channels_last, seed=21)
@@ -540,7 +545,8 @@ def test_activation_mask_only_where_it_stands_for_the_residual(be, monkeypatch):
     float32 or float64 (any layout: a strided input is copied for the kernels, and the mask
     follows the copy); None otherwise: no residual, in place, another activation, a
     negative slope (y > 0 on both sides of 0), half storage (a rounded output has not z's
-    sign), a residual the kernels do not read as it is, or the switch off."""
+    sign), a residual the kernels do not read as it is, rows of fewer than 64 channels, or
+    the switch off."""
     x = make_input((4, 3, 5, 6))
     r = make_input((4, 3, 5, 6), shift=0.0)
     out = empty_out_like(x)
@@ -558,6 +564,10 @@ def test_activation_mask_only_where_it_stands_for_the_residual(be, monkeypatch):
                  (half, r.to(torch.bfloat16), "relu", 0.0, empty_out_like(half)),
                  (x, r.double(), "relu", 0.0, out), (x, r[:2], "relu", 0.0, out)):
         assert be.act_mask(*args) is None, args[2:4]
+    cl, cl_r = (t.contiguous(memory_format=torch.channels_last) for t in (x, r))
+    assert be.act_mask(cl, cl_r, "relu", 0.0, empty_out_like(cl)) is None  # 3 < 64 channels
+    rows = make_input((40, 64))
+    assert be.act_mask(rows, rows, "relu", 0.0, empty_out_like(rows)) is not None
     monkeypatch.setattr(type(be), "activation_mask", False)
     assert be.act_mask(x, r, "relu", 0.0, out) is None
     monkeypatch.undo()
@@ -566,3 +576,64 @@ def test_activation_mask_only_where_it_stands_for_the_residual(be, monkeypatch):
         be.forward_act(x, None, None, None, None, r, True, MOMENTUM, EPS, "relu", 0.0,
                        torch.empty_like(x).transpose(2, 3).contiguous().transpose(2, 3),
                        mask=mask)
+
+
+def test_a_mask_handed_to_the_backend_is_checked(be):
+    """``mask=`` is part of the backend calls: one that act_mask would not make for the
+    call (wrong size or dtype; in place, elu, a negative slope, no residual in the forward,
+    a residual too in the backward) raises before any kernel runs, instead of a kernel
+    reading past it or the residual it skips."""
+    x = make_input((4, 3, 5, 6))
+    r = make_input((4, 3, 5, 6), shift=0.0)
+    out = empty_out_like(x)
+    mask = be.act_mask(x, r, "relu", 0.0, out)
+    assert mask is not None
+    fwd = [(mask[:3], r, "relu", 0.0, out, "bytes"), (mask.to(torch.int8), r, "relu", 0.0, out,
+                                                     "bytes"),
+           (mask, None, "relu", 0.0, out, "no residual"), (mask, r, "elu", 0.0, out, "elu"),
+           (mask, r, "leaky_relu", -0.1, out, "slope"), (mask, r, "leaky_relu", 0.1, x,
+                                                          "in place")]
+    for m, res, act, slope, o, what in fwd:
+        xi = x.clone()
+        o = xi if o is x else o
+        with pytest.raises(ValueError, match="activation mask"):
+            be.forward_act(xi, None, None, None, None, res, True, MOMENTUM, EPS, act, slope, o,
+                           mask=m)
+        assert torch.equal(xi, x), what
+    _, mean, invstd, _, _ = be.forward_act(x, None, None, None, None, r, True, MOMENTUM, EPS,
+                                           "relu", 0.0, out, mask=mask)
+    dy = torch.ones_like(x)
+    for m, res, act, inplace in ((mask[:-1], None, "relu", False), (mask, r, "relu", False),
+                                 (mask, None, "elu", False), (mask, None, "leaky_relu", True)):
+        with pytest.raises(ValueError, match="activation mask"):
+            be.backward_act(dy, x, None, None, mean, invstd, res, True, act, 0.1, inplace, MASK,
+                            mask=m)
+
+
+def test_no_activation_mask_without_a_gradient_to_come(be, monkeypatch):
+    """The op layer's autograd Function asks for a mask only where a backward can follow:
+    not under no_grad (where ctx.needs_input_grad still says True), nor for inputs that need
+    no gradient."""
+    calls = []
+    real = type(be).act_mask
+
+    def spy(self, *args):
+        got = real(self, *args)
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(type(be), "act_mask", spy)
+    monkeypatch.setattr(type(be), "eager_act_train", lambda self, *a: None)  # the Function
+    x = make_input((4, 3, 5, 6)).requires_grad_()
+    r = make_input((4, 3, 5, 6), shift=0.0)
+    with torch.no_grad():
+        batchnorm.batch_norm_act(x, None, None, training=True, activation="relu", residual=r,
+                                 backend="numba")
+    batchnorm.batch_norm_act(x.detach(), None, None, training=True, activation="relu",
+                             residual=r, backend="numba")
+    assert calls == []
+    y = batchnorm.batch_norm_act(x, None, None, training=True, activation="relu", residual=r,
+                                 backend="numba")
+    assert calls == [True]
+    y.sum().backward()
+    assert x.grad is not None

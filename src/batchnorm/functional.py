@@ -125,8 +125,10 @@ def batch_norm_act(
             pre-activation, residual included): channels whose ``|gamma|`` is not much larger
             than ``u * |z|`` get inaccurate gradients (in bfloat16, ``|gamma| ~ 1e-2`` next to
             ``|z| ~ 1`` can flip the sign of ``dweight``); use ``inplace=False`` there.
-            Half-precision ``elu`` also recomputes through ``log1p(y)``, ill-conditioned where
-            the output saturates near -1: x-hat (and dx) carry an error of about eps / (1 + y).
+            ``elu`` also recomputes through ``log1p(y)``, ill-conditioned where the output
+            saturates near -1: there x-hat (and dx) carry an error of about ``u / (1 + y) =
+            u * exp(-z)`` in every dtype (float32: 1e-4 at ``z = -7``), so inputs whose
+            pre-activations reach far below 0 get inaccurate gradients in that mode.
         backend: as :func:`batch_norm`. ``"torch"`` without ``inplace`` is the composite
             reference: ``act(batch_norm(...) + residual)`` in plain differentiable torch ops.
 

@@ -575,8 +575,12 @@ def batch_norm_act(
             inplace)
     if out is not None:
         return out
+    # the backend's activation mask only where a backward can follow (ctx.needs_input_grad
+    # inside the Function ignores no_grad)
+    want_mask = torch.is_grad_enabled() and _needs_grad(x, weight, bias, residual)
     return fast_apply(BatchNormActFunction, x, weight, bias, running_mean, running_var,
-                      residual, training, momentum, eps, activation, slope, inplace, backend)
+                      residual, training, momentum, eps, activation, slope, inplace, backend,
+                      want_mask)
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -598,16 +602,17 @@ class BatchNormActFunction(torch.autograd.Function):
         slope: float,
         inplace: bool,
         backend: str,
+        want_mask: bool = False,
     ) -> Tensor:
         be = get_backend(backend)
         w = invertible_weight(weight) if inplace else weight
         out = x if inplace else be.new_output(x)
         acc = acc_dtype(x)
         c = x.shape[1]
-        # the backend's activation mask, saved instead of the residual, when a gradient will
-        # be needed (ctx.needs_input_grad is all False under no_grad)
+        # the backend's activation mask, saved instead of the residual (``want_mask``: a
+        # gradient can be asked for)
         mask = (be.act_mask(x, residual, activation, slope, out)
-                if residual is not None and any(ctx.needs_input_grad) else None)
+                if residual is not None and want_mask else None)
         if x.numel() == 0:
             mean = invstd = x.new_zeros((c,), dtype=acc)
             new_rm = new_rv = None
@@ -641,14 +646,14 @@ class BatchNormActFunction(torch.autograd.Function):
                                                     eps, activation, slope, *mask, inplace,
                                                     training=training, mask=act_mask)
             return (dx, dw if dw is None else dw.to(wdt), db if db is None else db.to(bdt),
-                    None, None, dres, *([None] * 7))
+                    None, None, dres, *([None] * 8))
         if saved.numel() == 0:
             c = saved.shape[1]
             zeros = saved.new_zeros((c,), dtype=acc_dtype(saved))
             dx = torch.zeros_like(saved) if mask[0] else None
             dres = torch.zeros_like(residual) if mask[3] and residual is not None else None
             return (dx, zeros.to(wdt) if mask[1] else None, zeros.to(bdt) if mask[2] else None,
-                    None, None, dres, *([None] * 7))
+                    None, None, dres, *([None] * 8))
         dy = match_layout(dy, saved)
         dx, dw, db, dres = get_backend(backend).backward_act(
             dy, saved, w, bias, mean, invstd, residual, training, activation, slope, inplace,
@@ -661,5 +666,5 @@ class BatchNormActFunction(torch.autograd.Function):
             None,
             None,
             dres if mask[3] else None,
-            *([None] * 7),
+            *([None] * 8),
         )

@@ -15,7 +15,8 @@ In-place mode (``out is x``; identity, leaky_relu with slope > 0, elu) saves onl
 the backward recomputes ``z = act^-1(y)`` and ``xhat = (z - r - b) / w`` from it.
 
 The activation mask (:meth:`NumbaActMixin.act_mask`): with a residual, relu and leaky_relu
-(slope >= 0) in normal mode in float32 or float64, a forward whose gradient will be needed
+(slope >= 0) in normal mode in float32 or float64, a forward whose gradient can be asked for
+(the op layer's autograd Function with grad mode on; every training call of the C++ step)
 also writes the sign of ``z`` as one bit per value, and the backward reads those bits where
 it would read ``r`` to recompute ``z``: autograd saves ``x`` and the bits (1/32 of a float32
 ``x``) instead of ``x`` and ``r``, and the backward's reduction reads two tensors instead of
@@ -81,6 +82,32 @@ def unpack_mask(mask: Tensor, x: Tensor) -> Tensor:
     return flat.as_strided(x.shape, out_strides(x))
 
 
+def _masked_activation(activation: str, slope: float) -> bool:
+    """relu, or leaky_relu with a slope >= 0: whose backward decides by z's sign alone."""
+    return activation == "relu" or (activation == "leaky_relu" and slope >= 0)
+
+
+def _check_mask(mask: Tensor, x: Tensor, activation: str, slope: float, inplace: bool,
+                residual_ok: bool, where: str) -> None:
+    """A mask handed to :meth:`NumbaActMixin.forward_act` / ``backward_act`` must be what
+    :meth:`NumbaActMixin.act_mask` makes for such a call: the kernels trust its size and
+    skip the residual for it (the op layers never pass another; a direct call must not
+    crash or read past it)."""
+    nbytes = (x.numel() + 7) // 8
+    if (mask.dtype != torch.uint8 or mask.dim() != 1 or not mask.is_contiguous()
+            or mask.numel() != nbytes or mask.device.type != "cpu"):
+        raise ValueError(f"batchnorm: {where}: the activation mask must be a contiguous "
+                         f"uint8 CPU tensor of {nbytes} bytes (act_mask's), got "
+                         f"{mask.dtype} of shape {tuple(mask.shape)} on {mask.device}")
+    if (inplace or not _masked_activation(activation, slope) or not residual_ok
+            or x.dtype not in (torch.float32, torch.float64)):
+        raise ValueError(f"batchnorm: {where}: an activation mask is for relu or leaky_relu "
+                         "(slope >= 0) with a residual, out of place, float32 or float64 "
+                         f"(see act_mask); got {activation} (slope {slope}), in place "
+                         f"{inplace}, {x.dtype}, "
+                         + ("no residual" if where == "forward_act" else "a residual too"))
+
+
 class NumbaActMixin:
     """``forward_act``/``backward_act`` on fused numba kernels; put before the composite's
     class in the bases (``class NumbaBackend(NumbaActMixin, TorchBackend)``).
@@ -94,11 +121,19 @@ class NumbaActMixin:
             composite on the ResNet-50 shapes of 14x14 and up (benchmarks/RESULTS.md).
         activation_mask: save relu's and leaky_relu's activation mask instead of the
             residual (:meth:`act_mask`; default True, ``BATCHNORM_NUMBA_ACT_MASK=0`` turns
-            it off: the residual is saved and read back, as before the mask existed).
+            it off: the residual is saved and read back, as before the mask existed). The
+            C++ step reads it when it makes a call's recipe: set it before the first call,
+            or call ``numba_step.forget_recipes()`` after changing it.
+        mask_min_row_channels: no mask for inputs the kernels read as rows (channels last,
+            or ``(N, C)``) with fewer channels than this: with the mask their backward ran
+            2.1-2.3x slower at C = 8, 13, 16 and 20 (not found why), and forward and
+            backward together 4% slower at C = 32, even at C = 64 ((16, C, 64, 64) channels
+            last, one thread; benchmarks/RESULTS.md).
     """
 
     fuse_all_activations = os.environ.get("BATCHNORM_NUMBA_FUSE_ALL_ACTS", "1").strip() != "0"
     activation_mask = os.environ.get("BATCHNORM_NUMBA_ACT_MASK", "1").strip() != "0"
+    mask_min_row_channels = 64
 
     def _act_fusable(self, x: Tensor, residual: Tensor | None, activation: str) -> bool:
         """Can the fused kernels run on ``x`` (as laid out for them) with this residual?"""
@@ -122,13 +157,20 @@ class NumbaActMixin:
         :meth:`backward_act` to read instead of ``residual`` (see the module docstring), or
         None where this call keeps the residual: no residual, in place (``out is x``), an
         activation other than relu and leaky_relu with a slope >= 0, half storage (where the
-        stored output is rounded: its sign is not z's), or not fused."""
+        stored output is rounded: its sign is not z's), rows of fewer than
+        :attr:`mask_min_row_channels` channels, or not fused."""
         if (not self.activation_mask or residual is None or out is x or x.numel() == 0
                 or x.dtype not in (torch.float32, torch.float64)
-                or not (activation == "relu" or (activation == "leaky_relu" and slope >= 0))):
+                or not _masked_activation(activation, slope)):
             return None
-        x = as_kernel_layout(x)
-        if not self._act_fused(x, residual, activation, out):
+        layout = layout_of(x)
+        rows = layout == "cl" or x.numel() == x.shape[0] * x.shape[1]
+        if rows and x.shape[1] < self.mask_min_row_channels:
+            return None
+        # forward_act's test on the kernels' copy of x (contiguous for "other"), uncopied
+        strides = x.stride() if layout != "other" else tuple(out_strides(x))
+        if not (self._act_fusable(x, residual, activation) and out.dtype == x.dtype
+                and out.stride() == strides):
             return None
         # zeroed: the kernels or the bits of a byte that two tasks share into it
         return torch.zeros((x.numel() + 7) // 8, dtype=torch.uint8)
@@ -165,6 +207,9 @@ class NumbaActMixin:
                 to write.
         """
         inplace = out is x
+        if mask is not None:
+            _check_mask(mask, x, activation, slope, inplace, residual is not None,
+                        "forward_act")
         if not inplace:
             x = as_kernel_layout(x)
         if not self._act_fused(x, residual, activation, out):
@@ -290,6 +335,9 @@ class NumbaActMixin:
         accumulation dtype. ``mask``: the forward's activation mask (:meth:`act_mask`), in
         place of the residual (then None; ``dresidual`` is still computed).
         """
+        if mask is not None:
+            _check_mask(mask, saved, activation, slope, inplace, residual is None,
+                        "backward_act")
         if inplace:
             # the kernels build in-place loops for invertible activations only (the public
             # entry points check this first; a direct call must not get normal mode's math)

@@ -366,13 +366,19 @@ def _named_as(tag: str):
 # neighbouring task owns their other bits). The bit is taken from the stored output (float32
 # or float64 storage only, where y is z exactly when z > 0): relu ``y != 0`` (y is z > 0 or
 # NaN, where relu passes the gradient, as torch's), leaky_relu with a slope >= 0 ``y > 0``
-# (NaN scales it, as torch's).
+# (NaN scales it, as torch's). (Bit and byte orders as on x86: little-endian.)
 
 _SPREAD = np.uint64(0x0101010101010101)
 _PICK = np.uint64(0x8040201008040201)
 _ADD7F = np.uint64(0x7F7F7F7F7F7F7F7F)
 _HIGH = np.uint64(0x8080808080808080)
 _SEVEN = np.uint64(7)
+# Rows (channels last, (N, C)) pack and expand their bits this many values at a time at
+# least (whole rows; in L1), outside the loop over the group's rows: a call per row, or a
+# call inside that loop, cost channels-last inputs with few channels up to 4x in the
+# forward (C = 3). (Their backward stays 2x slower with the mask below 24 channels: the
+# host gives them none, see numba_act.NumbaActMixin.mask_min_row_channels.)
+_MASK_GROUP = 1024
 
 
 @intrinsic
@@ -460,9 +466,10 @@ def _pack_bits(src, so, cnt, mk, bit, relu):
 @njit(inline="always")
 def _expand_bits(mk, bit, cnt, fb):
     """Bits ``[bit, bit + cnt)`` of ``mk`` as bytes of 0 or 1, eight per uint64 of ``fb``
-    (no loop over the bits: the byte is copied to all eight bytes, each keeps its own bit,
-    and adding 0x7f carries any set bit to the top); returns the offset of bit ``bit`` in
-    ``fb``'s bytes (``bit % 8``)."""
+    (whole bytes, so from bit ``bit & ~7``; no loop over the bits: the byte is copied to all
+    eight bytes, each keeps its own bit, and adding 0x7f carries any set bit to the top);
+    returns the index of bit ``bit`` in ``fb``'s bytes (``bit & 7``). (As uint32 flags
+    instead, one vector store a byte, the channels-first backward ran about 5% slower.)"""
     b0 = bit >> 3
     for k in range(((bit & 7) + cnt + 7) >> 3):
         e = (np.uint64(mk[_u(b0 + k)]) * _SPREAD) & _PICK
@@ -600,21 +607,25 @@ def _runs_act_body(x, r, y, stride, s_, c0, c1, n0, n1, coef, neg, sl, mk, relu,
 
 @njit(inline="always")
 def _rows_act_body(x, r, y, c_, n0, n1, yo, hi, sc, sh, neg, sl, mk, relu, kind, res, msk):
-    for n in range(n0, n1):
-        p = n * c_
-        q = yo + (n - n0) * c_
-        for j in range(c_):
-            i = _u(p + j)
-            u = _u(j)
-            z = (_ld(x[i]) - hi[u]) * sc[u] + sh[u]
-            if res:
-                z = z + _ld(r[i])
-            if kind == 0:
-                y[_u(q + j)] = _st(_lin_act(z, neg), y)
-            else:
-                y[_u(q + j)] = _st(_act(z, kind, sl), y)
-        if msk:  # (a row is in L1 still)
-            _pack_bits(y, q, c_, mk, p, relu)
+    # with the mask, groups of rows (in L1 still) are packed at once
+    g = max(1, _MASK_GROUP // c_ if msk else n1 - n0)
+    for m0 in range(n0, n1, g):
+        m1 = min(m0 + g, n1)
+        for n in range(m0, m1):
+            p = n * c_
+            q = yo + (n - n0) * c_
+            for j in range(c_):
+                i = _u(p + j)
+                u = _u(j)
+                z = (_ld(x[i]) - hi[u]) * sc[u] + sh[u]
+                if res:
+                    z = z + _ld(r[i])
+                if kind == 0:
+                    y[_u(q + j)] = _st(_lin_act(z, neg), y)
+                else:
+                    y[_u(q + j)] = _st(_act(z, kind, sl), y)
+        if msk:
+            _pack_bits(y, yo + (m0 - n0) * c_, (m1 - m0) * c_, mk, m0 * c_, relu)
 
 
 @njit
@@ -776,23 +787,28 @@ def _rows_bred_body(dy, v, r, dr, o, nrows, c_, co, a, neg, rneg, sl, q1, q2, mk
     zero = _zero(q1[0])
     q1[:] = 0.0
     q2[:] = 0.0
-    for n in range(nrows):
-        p = o + n * c_
-        f0 = _expand_bits(mk, p, c_, fb) if msk else 0
-        for j in range(c_):
-            i = _u(p + j)
-            u = _u(j)
-            if msk:
-                dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + j)], _ld(v[i]), hi[u], inv[u],
-                                    k0[u], a, neg)
-            else:
-                rv = _ld(r[i]) if res else zero
-                dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u],
-                                  b[u], rw[u], a, neg, rneg, sl, kind, inp)
-            if pre:
-                dr[i] = _st(dz, dr)
-            q1[u] += dz
-            q2[u] += dz * xh
+    # with the mask, the bits of groups of rows are expanded at once (outside the rows'
+    # loop: expanded per row inside it, LLVM's code for the rows ran 2x slower at C = 13)
+    g = max(1, _MASK_GROUP // c_ if msk else nrows)
+    for m0 in range(0, nrows, g):
+        m1 = min(m0 + g, nrows)
+        f0 = _expand_bits(mk, o + m0 * c_, (m1 - m0) * c_, fb) - (o + m0 * c_) if msk else 0
+        for n in range(m0, m1):
+            p = o + n * c_
+            for j in range(c_):
+                i = _u(p + j)
+                u = _u(j)
+                if msk:
+                    dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + p + j)], _ld(v[i]), hi[u],
+                                        inv[u], k0[u], a, neg)
+                else:
+                    rv = _ld(r[i]) if res else zero
+                    dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u],
+                                      b[u], rw[u], a, neg, rneg, sl, kind, inp)
+                if pre:
+                    dr[i] = _st(dz, dr)
+                q1[u] += dz
+                q2[u] += dz * xh
 
 
 @njit(inline="always")
@@ -803,26 +819,30 @@ def _rows_bapply_body(dy, v, r, dx, dr, c_, n0, n1, yo, co, a, neg, rneg, sl, mk
     hi, inv, k0, w, b, rw = co[0], co[1], co[2], co[3], co[4], co[5]
     sc, k1, k2 = co[6], co[7], co[8]
     zero = _zero(co[0, 0])  # (not co - co: channel 0's NaN would reach every channel)
-    for n in range(n0, n1):
-        p = n * c_
-        q = yo + (n - n0) * c_
-        f0 = _expand_bits(mk, p, c_, fb) if msk and not pre else 0
-        for j in range(c_):
-            i = _u(p + j)
-            u = _u(j)
-            if pre:
-                dz = _ld(dr[i])
-                xh = _xhat(_ld(v[i]), hi[u], inv[u], k0[u])
-            elif msk:
-                dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + j)], _ld(v[i]), hi[u], inv[u],
-                                    k0[u], a, neg)
-            else:
-                rv = _ld(r[i]) if res else zero
-                dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u], b[u],
-                                  rw[u], a, neg, rneg, sl, kind, inp)
-            dx[_u(q + j)] = _st(sc[u] * (dz + k1[u] + _xterm(xh, zero, k2[u])), dx)
-            if res and not pre:
-                dr[_u(q + j)] = _st(dz, dr)
+    g = max(1, _MASK_GROUP // c_ if msk and not pre else n1 - n0)  # as in _rows_bred_body
+    for m0 in range(n0, n1, g):
+        m1 = min(m0 + g, n1)
+        f0 = (_expand_bits(mk, m0 * c_, (m1 - m0) * c_, fb) - m0 * c_ if msk and not pre
+              else 0)
+        for n in range(m0, m1):
+            p = n * c_
+            q = yo + (n - n0) * c_
+            for j in range(c_):
+                i = _u(p + j)
+                u = _u(j)
+                if pre:
+                    dz = _ld(dr[i])
+                    xh = _xhat(_ld(v[i]), hi[u], inv[u], k0[u])
+                elif msk:
+                    dz, xh = _dz_xhat_m(_ld(dy[i]), fb8[_u(f0 + p + j)], _ld(v[i]), hi[u],
+                                        inv[u], k0[u], a, neg)
+                else:
+                    rv = _ld(r[i]) if res else zero
+                    dz, xh = _dz_xhat(_ld(dy[i]), _ld(v[i]), rv, hi[u], inv[u], k0[u], w[u],
+                                      b[u], rw[u], a, neg, rneg, sl, kind, inp)
+                dx[_u(q + j)] = _st(sc[u] * (dz + k1[u] + _xterm(xh, zero, k2[u])), dx)
+                if res and not pre:
+                    dr[_u(q + j)] = _st(dz, dr)
 
 
 @njit
@@ -976,7 +996,8 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         msk = mk.size > 0
         res = r.size > 0 or msk
         # the mask bits as bytes: a row, a batch row's block of runs, or a long run's piece
-        cnt = c_ if s_ == 1 else (c1 - c0) * s_ if s_ <= ROW_SEGMENT else ROW_SEGMENT
+        cnt = (max(c_, _MASK_GROUP) if s_ == 1 else (c1 - c0) * s_ if s_ <= ROW_SEGMENT
+               else ROW_SEGMENT)
         fb = np.empty((cnt + 23) >> 3 if msk else 0, np.uint64)
         fb8 = fb.view(np.uint8)
         for c in range(c0, c1):
@@ -1014,7 +1035,7 @@ def kernels(kinds: tuple[int, ...]) -> tuple[Any, Any]:
         res = r.size > 0 or msk
         # whole lines (a channels-first run, a row) or a stream chunk's piece of one
         # the mask bits as bytes: a row, a stream chunk, or a batch row's block of runs
-        cnt = c_ if s_ == 1 else STREAM_CHUNK if stream else (c1 - c0) * s_
+        cnt = max(c_, _MASK_GROUP) if s_ == 1 else STREAM_CHUNK if stream else (c1 - c0) * s_
         fb = np.empty((cnt + 23) >> 3 if msk and not pre else 0, np.uint64)
         fb8 = fb.view(np.uint8)
         k = max(1, STREAM_CHUNK // c_) if s_ == 1 else 1
